@@ -1,0 +1,149 @@
+// pybind11 module lpt_kernels._C_cpu: takes raw pointers, shapes and strides from Python (no libtorch), picks the
+// best instruction-set variant of the kernels the running CPU supports, and checks the arguments it relies on so
+// that a bad call raises a Python exception instead of touching memory.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdlib>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+#include "lpt/element.h"
+
+namespace py = pybind11;
+using namespace lpt::cpu;
+
+namespace {
+
+enum class Isa { base, avx2, avx512 };
+
+Isa best_isa() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+      __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c"))
+    return Isa::avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c") &&
+      __builtin_cpu_supports("bmi2"))
+    return Isa::avx2;
+#endif
+  return Isa::base;
+}
+
+const char* isa_name(Isa i) { return i == Isa::avx512 ? "avx512" : i == Isa::avx2 ? "avx2" : "base"; }
+
+Isa g_best = best_isa();
+Isa g_isa = g_best;
+
+void set_isa(const std::string& name) {
+  Isa want;
+  if (name == "base") want = Isa::base;
+  else if (name == "avx2") want = Isa::avx2;
+  else if (name == "avx512") want = Isa::avx512;
+  else if (name == "auto") want = g_best;
+  else throw std::invalid_argument("unknown ISA '" + name + "' (expected auto, base, avx2 or avx512)");
+  if ((int)want > (int)g_best)
+    throw std::invalid_argument(std::string("ISA '") + name + "' is not supported by this CPU (best: " +
+                                isa_name(g_best) + ")");
+  g_isa = want;
+}
+
+// Choose the variant at run time.
+#if defined(__x86_64__)
+#define LPT_DISPATCH(fn, ...)                                     \
+  do {                                                            \
+    if (g_isa == Isa::avx512) lpt::cpu::avx512::fn(__VA_ARGS__);  \
+    else if (g_isa == Isa::avx2) lpt::cpu::avx2::fn(__VA_ARGS__); \
+    else lpt::cpu::base::fn(__VA_ARGS__);                         \
+  } while (0)
+#else
+#define LPT_DISPATCH(fn, ...) lpt::cpu::base::fn(__VA_ARGS__)
+#endif
+
+void check_dtype(int d, const char* what) {
+  if (d != lpt::kF32 && d != lpt::kBF16 && d != lpt::kF16)
+    throw std::invalid_argument(std::string(what) + ": unsupported dtype code " + std::to_string(d));
+}
+
+Tensor2D tensor(uintptr_t ptr, int dtype, int64_t s0, int64_t s1, const char* what) {
+  check_dtype(dtype, what);
+  if (!ptr) throw std::invalid_argument(std::string(what) + ": null data pointer");
+  return Tensor2D{(const void*)ptr, dtype, s0, s1};
+}
+
+void unit_gram(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes, const std::vector<int64_t>& s0,
+               const std::vector<int64_t>& s1, int64_t rows, int64_t cols, int axis, int64_t block, int mode,
+               uintptr_t index, int64_t n_units, float atol, float rtol, uintptr_t gram, uintptr_t abs_sum,
+               uintptr_t abs_max, uintptr_t zeros, uintptr_t near_zeros, int threads) {
+  const int k = (int)ptrs.size();
+  if (k < 1 || k > 8 || dtypes.size() != ptrs.size() || s0.size() != ptrs.size() || s1.size() != ptrs.size())
+    throw std::invalid_argument("unit_gram: 1 to 8 inputs with one dtype and two strides each");
+  if (mode < lpt::kConsecutive || mode > lpt::kGiven) throw std::invalid_argument("unit_gram: bad mode");
+  if (lpt::num_deltas(mode, k) < 1) throw std::invalid_argument("unit_gram: this mode needs at least 2 inputs");
+  if (axis != 0 && axis != 1) throw std::invalid_argument("unit_gram: axis must be 0 or 1");
+  const int64_t extent = axis == 0 ? rows : cols;
+  if (block < 1 || extent % block) throw std::invalid_argument("unit_gram: block must divide the axis");
+  if (!index && n_units != extent / block) throw std::invalid_argument("unit_gram: unit count mismatch");
+  if (n_units > 0 && !(gram && abs_sum && abs_max && zeros && near_zeros))
+    throw std::invalid_argument("unit_gram: null output pointer");
+  std::vector<Tensor2D> ws;
+  for (int i = 0; i < k; ++i) ws.push_back(tensor(ptrs[i], dtypes[i], s0[i], s1[i], "unit_gram input"));
+  GramOut out{(float*)gram, (float*)abs_sum, (float*)abs_max, (int64_t*)zeros, (int64_t*)near_zeros};
+  py::gil_scoped_release nogil;
+  LPT_DISPATCH(unit_gram, ws.data(), k, rows, cols, axis, block, mode, (const int64_t*)index, n_units, atol, rtol,
+               out, threads < 1 ? 1 : threads);
+}
+
+void act_stats(uintptr_t x, int dtype, int64_t s0, int64_t s1, int64_t tokens, int64_t channels, uintptr_t mask,
+               uintptr_t stats, int64_t ss0, int64_t ss1, float threshold, int threads) {
+  if (!stats) throw std::invalid_argument("act_stats_: null stats pointer");
+  const Tensor2D t = tensor(x, dtype, s0, s1, "act_stats_ input");
+  py::gil_scoped_release nogil;
+  LPT_DISPATCH(act_stats, t, tokens, channels, (const uint8_t*)mask, (double*)stats, ss0, ss1, threshold,
+               threads < 1 ? 1 : threads);
+}
+
+void rollback(uintptr_t target, int tdtype, int64_t ts0, int64_t ts1, uintptr_t source, int sdtype, int64_t ss0,
+              int64_t ss1, int64_t rows, int64_t cols, uintptr_t index, int64_t n_index, int axis, int64_t block,
+              float alpha, bool compact, int threads) {
+  check_dtype(tdtype, "rollback_ target");
+  if (!target) throw std::invalid_argument("rollback_: null target pointer");
+  if (axis != 0 && axis != 1) throw std::invalid_argument("rollback_: axis must be 0 or 1");
+  if (n_index > 0 && !index) throw std::invalid_argument("rollback_: null index pointer");
+  const Tensor2D s = tensor(source, sdtype, ss0, ss1, "rollback_ source");
+  py::gil_scoped_release nogil;
+  LPT_DISPATCH(rollback, (void*)target, tdtype, ts0, ts1, s, rows, cols, (const int64_t*)index, n_index, axis, block,
+               alpha, compact, threads < 1 ? 1 : threads);
+}
+
+// The read ceiling of the benchmarks: sum every 64-bit word of the given buffers with the same threads the kernels
+// use. A plain loop the compiler vectorises for any ISA; it only has to keep up with memory.
+uint64_t stream_read(const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& nbytes, int threads) {
+  if (ptrs.size() != nbytes.size()) throw std::invalid_argument("stream_read: one byte count per buffer");
+  uint64_t total = 0;
+  py::gil_scoped_release nogil;
+  for (size_t b = 0; b < ptrs.size(); ++b) {
+    const uint64_t* x = (const uint64_t*)ptrs[b];
+    const int64_t n = nbytes[b] / 8;
+    uint64_t acc = 0;
+#pragma omp parallel for reduction(+ : acc) schedule(static) num_threads(threads < 1 ? 1 : threads)
+    for (int64_t i = 0; i < n; ++i) acc += x[i];
+    total += acc;
+  }
+  return total;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C_cpu, m) {
+  m.doc() = "lpt_kernels CPU kernels (C++/OpenMP, runtime ISA dispatch)";
+  m.def("unit_gram", &unit_gram);
+  m.def("act_stats", &act_stats);
+  m.def("rollback", &rollback);
+  m.def("set_isa", &set_isa, "Force an instruction-set variant: auto, base, avx2 or avx512.");
+  m.def("isa", []() { return std::string(isa_name(g_isa)); }, "The instruction-set variant in use.");
+  m.def("stream_read", &stream_read, "Benchmark read ceiling: sum the 64-bit words of the buffers.");
+  m.def("best_isa", []() { return std::string(isa_name(g_best)); });
+}

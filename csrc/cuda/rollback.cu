@@ -1,0 +1,133 @@
+// rollback_: in place on the listed units, target = round(fmaf(alpha, source - target, target)) (element.h's lerp
+// and store_from_f32, so the result is bit-identical to the CPU backend's; alpha == 1 copies round(source) and does
+// not read the target).
+//
+// Index space as in unit_gram: virtual row v = p*block + i (p-th listed unit, index i inside it) times j along the
+// other dimension. Per element: reads the source (2 or 4 bytes), reads the target unless alpha == 1, writes the
+// target; ~10 instructions per 4-12 bytes: memory-bound. Loads and stores are scalar; a warp touches 32 adjacent
+// elements (64 or 128 contiguous bytes), i.e. whole sectors, in the layout the kernel is chosen for.
+#include "common.cuh"
+
+namespace lpt {
+namespace cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+struct RbArgs {
+  void* t;
+  const void* s;
+  int64_t tsa, tso, ssa, sso;  // strides along the axis / the other dimension, target and source
+  const int64_t* index;
+  int64_t block, L, nv, chunk;
+  float alpha;
+  int compact;
+};
+
+// Start offsets of virtual row v in target and source.
+__device__ __forceinline__ void row_starts(const RbArgs& a, int64_t v, int64_t& to, int64_t& so) {
+  const int64_t p = v / a.block, i = v - p * a.block, unit = a.index[p];
+  to = (unit * a.block + i) * a.tsa;
+  so = ((a.compact ? p : unit) * a.block + i) * a.ssa;
+}
+
+template <int TD, int SD>
+__device__ __forceinline__ void move(const RbArgs& a, int64_t to, int64_t so) {
+  const float s = load_f32<SD>(a.s, so);
+  const float t = a.alpha == 1.0f ? 0.0f : load_f32<TD>(a.t, to);  // lerp ignores t when alpha == 1
+  store_from_f32<TD>(a.t, to, lerp(t, s, a.alpha));
+}
+
+// Target contiguous along j (axis 0 of a row-major tensor): CTA rows (y) walk virtual rows, threads walk j.
+template <int TD, int SD>
+__global__ void __launch_bounds__(kThreads) rollback_rows(const RbArgs a) {
+  for (int64_t v = blockIdx.y; v < a.nv; v += gridDim.y) {
+    int64_t tr, sr;
+    row_starts(a, v, tr, sr);
+    for (int64_t j = (int64_t)blockIdx.x * kThreads + threadIdx.x; j < a.L; j += (int64_t)gridDim.x * kThreads)
+      move<TD, SD>(a, tr + j * a.tso, sr + j * a.sso);
+  }
+}
+
+// Target contiguous along the axis (axis 1 of a row-major tensor): a thread owns virtual row v, CTA rows (y) walk
+// chunks of j; adjacent threads touch adjacent elements.
+template <int TD, int SD>
+__global__ void __launch_bounds__(kThreads) rollback_cols(const RbArgs a) {
+  const int64_t v = (int64_t)blockIdx.x * kThreads + threadIdx.x;
+  if (v >= a.nv) return;
+  int64_t tr, sr;
+  row_starts(a, v, tr, sr);
+  const int64_t j0 = (int64_t)blockIdx.y * a.chunk, j1 = min(a.L, j0 + a.chunk);
+#pragma unroll 4
+  for (int64_t j = j0; j < j1; ++j) move<TD, SD>(a, tr + j * a.tso, sr + j * a.sso);
+}
+
+template <int TD, int SD>
+void launch(const RbArgs& a, bool rows, dim3 grid, cudaStream_t s) {
+  if (rows) rollback_rows<TD, SD><<<grid, kThreads, 0, s>>>(a);
+  else rollback_cols<TD, SD><<<grid, kThreads, 0, s>>>(a);
+}
+
+template <int TD>
+void launch_sd(int sd, const RbArgs& a, bool rows, dim3 grid, cudaStream_t s) {
+  if (sd == kF32) launch<TD, kF32>(a, rows, grid, s);
+  else if (sd == kBF16) launch<TD, kBF16>(a, rows, grid, s);
+  else launch<TD, kF16>(a, rows, grid, s);
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace lpt
+
+using namespace lpt;
+using namespace lpt::cuda;
+
+extern "C" int lpt_cuda_rollback(void* target, int target_dtype, int64_t rows, int64_t cols, int64_t ts0, int64_t ts1,
+                                 const void* source, int source_dtype, int64_t ss0, int64_t ss1, const int64_t* index,
+                                 int64_t n_index, int axis, int64_t block, float alpha, int compact, int device,
+                                 void* stream) {
+  if (!valid_dtype(target_dtype)) return fail(LPT_CUDA_EINVAL, "rollback_: target has dtype code %d", target_dtype);
+  if (!valid_dtype(source_dtype)) return fail(LPT_CUDA_EINVAL, "rollback_: source has dtype code %d", source_dtype);
+  if (axis != 0 && axis != 1) return fail(LPT_CUDA_EINVAL, "rollback_: axis %d is not 0 or 1", axis);
+  if (rows < 0 || cols < 0) return fail(LPT_CUDA_EINVAL, "rollback_: negative shape [%lld, %lld]", (long long)rows,
+                                        (long long)cols);
+  const int64_t along = axis == 0 ? rows : cols, L = axis == 0 ? cols : rows;
+  if (block < 1 || along % block != 0)
+    return fail(LPT_CUDA_EINVAL, "rollback_: block %lld does not divide the extent %lld along axis %d",
+                (long long)block, (long long)along, axis);
+  if (n_index < 0) return fail(LPT_CUDA_EINVAL, "rollback_: n_index %lld < 0", (long long)n_index);
+  if (n_index == 0 || L == 0) return LPT_CUDA_OK;
+  if (!target || !source || !index) return fail(LPT_CUDA_EINVAL, "rollback_: null target, source or index");
+  int sms = 0;
+  if (int rc = sm_count(device, &sms)) return rc;
+
+  RbArgs a{};
+  a.t = target;
+  a.s = source;
+  a.tsa = axis == 0 ? ts0 : ts1;
+  a.tso = L == 1 ? 1 : (axis == 0 ? ts1 : ts0);
+  a.ssa = axis == 0 ? ss0 : ss1;
+  a.sso = axis == 0 ? ss1 : ss0;
+  a.index = index;
+  a.block = block;
+  a.L = L;
+  a.nv = n_index * block;
+  a.alpha = alpha;
+  a.compact = compact != 0;
+  const bool use_rows = a.tso == 1 || a.tsa != 1;  // the layout of the target (it is read and written)
+  dim3 grid;
+  if (use_rows) {
+    grid = dim3((unsigned)clamp64(ceil_div(L, kThreads), 1, 65535), (unsigned)clamp64(a.nv, 1, 65535));
+  } else {
+    const int64_t col_blocks = ceil_div(a.nv, kThreads);
+    if (col_blocks > 0x7fffffff) return fail(LPT_CUDA_EINVAL, "rollback_: %lld units is too many", (long long)n_index);
+    int64_t chunks = clamp64(std::min(ceil_div(16 * (int64_t)sms, col_blocks), ceil_div(L, 64)), 1, 65535);
+    a.chunk = split(L, chunks, 1, &chunks);
+    grid = dim3((unsigned)col_blocks, (unsigned)chunks);
+  }
+  cudaStream_t s = (cudaStream_t)stream;
+  if (target_dtype == kF32) launch_sd<kF32>(source_dtype, a, use_rows, grid, s);
+  else if (target_dtype == kBF16) launch_sd<kBF16>(source_dtype, a, use_rows, grid, s);
+  else launch_sd<kF16>(source_dtype, a, use_rows, grid, s);
+  return check_launch("rollback_");
+}

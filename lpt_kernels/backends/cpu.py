@@ -1,0 +1,68 @@
+"""CPU backend: the pybind11 extension lpt_kernels._C_cpu (C++/OpenMP, runtime ISA dispatch).
+
+Passes raw pointers, shapes and strides; the extension does not link libtorch. If the extension cannot be imported,
+AVAILABLE is False and REASON says why; calling a kernel then raises RuntimeError.
+"""
+from __future__ import annotations
+
+import torch
+
+try:
+    from lpt_kernels import _C_cpu as _C
+    AVAILABLE, REASON = True, ""
+except ImportError as e:  # pragma: no cover - depends on the build
+    _C, AVAILABLE, REASON = None, False, f"lpt_kernels._C_cpu could not be imported ({e})"
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+MODE_CODES = {"consecutive": 0, "base": 1, "given": 2}
+
+
+def _ext():
+    if _C is None:
+        raise RuntimeError(f"the CPU backend is not available: {REASON}; reinstall lpt_kernels (pip install .)")
+    return _C
+
+
+def isa() -> str:
+    """The instruction-set variant of the kernels in use (base, avx2 or avx512)."""
+    return _ext().isa()
+
+
+def set_isa(name: str) -> None:
+    """Force an instruction-set variant ('auto', 'base', 'avx2', 'avx512'), e.g. to test every variant."""
+    _ext().set_isa(name)
+
+
+def unit_gram(ws, axis, block, mode, index, atol, rtol):
+    C = _ext()
+    rows, cols = ws[0].shape
+    m = len(ws) if mode == "given" else len(ws) - 1
+    n_units = index.numel() if index is not None else ws[0].shape[axis] // block
+    if index is not None:
+        index = index.contiguous()
+    kw = dict(dtype=torch.float32, device=ws[0].device)
+    gram = torch.empty(n_units, m, m, **kw)
+    abs_sum, abs_max = torch.empty(n_units, m, **kw), torch.empty(n_units, m, **kw)
+    zeros = torch.empty(n_units, m, dtype=torch.int64)
+    near = torch.empty(n_units, m, dtype=torch.int64)
+    C.unit_gram([w.data_ptr() for w in ws], [DTYPE_CODES[w.dtype] for w in ws], [w.stride(0) for w in ws],
+                [w.stride(1) for w in ws], rows, cols, axis, block, MODE_CODES[mode],
+                index.data_ptr() if index is not None else 0, n_units, atol, rtol, gram.data_ptr(),
+                abs_sum.data_ptr(), abs_max.data_ptr(), zeros.data_ptr(), near.data_ptr(), torch.get_num_threads())
+    return gram, abs_sum, abs_max, zeros, near
+
+
+def act_stats_(x, stats, token_mask, threshold):
+    C = _ext()
+    mask = token_mask.contiguous() if token_mask is not None else None
+    C.act_stats(x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), x.stride(1), x.shape[0], x.shape[1],
+                mask.data_ptr() if mask is not None else 0, stats.data_ptr(), stats.stride(0), stats.stride(1),
+                threshold, torch.get_num_threads())
+
+
+def rollback_(target, source, index, axis, block, alpha, compact):
+    C = _ext()
+    index = index.contiguous()
+    C.rollback(target.data_ptr(), DTYPE_CODES[target.dtype], target.stride(0), target.stride(1), source.data_ptr(),
+               DTYPE_CODES[source.dtype], source.stride(0), source.stride(1), target.shape[0], target.shape[1],
+               index.data_ptr(), index.numel(), axis, block, alpha, compact, torch.get_num_threads())
