@@ -70,24 +70,43 @@ inline int64_t split(int64_t n, int64_t parts, int64_t align, int64_t* count) {
 
 // ---- device: loads, warp reductions, atomics -------------------------------------------------------------------
 
-// One element of a runtime dtype, through element.h's load helpers. Callers pass a warp-uniform `dt`, so the branch
-// never diverges; it costs a compare and a predicated branch next to the load.
-__device__ __forceinline__ float load_any(const void* p, int dt, int64_t i) {
-  if (dt == kF32) return load_f32<kF32>(p, i);
-  if (dt == kBF16) return load_f32<kBF16>(p, i);
-  return load_f32<kF16>(p, i);
+// Runtime (mixed) dtypes: loads are split from conversions. A load helper that branched on the dtype would put a
+// branch (and the conversion that consumes the value) between consecutive loads, so a thread would have one load in
+// flight at a time. Instead every load of an iteration is issued first, as a pair of predicated loads (the
+// predicate is warp-uniform) giving the raw bits; element.h's conversions run afterwards.
+
+// Raw bits of element i: fp32 -> 32 bits, bf16/f16 -> 16 bits zero-extended.
+__device__ __forceinline__ uint32_t load_raw(const void* p, int dt, int64_t i) {
+  uint32_t r;
+  if (dt == kF32) r = __ldg((const unsigned int*)p + i);
+  if (dt != kF32) r = __ldg((const unsigned short*)p + i);
+  return r;
 }
 
-// Four consecutive elements from a 4-element-aligned address: one 16-byte (f32) or 8-byte (bf16/f16) load.
-__device__ __forceinline__ void load4_any(const void* p, int dt, int64_t i, float (&w)[4]) {
+// Raw bits of elements i..i+3 (i a multiple of 4, 4-element-aligned address): one 16-byte (fp32) or 8-byte load.
+__device__ __forceinline__ uint4 load_raw4(const void* p, int dt, int64_t i) {
+  uint4 r;
+  if (dt == kF32) r = __ldg((const uint4*)p + (i >> 2));
+  if (dt != kF32) {
+    const uint2 h = __ldg((const uint2*)p + (i >> 2));
+    r.x = h.x, r.y = h.y;
+  }
+  return r;
+}
+
+__device__ __forceinline__ float raw_to_f32(uint32_t r, int dt) {
+  if (dt == kF32) return bits_to_f32(r);
+  if (dt == kBF16) return bf16_to_f32((uint16_t)r);
+  return f16_to_f32((uint16_t)r);
+}
+
+__device__ __forceinline__ void raw4_to_f32(uint4 r, int dt, float (&w)[4]) {
   if (dt == kF32) {
-    const float4 v = __ldg(reinterpret_cast<const float4*>(p) + (i >> 2));
-    w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+    w[0] = bits_to_f32(r.x), w[1] = bits_to_f32(r.y), w[2] = bits_to_f32(r.z), w[3] = bits_to_f32(r.w);
     return;
   }
-  const uint2 v = __ldg(reinterpret_cast<const uint2*>(p) + (i >> 2));
-  const uint16_t h[4] = {(uint16_t)(v.x & 0xffffu), (uint16_t)(v.x >> 16), (uint16_t)(v.y & 0xffffu),
-                         (uint16_t)(v.y >> 16)};
+  const uint16_t h[4] = {(uint16_t)(r.x & 0xffffu), (uint16_t)(r.x >> 16), (uint16_t)(r.y & 0xffffu),
+                         (uint16_t)(r.y >> 16)};
   if (dt == kBF16) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) w[e] = bf16_to_f32(h[e]);

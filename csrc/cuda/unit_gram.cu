@@ -19,6 +19,7 @@ namespace {
 
 constexpr int kRowThreads = 256;
 constexpr int kColThreads = 128;
+constexpr int kColBatch = 4;  // rows whose loads gram_cols issues before using them
 constexpr int kMax = LPT_CUDA_MAX_INPUTS;
 
 struct GramArgs {
@@ -118,10 +119,18 @@ __device__ __forceinline__ void row_loop(const GramArgs& a, int64_t unit, int64_
     const int64_t row = unit * a.block + i;
     for (int64_t j = j0 + (int64_t)threadIdx.x * V; j < j1; j += kRowThreads * V) {
       float w[K][V];
+      if constexpr (V == 4) {  // so == 1 and 4-aligned rows (checked on the host)
+        uint4 raw[K];
 #pragma unroll
-      for (int k = 0; k < K; ++k) {
-        if constexpr (V == 4) load4_any(a.ptr[k], a.dt[k], row * a.sa[k] + j, w[k]);  // so == 1, 4-aligned
-        else w[k][0] = load_any(a.ptr[k], a.dt[k], row * a.sa[k] + j * a.so[k]);
+        for (int k = 0; k < K; ++k) raw[k] = load_raw4(a.ptr[k], a.dt[k], row * a.sa[k] + j);
+#pragma unroll
+        for (int k = 0; k < K; ++k) raw4_to_f32(raw[k], a.dt[k], w[k]);
+      } else {
+        uint32_t raw[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) raw[k] = load_raw(a.ptr[k], a.dt[k], row * a.sa[k] + j * a.so[k]);
+#pragma unroll
+        for (int k = 0; k < K; ++k) w[k][0] = raw_to_f32(raw[k], a.dt[k]);
       }
 #pragma unroll
       for (int e = 0; e < V; ++e) {
@@ -140,8 +149,10 @@ __device__ __forceinline__ void row_loop(const GramArgs& a, int64_t unit, int64_
 // issues at 3.35 TB/s (132 SMs x 128 lanes x ~1.8 GHz): memory-bound, with vector loads keeping the load count at
 // one instruction per 4 elements per input. Per-thread runs are capped at ~4096 elements (fp32 rounding), the
 // per-CTA reduction (~NF+NC shuffles per warp, NF+NC atomics per CTA) is amortised over >= 4096 elements.
+// Two CTAs per SM (<= 128 registers) keep >= 16 KB of loads in flight per SM; only the 7-delta, 8-input modes
+// would spill under that cap, and they have 8 inputs' loads in flight per thread anyway.
 template <int M, int MODE>
-__global__ void __launch_bounds__(kRowThreads) gram_rows(const GramArgs a) {
+__global__ void __launch_bounds__(kRowThreads, (M >= 7 && MODE != kGiven) ? 1 : 2) gram_rows(const GramArgs a) {
   using A = Acc<M, MODE>;
   const int64_t p = blockIdx.x;
   const int64_t unit = a.index ? a.index[p] : p;
@@ -184,7 +195,7 @@ __global__ void __launch_bounds__(kRowThreads) gram_rows(const GramArgs a) {
 // Per element position: the same bytes and arithmetic as gram_rows, with one scalar load per input (a warp reads
 // 32 adjacent elements of a row: 64 or 128 contiguous bytes, full sectors) and a pointer step per input. A row
 // chunk is >= 64 rows (up to 2048), so the per-thread commit (NF+NC atomics, fewer after the lane reduction) costs
-// well under one atomic per 100 bytes read. Four rows are unrolled so that 4K loads are in flight per thread.
+// well under one atomic per 100 bytes read. Loads of 4 rows are issued before they are used: 4K loads in flight.
 template <int M, int MODE>
 __global__ void __launch_bounds__(kColThreads) gram_cols(const GramArgs a) {
   using A = Acc<M, MODE>;
@@ -202,12 +213,32 @@ __global__ void __launch_bounds__(kColThreads) gram_cols(const GramArgs a) {
 #pragma unroll
     for (int k = 0; k < K; ++k)
       q[k] = (const char*)a.ptr[k] + (col * a.sa[k] + j0 * a.so[k]) * (a.dt[k] == kF32 ? 4 : 2);
-#pragma unroll 4
-    for (int64_t j = j0; j < j1; ++j) {
+    const int n = (int)(j1 - j0);  // rows of this chunk (<= 2048 unless L > 2048 * 65535)
+    int r = 0;
+    for (; r + kColBatch <= n; r += kColBatch) {  // kColBatch*K loads in flight per thread, then the arithmetic
+      uint32_t raw[kColBatch][K];
+#pragma unroll
+      for (int b = 0; b < kColBatch; ++b)
+#pragma unroll
+        for (int k = 0; k < K; ++k) raw[b][k] = load_raw(q[k] + b * a.so_bytes[k], a.dt[k], 0);
+#pragma unroll
+      for (int k = 0; k < K; ++k) q[k] += kColBatch * a.so_bytes[k];
+#pragma unroll
+      for (int b = 0; b < kColBatch; ++b) {
+        float w[K];
+#pragma unroll
+        for (int k = 0; k < K; ++k) w[k] = raw_to_f32(raw[b][k], a.dt[k]);
+        acc.add(w, a.atol, a.rtol);
+      }
+    }
+    for (; r < n; ++r) {
+      uint32_t raw[K];
+#pragma unroll
+      for (int k = 0; k < K; ++k) raw[k] = load_raw(q[k], a.dt[k], 0);
       float w[K];
 #pragma unroll
       for (int k = 0; k < K; ++k) {
-        w[k] = load_any(q[k], a.dt[k], 0);
+        w[k] = raw_to_f32(raw[k], a.dt[k]);
         q[k] += a.so_bytes[k];
       }
       acc.add(w, a.atol, a.rtol);

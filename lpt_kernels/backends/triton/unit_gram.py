@@ -15,6 +15,8 @@ Cost per element position (K inputs, M deltas): sum_k itemsize_k bytes read (no 
 about M*(M+1) FLOPs for the Gram entries (multiply-add per upper-triangle pair) plus ~8*M for the |d| sum, max and the
 two counts. For K <= 5 bf16 inputs that is < 4 FLOP/byte, well under the H100 ridge (~20 FLOP/byte fp32): memory-bound.
 """
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +33,11 @@ FORCE_KERNEL = None
 def _target_programs(device):
     if TARGET_PROGRAMS is not None:
         return TARGET_PROGRAMS
+    return _device_programs(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_programs(device):
     if device.type == "cuda":
         return 4 * torch.cuda.get_device_properties(device).multi_processor_count
     return 1
@@ -130,7 +137,7 @@ def _gram_rows_kernel(ptrs, s_line, s_red, idx_ptr, fsum, fmax, icnt, U, R, bloc
         for c in range(0, R, BLOCK_N):
             red = c + red0
             valid = red < R
-            w = _load_all(ptrs, s_line, s_red, line, red, valid, K)
+            w = _load_all(ptrs, s_line, s_red, line, red.to(tl.int64), valid, K)
             acc = _accumulate(acc, w, valid, atol, rtol, M, MODE, 1, NEAR, USE_REF)
     # Partials are [split, stat, U] (stat-major so the host reduction is a plain sum / amax over dim 0).
     fs = fsum + s * (NP + M) * U + i
@@ -236,6 +243,7 @@ def unit_gram(ws, axis, block, mode, index, atol, rtol):
         # Per-thread lines V: the NP+4M accumulators of V lines each should stay within ~64 registers.
         V = max(1, min(8, _pow2_floor(64 // (NP + 4 * M))))
         BLOCK_C = min(V * 32 * 4, triton.next_power_of_2(UB))
+        V = min(V, BLOCK_C)
         num_warps = max(1, min(4, BLOCK_C // (32 * V)))
         # Rows per tile: ~64 loaded values per thread in flight.
         BLOCK_R = max(1, min(16, _pow2_floor(64 // (K * V)), triton.next_power_of_2(R)))

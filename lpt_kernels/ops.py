@@ -1,0 +1,416 @@
+"""The four kernel families as torch.library custom ops (namespace ``lpt``): validation, fakes, backend dispatch.
+
+The public functions validate every argument before any memory is touched and raise ``ValueError``/``TypeError``
+naming the argument; the custom ops then call the chosen backend (see ``lpt_kernels.backends``).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+
+from lpt_kernels.backends import reference
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MODES = ("consecutive", "base", "given")
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+MAX_INPUTS = 8
+
+
+class UnitGram(NamedTuple):
+    """Per-unit statistics of M deltas (see :func:`unit_gram`)."""
+
+    gram: torch.Tensor        # [U, M, M] float32, G[u, a, b] = sum over the unit of d_a * d_b
+    abs_sum: torch.Tensor     # [U, M] float32, sum |d|
+    abs_max: torch.Tensor     # [U, M] float32, max |d|
+    zeros: torch.Tensor       # [U, M] int64, count of d == 0
+    near_zeros: torch.Tensor  # [U, M] int64, count of |d| <= atol + rtol * |w_ref|
+
+    @property
+    def sq_norm(self) -> torch.Tensor:
+        """[U, M] squared norm of each delta on each unit (the Gram diagonal)."""
+        return torch.diagonal(self.gram, dim1=1, dim2=2)
+
+    def cosine(self, a: int, b: int) -> torch.Tensor:
+        """[U] cosine between deltas a and b on each unit (0 where either delta is zero on the unit)."""
+        return _cosine(self.gram[:, a, b], self.gram[:, a, a], self.gram[:, b, b])
+
+
+# ---- backend selection -----------------------------------------------------------------------------------------
+
+_warned = set()
+
+
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, RuntimeWarning, stacklevel=3)
+
+
+def _load(name: str):
+    """Import a backend module, or raise RuntimeError saying why it cannot run."""
+    if name == "reference":
+        return reference
+    if name == "cpu":
+        from lpt_kernels.backends import cpu
+        if not cpu.AVAILABLE:
+            raise RuntimeError(f"backend 'cpu' is not available: {cpu.REASON}")
+        return cpu
+    if name == "cuda":
+        try:
+            from lpt_kernels.backends import cuda
+        except ImportError as e:
+            raise RuntimeError(f"backend 'cuda' is not available: {e}") from None
+        if not cuda.AVAILABLE:
+            raise RuntimeError(f"backend 'cuda' is not available: {cuda.REASON}")
+        return cuda
+    if name == "triton":
+        try:
+            from lpt_kernels.backends import triton as tb
+        except ImportError as e:
+            raise RuntimeError(f"backend 'triton' is not available: {e}") from None
+        return tb
+    raise ValueError(f"backend: unknown backend {name!r} (expected one of {', '.join(BACKENDS)})")
+
+
+def available_backends() -> List[str]:
+    """Backends that can run on this machine (triton counts on CPU only under TRITON_INTERPRET=1)."""
+    out = []
+    for name in BACKENDS[1:]:
+        try:
+            _load(name)
+        except RuntimeError:
+            continue
+        if name == "triton" and not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+            continue
+        if name == "cuda" and not torch.cuda.is_available():
+            continue
+        out.append(name)
+    return out
+
+
+def resolve_backend(backend: Optional[str], device: torch.device) -> str:
+    """The backend a call on `device` uses: the argument, else LPT_BACKEND, else the best one available."""
+    name = backend or os.environ.get("LPT_BACKEND") or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"backend: unknown backend {name!r} (expected one of {', '.join(BACKENDS)})")
+    if name == "auto":
+        candidates = ("cpu",) if device.type == "cpu" else ("triton", "cuda") if device.type == "cuda" else ()
+        for cand in candidates:
+            try:
+                _load(cand)
+                return cand
+            except RuntimeError as e:
+                _warn_once(cand, f"lpt_kernels: {e}; falling back to the reference backend (slow)")
+        return "reference"
+    if name == "cpu" and device.type != "cpu":
+        raise ValueError(f"backend: 'cpu' runs on CPU tensors, got tensors on {device}")
+    if name == "cuda" and device.type != "cuda":
+        raise ValueError(f"backend: 'cuda' runs on CUDA tensors, got tensors on {device}")
+    if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"backend: 'triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got {device}")
+    _load(name)
+    return name
+
+
+# ---- validation ------------------------------------------------------------------------------------------------
+
+def _check_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype {t.dtype} is not supported (expected bfloat16, float16 or float32)")
+    if t.dim() != 2:
+        raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
+
+
+def _check_axis_block(shape, axis, block, what: str = "tensor") -> int:
+    if not isinstance(axis, int) or isinstance(axis, bool) or axis not in (0, 1):
+        raise ValueError(f"axis: must be 0 or 1, got {axis!r}")
+    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+        raise ValueError(f"block: must be a positive int, got {block!r}")
+    if shape[axis] % block:
+        raise ValueError(f"block: {block} does not divide axis {axis} of the {what} (size {shape[axis]})")
+    return shape[axis] // block
+
+
+def _as_index(index, n_units: int, device: torch.device, name: str = "index") -> torch.Tensor:
+    """A 1-D int64 tensor of unit ids on `device`, checked to lie in [0, n_units)."""
+    if isinstance(index, torch.Tensor):
+        if index.dtype in (torch.bool,) or index.is_floating_point() or index.is_complex():
+            raise TypeError(f"{name}: expected integer unit ids, got dtype {index.dtype}")
+        idx = index
+    else:
+        try:
+            idx = torch.as_tensor(index)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"{name}: cannot convert to a tensor of unit ids ({e})") from None
+        if idx.numel() and (idx.is_floating_point() or idx.dtype == torch.bool):
+            raise TypeError(f"{name}: expected integer unit ids, got dtype {idx.dtype}")
+    if idx.dim() != 1:
+        raise ValueError(f"{name}: expected a 1-D list of unit ids, got shape {tuple(idx.shape)}")
+    idx = idx.to(device=device, dtype=torch.int64)
+    if idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0:
+            raise ValueError(f"{name}: negative unit id {lo}")
+        if hi >= n_units:
+            raise ValueError(f"{name}: unit id {hi} out of range (there are {n_units} units)")
+    return idx
+
+
+def _check_float(x, name: str, lo: float, hi: float = float("inf")) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        raise TypeError(f"{name}: expected a number, got {type(x).__name__}")
+    x = float(x)
+    if not (lo <= x <= hi):
+        raise ValueError(f"{name}: must be in [{lo}, {hi}], got {x}")
+    return x
+
+
+def _num_deltas(mode: str, k: int) -> int:
+    return k if mode == "given" else k - 1
+
+
+# ---- unit_gram ---------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("lpt::unit_gram", mutates_args=())
+def _unit_gram_op(ws: List[torch.Tensor], axis: int, block: int, mode: str, index: Optional[torch.Tensor],
+                  atol: float, rtol: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor, torch.Tensor]:
+    trivial = ws[0].numel() == 0 or (index is not None and index.numel() == 0)
+    impl = reference if trivial else _load(backend)  # nothing to stream: no kernel launch
+    return tuple(impl.unit_gram(list(ws), axis, block, mode, index, atol, rtol))
+
+
+@_unit_gram_op.register_fake
+def _(ws, axis, block, mode, index, atol, rtol, backend):
+    n = index.shape[0] if index is not None else ws[0].shape[axis] // block
+    m = _num_deltas(mode, len(ws))
+    f = ws[0].new_empty
+    return (f((n, m, m), dtype=torch.float32), f((n, m), dtype=torch.float32), f((n, m), dtype=torch.float32),
+            f((n, m), dtype=torch.int64), f((n, m), dtype=torch.int64))
+
+
+def unit_gram(ws: Sequence[torch.Tensor], *, axis: int = 0, block: int = 1, mode: str = "consecutive",
+              index=None, atol: float = 0.0, rtol: float = 0.0, backend: Optional[str] = None) -> UnitGram:
+    """Per-unit statistics of the deltas between K tensors of one shape, in one pass (each byte read once).
+
+    Args:
+        ws: 1 to 8 two-dimensional tensors of one shape and device (bf16, fp16 or fp32, mixed allowed, any
+            strides), e.g. the same weight in K checkpoints.
+        axis, block: unit u covers indices ``[u*block, (u+1)*block)`` along ``axis`` (0: rows, 1: columns).
+        mode: ``"consecutive"`` d_m = ws[m+1] - ws[m]; ``"base"`` d_m = ws[m+1] - ws[0]; ``"given"`` d_m = ws[m]
+            (already deltas, e.g. gradients).
+        index: optional unit ids (list, array or int64 tensor; duplicates allowed) to compute, in that order.
+        atol, rtol: a delta counts as near zero when |d| <= atol + rtol * |w_ref| (w_ref the subtrahend; 0 in
+            ``given`` mode).
+        backend: ``reference``, ``cpu``, ``triton`` or ``cuda``; default: ``LPT_BACKEND`` or the best available.
+
+    Returns:
+        :class:`UnitGram` with ``gram [U, M, M]``, ``abs_sum``, ``abs_max``, ``zeros``, ``near_zeros`` ``[U, M]``.
+        Norms are ``gram.diagonal``, cosines between deltas ``G[a,b] / sqrt(G[a,a] G[b,b])``, sparsity
+        ``zeros / elements``.
+    """
+    if isinstance(ws, torch.Tensor) or not isinstance(ws, (list, tuple)):
+        raise TypeError("ws: expected a list or tuple of tensors")
+    if not 1 <= len(ws) <= MAX_INPUTS:
+        raise ValueError(f"ws: expected 1 to {MAX_INPUTS} tensors, got {len(ws)}")
+    for i, w in enumerate(ws):
+        _check_tensor(w, f"ws[{i}]")
+    shape, device = ws[0].shape, ws[0].device
+    for i, w in enumerate(ws[1:], 1):
+        if w.shape != shape:
+            raise ValueError(f"ws[{i}]: shape {tuple(w.shape)} differs from ws[0]'s {tuple(shape)}")
+        if w.device != device:
+            raise ValueError(f"ws[{i}]: on {w.device}, but ws[0] is on {device}")
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
+    if _num_deltas(mode, len(ws)) < 1:
+        raise ValueError(f"ws: mode {mode!r} needs at least 2 tensors")
+    n_units = _check_axis_block(shape, axis, block, "inputs")
+    idx = None if index is None else _as_index(index, n_units, device)
+    atol = _check_float(atol, "atol", 0.0)
+    rtol = _check_float(rtol, "rtol", 0.0)
+    name = resolve_backend(backend, device)
+    return UnitGram(*_unit_gram_op(list(ws), axis, block, mode, idx, atol, rtol, name))
+
+
+# ---- masked_cosine -----------------------------------------------------------------------------------------------
+
+def _cosine(dot: torch.Tensor, aa: torch.Tensor, bb: torch.Tensor) -> torch.Tensor:
+    den = torch.sqrt(aa.to(torch.float64) * bb.to(torch.float64))
+    return torch.where(den > 0, dot.to(torch.float64) / torch.where(den > 0, den, 1.0), 0.0).to(torch.float32)
+
+
+@torch.library.custom_op("lpt::masked_cosine", mutates_args=())
+def _masked_cosine_op(ws: List[torch.Tensor], mode: str, a: int, b: int, index: torch.Tensor, axis: int, block: int,
+                      backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    impl = reference if ws[0].numel() == 0 or index.numel() == 0 else _load(backend)
+    g = impl.unit_gram(list(ws), axis, block, mode, index, 0.0, 0.0)[0]
+    dot, aa, bb = g[:, a, b], g[:, a, a], g[:, b, b]
+    pooled = _cosine(dot.to(torch.float64).sum(), aa.to(torch.float64).sum(), bb.to(torch.float64).sum())
+    return pooled, _cosine(dot, aa, bb)
+
+
+@_masked_cosine_op.register_fake
+def _(ws, mode, a, b, index, axis, block, backend):
+    return ws[0].new_empty((), dtype=torch.float32), ws[0].new_empty((index.shape[0],), dtype=torch.float32)
+
+
+UpdateLike = Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]
+
+
+def masked_cosine(u: UpdateLike, v: UpdateLike, index, *, axis: int = 0, block: int = 1,
+                  backend: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Cosine of two update vectors restricted to the units in ``index`` (e.g. shared top-changed neurons).
+
+    ``u`` and ``v`` are 2-D tensors (updates) or ``(w_before, w_after)`` pairs whose difference is formed on the
+    fly in the same single pass (a chain ``(a, b), (b, c)`` reads three tensors, not four). Returns
+    ``(pooled, per_unit)``: the cosine over all listed units together (0-d float32) and per listed unit ([U]
+    float32). A cosine with a zero vector is reported as 0.
+    """
+    def parts(x, name):
+        if isinstance(x, torch.Tensor):
+            _check_tensor(x, name)
+            return None, x
+        if isinstance(x, (tuple, list)) and len(x) == 2:
+            _check_tensor(x[0], f"{name}[0]")
+            _check_tensor(x[1], f"{name}[1]")
+            return x[0], x[1]
+        raise TypeError(f"{name}: expected a tensor or a (before, after) pair of tensors")
+
+    (u0, u1), (v0, v1) = parts(u, "u"), parts(v, "v")
+    if (u0 is None) != (v0 is None):
+        # One update given, one pair: form the pair's difference (a full-size fp32 temporary).
+        if u0 is not None:
+            u0, u1 = None, u1.float() - u0.float()
+        else:
+            v0, v1 = None, v1.float() - v0.float()
+    if u0 is None:
+        ws, mode, a, b = [u1, v1], "given", 0, 1
+    elif u1 is v0:
+        ws, mode, a, b = [u0, u1, v1], "consecutive", 0, 1
+    else:
+        # Consecutive deltas of (u0, u1, v0, v1): d0 = u1 - u0 and d2 = v1 - v0 are the two updates.
+        ws, mode, a, b = [u0, u1, v0, v1], "consecutive", 0, 2
+    shape, device = ws[0].shape, ws[0].device
+    for i, w in enumerate(ws):
+        if w.shape != shape:
+            raise ValueError(f"v: shape {tuple(w.shape)} differs from u's {tuple(shape)}")
+        if w.device != device:
+            raise ValueError(f"v: on {w.device}, but u is on {device}")
+    n_units = _check_axis_block(shape, axis, block, "updates")
+    if index is None:
+        raise ValueError("index: masked_cosine needs the unit ids to restrict to")
+    idx = _as_index(index, n_units, device)
+    name = resolve_backend(backend, device)
+    return _masked_cosine_op(ws, mode, a, b, idx, axis, block, name)
+
+
+# ---- act_stats_ ----------------------------------------------------------------------------------------------------
+
+ACT_STAT_ROWS = ("tokens", "abs_sum", "sq_sum", "abs_max", "active")
+
+
+@torch.library.custom_op("lpt::act_stats_", mutates_args=("stats",))
+def _act_stats_op(x: torch.Tensor, stats: torch.Tensor, token_mask: Optional[torch.Tensor], threshold: float,
+                  backend: str) -> None:
+    if x.shape[0]:
+        _load(backend).act_stats_(x, stats, token_mask, threshold)
+
+
+@_act_stats_op.register_fake
+def _(x, stats, token_mask, threshold, backend):
+    return None
+
+
+def new_act_stats(channels: int, device=None) -> torch.Tensor:
+    """A zeroed ``[5, channels]`` float64 accumulator for :func:`act_stats_` (rows: ``ACT_STAT_ROWS``)."""
+    return torch.zeros(len(ACT_STAT_ROWS), channels, dtype=torch.float64, device=device)
+
+
+def act_stats_(x: torch.Tensor, stats: torch.Tensor, *, token_mask: Optional[torch.Tensor] = None,
+               threshold: float = 0.0, backend: Optional[str] = None) -> torch.Tensor:
+    """Accumulate per-channel activation statistics of ``x [..., C]`` into ``stats [5, C]`` float64, in place.
+
+    Rows of ``stats``: tokens counted, sum|x|, sum x^2, max|x| (a running maximum), count(|x| > threshold).
+    ``token_mask`` (bool, shape ``x.shape[:-1]``) skips padding tokens where False. No host synchronisation: safe
+    in a forward hook on a GPU. Returns ``stats``.
+    """
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"x: dtype {x.dtype} is not supported (expected bfloat16, float16 or float32)")
+    if x.dim() < 1:
+        raise ValueError("x: expected at least one dimension (the channels)")
+    if not isinstance(stats, torch.Tensor):
+        raise TypeError(f"stats: expected a torch.Tensor, got {type(stats).__name__}")
+    if stats.dtype != torch.float64:
+        raise TypeError(f"stats: expected float64, got {stats.dtype}")
+    c = x.shape[-1]
+    if tuple(stats.shape) != (len(ACT_STAT_ROWS), c):
+        raise ValueError(f"stats: expected shape (5, {c}), got {tuple(stats.shape)}")
+    if stats.device != x.device:
+        raise ValueError(f"stats: on {stats.device}, but x is on {x.device}")
+    mask = None
+    if token_mask is not None:
+        if not isinstance(token_mask, torch.Tensor):
+            raise TypeError(f"token_mask: expected a torch.Tensor, got {type(token_mask).__name__}")
+        if token_mask.dtype != torch.bool:
+            raise TypeError(f"token_mask: expected dtype bool, got {token_mask.dtype}")
+        if tuple(token_mask.shape) != tuple(x.shape[:-1]):
+            raise ValueError(f"token_mask: expected shape {tuple(x.shape[:-1])}, got {tuple(token_mask.shape)}")
+        if token_mask.device != x.device:
+            raise ValueError(f"token_mask: on {token_mask.device}, but x is on {x.device}")
+        mask = token_mask.reshape(-1)
+    threshold = _check_float(threshold, "threshold", float("-inf"))
+    name = resolve_backend(backend, x.device)
+    _act_stats_op(x.reshape(-1, c), stats, mask, threshold, name)
+    return stats
+
+
+# ---- rollback_ -----------------------------------------------------------------------------------------------------
+
+@torch.library.custom_op("lpt::rollback_", mutates_args=("target",))
+def _rollback_op(target: torch.Tensor, source: torch.Tensor, index: torch.Tensor, axis: int, block: int,
+                 alpha: float, compact: bool, backend: str) -> None:
+    if index.numel() and target.numel():
+        _load(backend).rollback_(target, source, index, axis, block, alpha, compact)
+
+
+@_rollback_op.register_fake
+def _(target, source, index, axis, block, alpha, compact, backend):
+    return None
+
+
+def rollback_(target: torch.Tensor, source: torch.Tensor, index, *, axis: int = 0, block: int = 1,
+              alpha: float = 1.0, backend: Optional[str] = None) -> torch.Tensor:
+    """In place on the listed units: ``target += alpha * (source - target)``; returns ``target``.
+
+    Computed in fp32 and rounded to target's dtype; ``alpha=1`` copies the source values exactly (rounded to
+    target's dtype if the source's differs). ``source`` may be on another device (e.g. a CPU memory-mapped
+    checkpoint for a GPU model) and of another dtype: only the listed units are read and moved. Duplicate unit ids
+    are applied once. Nothing is written unless every argument is valid.
+    """
+    _check_tensor(target, "target")
+    _check_tensor(source, "source")
+    if source.shape != target.shape:
+        raise ValueError(f"source: shape {tuple(source.shape)} differs from target's {tuple(target.shape)}")
+    n_units = _check_axis_block(target.shape, axis, block, "target")
+    alpha = _check_float(alpha, "alpha", 0.0, 1.0)
+    if target.requires_grad and torch.is_grad_enabled():
+        raise ValueError("target: requires grad; call rollback_ under torch.no_grad()")
+    idx = torch.unique(_as_index(index, n_units, source.device))  # sorted, duplicates applied once
+    name = resolve_backend(backend, target.device)
+    if source.device != target.device:
+        # Read only the listed units on the source's device, then move just those.
+        pos = (idx[:, None] * block + torch.arange(block, device=idx.device)).reshape(-1)
+        source, compact = source.index_select(axis, pos).to(target.device), True
+        idx = idx.to(target.device)
+    else:
+        compact = False
+    _rollback_op(target, source, idx, axis, block, alpha, compact, name)
+    return target

@@ -1,0 +1,73 @@
+"""Test setup: Triton runs under its interpreter on CPU (set before triton is imported), and every backend that can
+run here is parametrised into the kernel tests; one that cannot is reported as skipped with the reason."""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from lpt_kernels import ops  # noqa: E402
+
+BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+DTYPES = (BF16, FP16, FP32)
+
+
+def _cpu_isas():
+    try:
+        from lpt_kernels.backends import cpu
+    except ImportError:
+        return []
+    if not cpu.AVAILABLE:
+        return []
+    order = ["base", "avx2", "avx512"]
+    return order[: order.index(cpu._C.best_isa()) + 1]
+
+
+def backend_params():
+    """(id, backend name, device, cpu ISA) for every backend the kernel tests run on; unavailable ones skip."""
+    params = [pytest.param(("reference", "cpu", None), id="reference")]
+    isas = _cpu_isas()
+    if isas:
+        params += [pytest.param(("cpu", "cpu", isa), id=f"cpu-{isa}") for isa in isas]
+    else:
+        params.append(pytest.param(("cpu", "cpu", None), id="cpu",
+                                   marks=pytest.mark.skip(reason="CPU extension not built")))
+    try:
+        ops._load("triton")
+        params.append(pytest.param(("triton", "cuda" if torch.cuda.is_available() else "cpu", None), id="triton"))
+    except RuntimeError as e:
+        params.append(pytest.param(("triton", "cpu", None), id="triton", marks=pytest.mark.skip(reason=str(e))))
+    cuda_ok = torch.cuda.is_available()
+    try:
+        ops._load("cuda")
+    except RuntimeError as e:
+        cuda_ok, why = False, str(e)
+    else:
+        why = "no CUDA device on this machine"
+    params.append(pytest.param(("cuda", "cuda", None), id="cuda",
+                               marks=[] if cuda_ok else pytest.mark.skip(reason=why)))
+    return params
+
+
+@pytest.fixture(params=backend_params())
+def backend(request):
+    """Yields (backend name, device); for the CPU backend, forces the instruction-set variant under test."""
+    name, device, isa = request.param
+    if isa is not None:
+        from lpt_kernels.backends import cpu
+        cpu.set_isa(isa)
+    yield name, torch.device(device)
+    if isa is not None:
+        cpu.set_isa("auto")
+
+
+def is_slow(name):
+    """Triton under the interpreter runs at a few MB/s: those tests use smaller shapes."""
+    return name == "triton" and not torch.cuda.is_available()
+
+
+def poison_allocator(*shapes):
+    """Fill freed CPU memory of these sizes with NaN so that uninitialised outputs would show up as NaN."""
+    junk = [torch.full(s, float("nan")) for s in shapes]
+    del junk
