@@ -136,29 +136,33 @@ def _check_axis_block(shape, axis, block, what: str = "tensor") -> int:
     return shape[axis] // block
 
 
-def _as_index(index, n_units: int, device: torch.device, name: str = "index") -> torch.Tensor:
-    """A 1-D int64 tensor of unit ids on `device`, checked to lie in [0, n_units)."""
+def _as_index(index, device: torch.device, name: str = "index") -> torch.Tensor:
+    """A 1-D int64 tensor of unit ids on `device` (values are checked by `_check_index_values`)."""
     if isinstance(index, torch.Tensor):
-        if index.dtype in (torch.bool,) or index.is_floating_point() or index.is_complex():
-            raise TypeError(f"{name}: expected integer unit ids, got dtype {index.dtype}")
         idx = index
     else:
         try:
             idx = torch.as_tensor(index)
         except (TypeError, ValueError, RuntimeError) as e:
             raise TypeError(f"{name}: cannot convert to a tensor of unit ids ({e})") from None
-        if idx.numel() and (idx.is_floating_point() or idx.dtype == torch.bool):
-            raise TypeError(f"{name}: expected integer unit ids, got dtype {idx.dtype}")
+        if idx.numel() == 0:
+            idx = idx.to(torch.int64)
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise TypeError(f"{name}: expected integer unit ids, got dtype {idx.dtype}")
     if idx.dim() != 1:
         raise ValueError(f"{name}: expected a 1-D list of unit ids, got shape {tuple(idx.shape)}")
-    idx = idx.to(device=device, dtype=torch.int64)
+    return idx.to(device=device, dtype=torch.int64)
+
+
+def _check_index_values(idx: torch.Tensor, n_units: int, name: str = "index") -> None:
+    """Range check of unit ids. Runs inside the custom ops (eagerly, also under torch.compile, where the values are
+    not known while tracing), always before a kernel touches memory."""
     if idx.numel():
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0:
             raise ValueError(f"{name}: negative unit id {lo}")
         if hi >= n_units:
             raise ValueError(f"{name}: unit id {hi} out of range (there are {n_units} units)")
-    return idx
 
 
 def _check_float(x, name: str, lo: float, hi: float = float("inf")) -> float:
@@ -180,6 +184,8 @@ def _num_deltas(mode: str, k: int) -> int:
 def _unit_gram_op(ws: List[torch.Tensor], axis: int, block: int, mode: str, index: Optional[torch.Tensor],
                   atol: float, rtol: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                     torch.Tensor, torch.Tensor]:
+    if index is not None:
+        _check_index_values(index, ws[0].shape[axis] // block)
     trivial = ws[0].numel() == 0 or (index is not None and index.numel() == 0)
     impl = reference if trivial else _load(backend)  # nothing to stream: no kernel launch
     return tuple(impl.unit_gram(list(ws), axis, block, mode, index, atol, rtol))
@@ -231,7 +237,7 @@ def unit_gram(ws: Sequence[torch.Tensor], *, axis: int = 0, block: int = 1, mode
     if _num_deltas(mode, len(ws)) < 1:
         raise ValueError(f"ws: mode {mode!r} needs at least 2 tensors")
     n_units = _check_axis_block(shape, axis, block, "inputs")
-    idx = None if index is None else _as_index(index, n_units, device)
+    idx = None if index is None else _as_index(index, device)
     atol = _check_float(atol, "atol", 0.0)
     rtol = _check_float(rtol, "rtol", 0.0)
     name = resolve_backend(backend, device)
@@ -248,6 +254,7 @@ def _cosine(dot: torch.Tensor, aa: torch.Tensor, bb: torch.Tensor) -> torch.Tens
 @torch.library.custom_op("lpt::masked_cosine", mutates_args=())
 def _masked_cosine_op(ws: List[torch.Tensor], mode: str, a: int, b: int, index: torch.Tensor, axis: int, block: int,
                       backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    _check_index_values(index, ws[0].shape[axis] // block)
     impl = reference if ws[0].numel() == 0 or index.numel() == 0 else _load(backend)
     g = impl.unit_gram(list(ws), axis, block, mode, index, 0.0, 0.0)[0]
     dot, aa, bb = g[:, a, b], g[:, a, a], g[:, b, b]
@@ -305,7 +312,7 @@ def masked_cosine(u: UpdateLike, v: UpdateLike, index, *, axis: int = 0, block: 
     n_units = _check_axis_block(shape, axis, block, "updates")
     if index is None:
         raise ValueError("index: masked_cosine needs the unit ids to restrict to")
-    idx = _as_index(index, n_units, device)
+    idx = _as_index(index, device)
     name = resolve_backend(backend, device)
     return _masked_cosine_op(ws, mode, a, b, idx, axis, block, name)
 
@@ -377,8 +384,13 @@ def act_stats_(x: torch.Tensor, stats: torch.Tensor, *, token_mask: Optional[tor
 @torch.library.custom_op("lpt::rollback_", mutates_args=("target",))
 def _rollback_op(target: torch.Tensor, source: torch.Tensor, index: torch.Tensor, axis: int, block: int,
                  alpha: float, compact: bool, backend: str) -> None:
+    if compact:  # gathered by the caller, which checked and de-duplicated the ids
+        _load(backend).rollback_(target, source, index, axis, block, alpha, True)
+        return
+    _check_index_values(index, target.shape[axis] // block)
+    index = torch.unique(index)  # sorted; duplicates applied once
     if index.numel() and target.numel():
-        _load(backend).rollback_(target, source, index, axis, block, alpha, compact)
+        _load(backend).rollback_(target, source, index, axis, block, alpha, False)
 
 
 @_rollback_op.register_fake
@@ -403,14 +415,15 @@ def rollback_(target: torch.Tensor, source: torch.Tensor, index, *, axis: int = 
     alpha = _check_float(alpha, "alpha", 0.0, 1.0)
     if target.requires_grad and torch.is_grad_enabled():
         raise ValueError("target: requires grad; call rollback_ under torch.no_grad()")
-    idx = torch.unique(_as_index(index, n_units, source.device))  # sorted, duplicates applied once
     name = resolve_backend(backend, target.device)
     if source.device != target.device:
         # Read only the listed units on the source's device, then move just those.
+        idx = _as_index(index, source.device)
+        _check_index_values(idx, n_units)
+        idx = torch.unique(idx)
         pos = (idx[:, None] * block + torch.arange(block, device=idx.device)).reshape(-1)
-        source, compact = source.index_select(axis, pos).to(target.device), True
-        idx = idx.to(target.device)
+        _rollback_op(target, source.index_select(axis, pos).to(target.device), idx.to(target.device), axis, block,
+                     alpha, True, name)
     else:
-        compact = False
-    _rollback_op(target, source, idx, axis, block, alpha, compact, name)
+        _rollback_op(target, source, _as_index(index, target.device), axis, block, alpha, False, name)
     return target

@@ -68,7 +68,7 @@ def test_compact_source_path(axis):
     target = torch.randn(10, 6)
     source = torch.randn(10, 6)
     ref = target.clone()
-    L.rollback_(ref, source, [2, 5], axis=axis, alpha=0.5, backend="reference")
+    L.rollback_(ref, source, [2, 5], axis=axis, alpha=0.5, backend="cpu")  # the same numerics, full source
     from lpt_kernels.backends import cpu
     idx = torch.tensor([2, 5])
     compact = source.index_select(axis, idx)
@@ -105,4 +105,6 @@ def test_property_cpu(rows, cols, axis, block, tdtype, sdtype, alpha, layout, da
     if alpha == 1.0:
         assert torch.equal(got, ref)
     else:
-        assert ((got.double() - ref.double()).abs() <= 2 * ulp(ref.double(), tdtype)).all()
+        # one rounding to the target dtype, plus fp32 rounding of (s - t) scaled by alpha
+        slack = ulp(ref.double(), tdtype) + 4 * 2 ** -24 * (target.double().abs() + source.double().abs())
+        assert ((got.double() - ref.double()).abs() <= slack).all()

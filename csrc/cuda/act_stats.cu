@@ -7,7 +7,8 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 128;
-constexpr int kSub = 64;  // tokens per fp32 sub-chunk (also the width of one mask ballot)
+constexpr int kSub = 64;   // tokens per fp32 sub-chunk (also the width of one mask ballot)
+constexpr int kBatch = 4;  // token loads issued before they are used
 
 struct ActArgs {
   const void* x;
@@ -46,13 +47,18 @@ __global__ void __launch_bounds__(kThreads) act_stats_kernel(const ActArgs a) {
     }
     float f_abs = 0.0f, f_sq = 0.0f, f_count = 0.0f;
     if (active) {
-#pragma unroll 4
-      for (int i = 0; i < len; ++i) {
-        const bool k = !MASK || ((keep >> i) & 1);
-        const float x = k ? load_f32<DT>(q, 0) : 0.0f;  // predicated load: no branch between the loads
-        if (k) act_update(x, a.threshold, f_abs, f_sq, mx, f_count);
-        q += step;
+      int i = 0;
+      for (; i + kBatch <= len; i += kBatch, q += kBatch * step) {  // issue kBatch loads, then use them
+        float x[kBatch];
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b)
+          if (!MASK || ((keep >> (i + b)) & 1)) x[b] = load_f32<DT>(q + b * step, 0);  // masked-out: not read
+#pragma unroll
+        for (int b = 0; b < kBatch; ++b)
+          if (!MASK || ((keep >> (i + b)) & 1)) act_update(x[b], a.threshold, f_abs, f_sq, mx, f_count);
       }
+      for (; i < len; ++i, q += step)
+        if (!MASK || ((keep >> i) & 1)) act_update(load_f32<DT>(q, 0), a.threshold, f_abs, f_sq, mx, f_count);
     }
     n += __popcll(keep);
     sum_abs += f_abs;

@@ -13,6 +13,7 @@ namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kBatch = 4;  // elements per thread whose loads are issued before their stores
 
 struct RbArgs {
   void* t;
@@ -26,26 +27,38 @@ struct RbArgs {
 
 // Start offsets of virtual row v in target and source.
 __device__ __forceinline__ void row_starts(const RbArgs& a, int64_t v, int64_t& to, int64_t& so) {
-  const int64_t p = v / a.block, i = v - p * a.block, unit = a.index[p];
+  const uint32_t p = (uint32_t)v / (uint32_t)a.block, i = (uint32_t)v - p * (uint32_t)a.block;  // v < 2^31 (host)
+  const int64_t unit = a.index[p];
   to = (unit * a.block + i) * a.tsa;
   so = ((a.compact ? p : unit) * a.block + i) * a.ssa;
 }
 
+// kBatch elements e*step apart from (to, so): every load is issued before the first store (the compiler may not
+// move a load of the source above a store to the target: it cannot know that they do not overlap).
 template <int TD, int SD>
-__device__ __forceinline__ void move(const RbArgs& a, int64_t to, int64_t so) {
-  const float s = load_f32<SD>(a.s, so);
-  const float t = a.alpha == 1.0f ? 0.0f : load_f32<TD>(a.t, to);  // lerp ignores t when alpha == 1
-  store_from_f32<TD>(a.t, to, lerp(t, s, a.alpha));
+__device__ __forceinline__ void move(const RbArgs& a, int64_t to, int64_t so, int64_t tstep, int64_t sstep, int n) {
+  float s[kBatch], t[kBatch];
+#pragma unroll
+  for (int e = 0; e < kBatch; ++e) {
+    t[e] = 0.0f;  // lerp ignores t when alpha == 1: the target is then not read
+    if (e < n) s[e] = load_f32<SD>(a.s, so + e * sstep);
+    if (e < n && a.alpha != 1.0f) t[e] = load_f32<TD>(a.t, to + e * tstep);
+  }
+#pragma unroll
+  for (int e = 0; e < kBatch; ++e)
+    if (e < n) store_from_f32<TD>(a.t, to + e * tstep, lerp(t[e], s[e], a.alpha));
 }
 
 // Target contiguous along j (axis 0 of a row-major tensor): CTA rows (y) walk virtual rows, threads walk j.
 template <int TD, int SD>
 __global__ void __launch_bounds__(kThreads) rollback_rows(const RbArgs a) {
+  const int64_t step = (int64_t)gridDim.x * kThreads;
   for (int64_t v = blockIdx.y; v < a.nv; v += gridDim.y) {
     int64_t tr, sr;
     row_starts(a, v, tr, sr);
-    for (int64_t j = (int64_t)blockIdx.x * kThreads + threadIdx.x; j < a.L; j += (int64_t)gridDim.x * kThreads)
-      move<TD, SD>(a, tr + j * a.tso, sr + j * a.sso);
+    for (int64_t j = (int64_t)blockIdx.x * kThreads + threadIdx.x; j < a.L; j += kBatch * step)
+      move<TD, SD>(a, tr + j * a.tso, sr + j * a.sso, step * a.tso, step * a.sso,
+                   (int)min((int64_t)kBatch, (a.L - j + step - 1) / step));
   }
 }
 
@@ -58,8 +71,8 @@ __global__ void __launch_bounds__(kThreads) rollback_cols(const RbArgs a) {
   int64_t tr, sr;
   row_starts(a, v, tr, sr);
   const int64_t j0 = (int64_t)blockIdx.y * a.chunk, j1 = min(a.L, j0 + a.chunk);
-#pragma unroll 4
-  for (int64_t j = j0; j < j1; ++j) move<TD, SD>(a, tr + j * a.tso, sr + j * a.sso);
+  for (int64_t j = j0; j < j1; j += kBatch)
+    move<TD, SD>(a, tr + j * a.tso, sr + j * a.sso, a.tso, a.sso, (int)min((int64_t)kBatch, j1 - j));
 }
 
 template <int TD, int SD>
@@ -96,6 +109,8 @@ extern "C" int lpt_cuda_rollback(void* target, int target_dtype, int64_t rows, i
     return fail(LPT_CUDA_EINVAL, "rollback_: block %lld does not divide the extent %lld along axis %d",
                 (long long)block, (long long)along, axis);
   if (n_index < 0) return fail(LPT_CUDA_EINVAL, "rollback_: n_index %lld < 0", (long long)n_index);
+  if (along > 0x7fffffff || n_index * block > 0x7fffffff)  // 32-bit unit arithmetic in the kernels
+    return fail(LPT_CUDA_EINVAL, "rollback_: more than 2^31-1 indices along axis %d", axis);
   if (n_index == 0 || L == 0) return LPT_CUDA_OK;
   if (!target || !source || !index) return fail(LPT_CUDA_EINVAL, "rollback_: null target, source or index");
   int sms = 0;
@@ -117,10 +132,9 @@ extern "C" int lpt_cuda_rollback(void* target, int target_dtype, int64_t rows, i
   const bool use_rows = a.tso == 1 || a.tsa != 1;  // the layout of the target (it is read and written)
   dim3 grid;
   if (use_rows) {
-    grid = dim3((unsigned)clamp64(ceil_div(L, kThreads), 1, 65535), (unsigned)clamp64(a.nv, 1, 65535));
+    grid = dim3((unsigned)clamp64(ceil_div(L, kThreads * kBatch), 1, 65535), (unsigned)clamp64(a.nv, 1, 65535));
   } else {
     const int64_t col_blocks = ceil_div(a.nv, kThreads);
-    if (col_blocks > 0x7fffffff) return fail(LPT_CUDA_EINVAL, "rollback_: %lld units is too many", (long long)n_index);
     int64_t chunks = clamp64(std::min(ceil_div(16 * (int64_t)sms, col_blocks), ceil_div(L, 64)), 1, 65535);
     a.chunk = split(L, chunks, 1, &chunks);
     grid = dim3((unsigned)col_blocks, (unsigned)chunks);

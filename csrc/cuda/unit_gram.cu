@@ -149,10 +149,10 @@ __device__ __forceinline__ void row_loop(const GramArgs& a, int64_t unit, int64_
 // issues at 3.35 TB/s (132 SMs x 128 lanes x ~1.8 GHz): memory-bound, with vector loads keeping the load count at
 // one instruction per 4 elements per input. Per-thread runs are capped at ~4096 elements (fp32 rounding), the
 // per-CTA reduction (~NF+NC shuffles per warp, NF+NC atomics per CTA) is amortised over >= 4096 elements.
-// Two CTAs per SM (<= 128 registers) keep >= 16 KB of loads in flight per SM; only the 7-delta, 8-input modes
-// would spill under that cap, and they have 8 inputs' loads in flight per thread anyway.
+// At least two CTAs per SM (<= 128 registers) keep >= 16 KB of loads in flight per SM; the 8-input instances would
+// spill under that cap and run one CTA per SM, with 8 inputs' loads in flight per thread instead.
 template <int M, int MODE>
-__global__ void __launch_bounds__(kRowThreads, (M >= 7 && MODE != kGiven) ? 1 : 2) gram_rows(const GramArgs a) {
+__global__ void __launch_bounds__(kRowThreads, Acc<M, MODE>::K <= 7 ? 2 : 1) gram_rows(const GramArgs a) {
   using A = Acc<M, MODE>;
   const int64_t p = blockIdx.x;
   const int64_t unit = a.index ? a.index[p] : p;
@@ -202,7 +202,7 @@ __global__ void __launch_bounds__(kColThreads) gram_cols(const GramArgs a) {
   constexpr int K = A::K;
   const int64_t v = (int64_t)blockIdx.x * kColThreads + threadIdx.x;
   const bool active = v < a.nv;
-  const int64_t p = active ? v / a.block : 0;
+  const int64_t p = active ? (uint32_t)v / (uint32_t)a.block : 0;  // v < 2^31 (checked on the host)
   const int64_t unit = active && a.index ? a.index[p] : p;
   const int64_t col = unit * a.block + (v - p * a.block);
   const int64_t j0 = (int64_t)blockIdx.y * a.rows_per_chunk, j1 = min(a.L, j0 + a.rows_per_chunk);
@@ -324,6 +324,8 @@ extern "C" int lpt_cuda_unit_gram(int k, const void* const* ptrs, const int* dty
     return fail(LPT_CUDA_EINVAL, "unit_gram: block %lld does not divide the extent %lld along axis %d",
                 (long long)block, (long long)along, axis);
   if (index && n_index < 0) return fail(LPT_CUDA_EINVAL, "unit_gram: n_index %lld < 0", (long long)n_index);
+  if (along > 0x7fffffff || (index && n_index * block > 0x7fffffff))  // 32-bit unit arithmetic in the kernels
+    return fail(LPT_CUDA_EINVAL, "unit_gram: more than 2^31-1 indices along axis %d", axis);
   const int64_t U = index ? n_index : along / block;
   if (U == 0) return LPT_CUDA_OK;
   if (!gram || !abs_sum || !abs_max || !zeros || !near_zeros) return fail(LPT_CUDA_EINVAL, "unit_gram: null output");
@@ -386,7 +388,6 @@ extern "C" int lpt_cuda_unit_gram(int k, const void* const* ptrs, const int* dty
     a.cols_per_split = split(a.row_len, ceil_div(splits, row_splits), 4, &col_splits);
     if (row_splits * col_splits > 65535) a.cols_per_split = split(a.row_len, 1, 4, &col_splits);
     a.row_splits = (int)row_splits;
-    if (U > 0x7fffffff) return fail(LPT_CUDA_EINVAL, "unit_gram: %lld units is too many", (long long)U);
     grid = dim3((unsigned)U, (unsigned)(row_splits * col_splits));
   } else {
     a.nv = U * block;
@@ -395,7 +396,6 @@ extern "C" int lpt_cuda_unit_gram(int k, const void* const* ptrs, const int* dty
     int64_t chunks = std::max(ceil_div(L, 2048), std::min(ceil_div(16 * (int64_t)sms, col_blocks), ceil_div(L, 64)));
     chunks = clamp64(chunks, 1, 65535);
     a.rows_per_chunk = split(L, chunks, 1, &chunks);
-    if (col_blocks > 0x7fffffff) return fail(LPT_CUDA_EINVAL, "unit_gram: %lld units is too many", (long long)U);
     grid = dim3((unsigned)col_blocks, (unsigned)chunks);
   }
 
