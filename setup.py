@@ -9,6 +9,7 @@
 import importlib.util
 import os
 import platform
+from concurrent.futures import ThreadPoolExecutor
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import Extension, setup
@@ -28,12 +29,14 @@ class BuildExt(build_ext):
         if ext.name == "lpt_kernels._C_cuda":
             return self._build_cuda(ext)
         if ext.name == "lpt_kernels._C_cpu":
-            objects = []
-            for isa, flags in ISA_VARIANTS:
-                objects += self.compiler.compile(
-                    KERNELS, output_dir=os.path.join(self.build_temp, isa), macros=[("LPT_ISA", isa)],
+            def compile_one(job):
+                (isa, flags), src = job
+                return self.compiler.compile(
+                    [src], output_dir=os.path.join(self.build_temp, isa), macros=[("LPT_ISA", isa)],
                     include_dirs=["csrc/include", "csrc/cpu"], extra_postargs=COMMON_FLAGS + flags)
-            ext.extra_objects = objects
+            jobs = [(v, src) for v in ISA_VARIANTS for src in KERNELS]
+            with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:  # compilers run as subprocesses
+                ext.extra_objects = [o for objs in pool.map(compile_one, jobs) for o in objs]
         super().build_extension(ext)
 
     def _build_cuda(self, ext):
