@@ -1,9 +1,9 @@
 """act_stats_: per-channel activation statistics accumulated in place, without host synchronisation.
 
-Programs tile (channel tile, token chunk); each streams its tokens in [BLOCK_T, BLOCK_C] tiles and writes fp32 / int32
-partials [chunks, stat, C]; torch ops then reduce the chunks and add (max) them into the float64 ``stats``. Nothing reads
-a device value on the host, so the call is safe inside a forward hook on a GPU (CUDA graphs included: no shapes depend
-on the data).
+Programs tile (channel tile, token chunk); each streams its tokens in [BLOCK_T, BLOCK_C] tiles and writes fp32 /
+int32 partials [chunks, stat, C]; torch ops then reduce the chunks and add (max) them into the float64 ``stats``.
+Nothing reads a device value on the host and no shape depends on the data, so the call is safe inside a forward hook
+on a GPU (and under CUDA-graph capture).
 
 Cost per element: itemsize(x) bytes read (+1 byte per token for the mask), ~7 FLOPs (|x|, x*x, two adds, a max and a
 compare): memory-bound everywhere. The partials add 16 bytes per channel per token chunk (few chunks).

@@ -8,8 +8,7 @@ listed units is read or written.
 Cost per element of the listed units: itemsize(target) read + written, itemsize(source) read; 3 FLOPs (a subtraction
 and one fma) plus ~10 integer ops for the round-to-nearest-even of a 16-bit target: memory-bound.
 """
-import struct
-
+import torch
 import triton
 import triton.language as tl
 
@@ -43,7 +42,8 @@ def _f32_to_f16_bits(v):
 
 @triton.jit
 def _rollback_kernel(t_ptr, t_line, t_x, s_ptr, s_line, s_x, idx_ptr, n_lines, X, block, alpha, n_xtiles,
-                     COMPACT: tl.constexpr, IS_COPY: tl.constexpr, FMA64: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_X: tl.constexpr):
+                     COMPACT: tl.constexpr, IS_COPY: tl.constexpr, FMA64: tl.constexpr, BLOCK_L: tl.constexpr,
+                     BLOCK_X: tl.constexpr):
     # 1-D grid (line tiles x cross tiles: no 65535 limit on a second grid dimension).
     pid = tl.program_id(0)
     pl = pid // n_xtiles
@@ -94,7 +94,8 @@ def rollback_(target, source, index, axis, block, alpha, compact):
         BLOCK_X = max(1, min(triton.next_power_of_2(X), 4096 // BLOCK_L))
     n_xtiles = triton.cdiv(X, BLOCK_X)
     grid = (triton.cdiv(n_lines, BLOCK_L) * n_xtiles,)
-    alpha = struct.unpack("f", struct.pack("f", alpha))[0]  # the fp32 alpha every backend uses (also for == 1)
+    # The fp32 alpha every backend uses (also for the == 1 test); a CPU scalar, no device work.
+    alpha = float(torch.tensor(float(alpha), dtype=torch.float32))
     _rollback_kernel[grid](target, target.stride(axis), target.stride(1 - axis), source, source.stride(axis),
                            source.stride(1 - axis), index, n_lines, X, block, alpha, n_xtiles, COMPACT=bool(compact),
                            IS_COPY=alpha == 1.0, FMA64=target.device.type == "cpu",

@@ -271,4 +271,6 @@ def unit_gram(ws, axis, block, mode, index, atol, rtol):
     g = fs[:NP].t()
     gram[:, iu[0], iu[1]] = g
     gram[:, iu[1], iu[0]] = g
-    return (gram, fs[NP:].t().contiguous(), fm.t().contiguous(), ic[:M].t().contiguous(), ic[M:].t().contiguous())
+    # Always copies (never views of one buffer): outputs of a custom op may not alias each other.
+    own = lambda x: x.t().clone(memory_format=torch.contiguous_format)  # noqa: E731
+    return gram, own(fs[NP:]), own(fm), own(ic[:M]), own(ic[M:])
