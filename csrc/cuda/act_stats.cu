@@ -23,10 +23,10 @@ struct ActArgs {
 // One thread per channel c (a warp reads 32 adjacent channels of a token row: coalesced when x is row-major), one
 // CTA row per chunk of tokens. Per element: reads size(dtype) bytes (2 for bf16) and does one conversion plus
 // element.h's act_update (abs, add, fma, max-select, compare, add) and a pointer step: ~12 instructions per 2 bytes,
-// below the ~9 per byte an H100 issues at 3.35 TB/s, so memory-bound; fp32 inputs halve the ratio. Sums run in
-// fp32 over 64 tokens and are then folded into fp64 registers, so precision does not depend on T. The mask of 64
-// tokens is fetched once per warp (a ballot), so loads of x never wait on a mask load; masked-out tokens are not
-// read. Commit: 5 double atomics per channel per chunk (chunks are sized for ~16 CTAs per SM).
+// 6 per byte, below the ~9 per byte an H100 issues at 3.35 TB/s, so memory-bound (fp32 inputs: 3 per byte). Sums
+// run in fp32 over 64 tokens and are then folded into fp64 registers, so precision does not depend on T. The mask
+// of 64 tokens is fetched once per warp (a ballot), so loads of x never wait on a mask load; masked-out tokens are
+// not read. Commit: 5 double atomics per channel per chunk (chunks are sized for ~16 CTAs per SM).
 template <int DT, bool MASK>
 __global__ void __launch_bounds__(kThreads) act_stats_kernel(const ActArgs a) {
   const int64_t c = (int64_t)blockIdx.x * kThreads + threadIdx.x;

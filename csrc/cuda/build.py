@@ -95,7 +95,7 @@ def build_cuda_extension(out_path: str, build_temp: str, archs: list[str]) -> No
     jobs = []
     for cu in sorted(HERE.glob("*.cu")):
         obj = tmp / f"{cu.stem}.sm{tag}.o"
-        cmd = [nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
+        cmd = [nvcc, "-O3", "-std=c++17", "--threads=0", "-Xcompiler", "-fPIC", "-Xcompiler", "-fvisibility=hidden",
                f"-I{INCLUDE}", f"-I{HERE}", *gencode, "-c", str(cu), "-o", str(obj)]
         jobs.append((obj, [cu, *headers], cmd))
 
