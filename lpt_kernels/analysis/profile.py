@@ -1,0 +1,369 @@
+"""Weight-update profiles of a sequence of checkpoints: one streaming pass, one fused kernel call per tensor.
+
+`diff` reads every byte of every checkpoint once (tensors are memory-mapped views streamed in file order with
+readahead) and calls :func:`lpt_kernels.unit_gram` on each tensor with all K versions at once. Per unit (MLP neuron,
+attention head, KV head) of every layer it keeps the Gram matrix of the M deltas (squared norms on the diagonal,
+pairwise dot products off it), sum|d|, max|d| and exact/near-zero counts; per tensor and for the whole model the
+update sparsity; log-binned histograms of |dW| and |dW|/|W| from a deterministic row sample; and the count of
+non-finite weights wherever one shows up (never folded silently into the numbers).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Union
+
+import torch
+
+from lpt_kernels import __version__, unit_gram
+from lpt_kernels.checkpoint import Checkpoint, align, stream
+from lpt_kernels.layout import Layout, load_layout
+
+STATS = ("sq_norm", "abs_sum", "abs_max", "zeros", "near_zeros")
+HIST_EDGES = torch.linspace(-12.0, 2.0, 141, dtype=torch.float64)  # log10 bins, 0.1 decade wide
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be built or read (one-line message)."""
+
+
+def _labels(paths: Sequence[str], labels: Optional[Sequence[str]]) -> List[str]:
+    if labels is not None:
+        if len(labels) != len(paths):
+            raise ProfileError(f"labels: {len(labels)} labels for {len(paths)} checkpoints")
+        out = list(labels)
+    else:
+        out = [os.path.basename(os.path.normpath(str(p))).replace(".safetensors", "") or str(i)
+               for i, p in enumerate(paths)]
+    for i, name in enumerate(out):  # keep them unique: they name arrays and plot series
+        if out.index(name) != i:
+            out[i] = f"{name}#{i}"
+    return out
+
+
+def delta_names(labels: Sequence[str], mode: str) -> List[str]:
+    """Delta m is named by the later checkpoint's label ("math" = math - code consecutively, math - base in base
+    mode)."""
+    return list(labels[1:])
+
+
+@dataclass
+class Profile:
+    """Result of :func:`diff`. Arrays are named ``<delta>/<group>/<stat>`` ([layers, units]) and
+    ``<delta_a>|<delta_b>/<group>/dot`` (off-diagonal Gram entries)."""
+
+    meta: dict
+    arrays: Dict[str, torch.Tensor]
+    tensors: Dict[str, dict] = field(default_factory=dict)
+    hist: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    # -- basic accessors ----------------------------------------------------------------------------------------
+    @property
+    def deltas(self) -> List[str]:
+        return list(self.meta["deltas"])
+
+    @property
+    def groups(self) -> List[str]:
+        return list(self.meta["groups"])
+
+    def _d(self, delta: Union[str, int]) -> str:
+        if isinstance(delta, int):
+            return self.deltas[delta]
+        if delta not in self.deltas:
+            raise ProfileError(f"delta: {delta!r} is not one of {', '.join(self.deltas)}")
+        return delta
+
+    def _g(self, group: str) -> str:
+        if group not in self.groups:
+            raise ProfileError(f"group: {group!r} is not in this profile (has {', '.join(self.groups)})")
+        return group
+
+    def stat(self, delta, group: str, stat: str) -> torch.Tensor:
+        """[layers, units] statistic of one delta (``sq_norm``, ``abs_sum``, ``abs_max``, ``zeros``, ``near_zeros``)."""
+        if stat not in STATS:
+            raise ProfileError(f"stat: {stat!r} is not one of {', '.join(STATS)}")
+        return self.arrays[f"{self._d(delta)}/{self._g(group)}/{stat}"]
+
+    def norm(self, delta, group: str) -> torch.Tensor:
+        """[layers, units] L2 norm of the delta over each unit's slices."""
+        return self.stat(delta, group, "sq_norm").double().sqrt()
+
+    def dot(self, a, b, group: str) -> torch.Tensor:
+        a, b = self._d(a), self._d(b)
+        if a == b:
+            return self.stat(a, group, "sq_norm").double()
+        i, j = sorted((self.deltas.index(a), self.deltas.index(b)))
+        return self.arrays[f"{self.deltas[i]}|{self.deltas[j]}/{self._g(group)}/dot"].double()
+
+    def cosine(self, a, b, group: str) -> torch.Tensor:
+        """[layers, units] cosine between deltas a and b on each unit (0 where either is zero)."""
+        den = (self.dot(a, a, group) * self.dot(b, b, group)).sqrt()
+        return torch.where(den > 0, self.dot(a, b, group) / den.clamp_min(1e-300), 0.0)
+
+    # -- analyses -----------------------------------------------------------------------------------------------
+    def top_units(self, delta, group: str, frac: float = 0.10, per_layer: bool = False,
+                  by: str = "norm") -> torch.Tensor:
+        """Bool [layers, units]: the top ``frac`` of units by update magnitude (``norm`` or ``abs_sum``), over the
+        whole model or within each layer. Units with a zero update are never selected."""
+        if not 0.0 < frac <= 1.0:
+            raise ProfileError(f"frac: must be in (0, 1], got {frac}")
+        score = self.norm(delta, group) if by == "norm" else self.stat(delta, group, "abs_sum").double()
+        return _top_mask(score, frac, per_layer)
+
+    def jaccard(self, group: str, frac: float = 0.10, per_layer: bool = False) -> torch.Tensor:
+        """Jaccard overlap of the deltas' top-``frac`` units: [M, M] (global) or [layers, M, M] (per layer)."""
+        masks = torch.stack([self.top_units(d, group, frac, per_layer) for d in self.deltas])  # [M, L, U]
+        dims = (-1,) if per_layer else (-2, -1)
+        inter = (masks[:, None] & masks[None, :]).sum(dims).double()
+        union = (masks[:, None] | masks[None, :]).sum(dims).double()
+        out = torch.where(union > 0, inter / union.clamp_min(1), 0.0)
+        return out.permute(2, 0, 1) if per_layer else out
+
+    def shared_cosine(self, a, b, group: str, frac: float = 0.10, per_layer_top: bool = False) -> dict:
+        """Layer-wise cosine of deltas a and b restricted to their shared top-``frac`` units: ``pooled`` [layers]
+        (over all shared units of the layer together), ``mean`` [layers] (mean of per-unit cosines) and ``shared``
+        [layers] (how many units). Layers without a shared unit give NaN."""
+        shared = self.top_units(a, group, frac, per_layer_top) & self.top_units(b, group, frac, per_layer_top)
+        m = shared.double()
+        dab, daa, dbb = (self.dot(x, y, group) * m for x, y in ((a, b), (a, a), (b, b)))
+        den = (daa.sum(1) * dbb.sum(1)).sqrt()
+        n = shared.sum(1)
+        pooled = torch.where(den > 0, dab.sum(1) / den.clamp_min(1e-300), float("nan"))
+        mean = torch.where(n > 0, (self.cosine(a, b, group) * m).sum(1) / n.clamp_min(1), float("nan"))
+        return {"pooled": pooled, "mean": mean, "shared": n}
+
+    def sparsity(self, tolerance: bool = False) -> Dict[str, float]:
+        """Whole-model update sparsity per delta: share of parameters with d == 0 (or |d| <= atol + rtol*|w| with
+        ``tolerance=True``), by element count over every tensor analysed (tied duplicates counted once)."""
+        key = "near_zeros" if tolerance else "zeros"
+        total = sum(t["elements"] for t in self.tensors.values() if not t.get("tied_to"))
+        out = {}
+        for m, d in enumerate(self.deltas):
+            z = sum(t[key][m] for t in self.tensors.values() if not t.get("tied_to"))
+            out[d] = z / total if total else float("nan")
+        return out
+
+    def tensor_sparsity(self, tolerance: bool = False) -> Dict[str, List[float]]:
+        """Per tensor: [M] share of (near-)zero changes."""
+        key = "near_zeros" if tolerance else "zeros"
+        return {n: [z / t["elements"] if t["elements"] else float("nan") for z in t[key]]
+                for n, t in self.tensors.items()}
+
+    # -- persistence --------------------------------------------------------------------------------------------
+    def save(self, out_dir: str) -> str:
+        """Write ``profile.safetensors`` (arrays, histograms) and ``profile.json`` (everything else) atomically."""
+        from safetensors.torch import save_file
+
+        os.makedirs(out_dir, exist_ok=True)
+        tensors = {k: v.contiguous() for k, v in self.arrays.items()}
+        tensors.update({f"hist/{k}": v.contiguous() for k, v in self.hist.items()})
+        doc = {"meta": self.meta, "tensors": self.tensors}
+        for name, write in (("profile.safetensors", lambda p: save_file(tensors, p)),
+                            ("profile.json", lambda p: _write_json(p, doc))):
+            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out_dir)
+            os.close(fd)
+            try:
+                write(tmp)
+                os.replace(tmp, os.path.join(out_dir, name))
+            finally:
+                if os.path.exists(tmp):
+                    os.unlink(tmp)
+        return out_dir
+
+    @classmethod
+    def load(cls, out_dir: str) -> "Profile":
+        from safetensors.torch import load_file
+
+        jpath, apath = os.path.join(out_dir, "profile.json"), os.path.join(out_dir, "profile.safetensors")
+        for p in (jpath, apath):
+            if not os.path.isfile(p):
+                raise ProfileError(f"{out_dir}: not a profile directory ({os.path.basename(p)} missing)")
+        try:
+            with open(jpath) as f:
+                doc = json.load(f)
+            arrays = load_file(apath)
+        except (OSError, ValueError) as e:
+            raise ProfileError(f"{out_dir}: cannot read the profile ({e})") from None
+        hist = {k[5:]: v for k, v in arrays.items() if k.startswith("hist/")}
+        arrays = {k: v for k, v in arrays.items() if not k.startswith("hist/")}
+        return cls(meta=doc["meta"], arrays=arrays, tensors=doc["tensors"], hist=hist)
+
+
+def _write_json(path: str, doc: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, allow_nan=True)
+
+
+def _top_mask(score: torch.Tensor, frac: float, per_layer: bool) -> torch.Tensor:
+    score = torch.nan_to_num(score.double(), nan=-1.0)
+    flat = score if per_layer else score.reshape(1, -1)
+    k = max(1, int(math.ceil(frac * flat.shape[1])))
+    idx = flat.topk(k, dim=1).indices
+    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, True) & (flat > 0)
+    return mask.reshape(score.shape)
+
+
+# ---- the streaming pass -----------------------------------------------------------------------------------------
+
+def _hist_update(hist: dict, key: str, values: torch.Tensor) -> None:
+    v = values[values > 0]
+    if v.numel():
+        h = torch.histc(torch.log10(v.double()).clamp_(-12.0, 2.0 - 1e-9), bins=140, min=-12.0, max=2.0)
+        hist[key] = hist.get(key, torch.zeros(140, dtype=torch.float64)) + h
+    hist[key + "_zero"] = hist.get(key + "_zero", torch.zeros(1, dtype=torch.float64)) + (values == 0).sum()
+
+
+def _as_2d(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 2:
+        return t
+    return t.reshape(1, -1) if t.dim() != 0 else t.reshape(1, 1)
+
+
+def diff(checkpoints: Sequence[Union[str, Checkpoint]], mode: str = "consecutive",
+         groups: Sequence[str] = ("mlp", "attn", "kv"), atol: float = 0.0, rtol: float = 0.0,
+         layout: Union[None, str, dict, Layout] = None, intersect: bool = False,
+         labels: Optional[Sequence[str]] = None, hist_stride: int = 64, progress: bool = True,
+         backend: Optional[str] = None) -> Profile:
+    """Profile the updates between K >= 2 checkpoints in one streaming pass.
+
+    Args:
+        checkpoints: paths (HF directories or .safetensors files) or open :class:`Checkpoint` objects, in training
+            order (e.g. base, code, math, qa, cw).
+        mode: ``"consecutive"`` (each checkpoint minus the previous one) or ``"base"`` (each minus the first).
+        groups: unit groups of the layout to profile per unit (``mlp``, ``attn``, ``kv``).
+        atol, rtol: a change counts as near zero when |d| <= atol + rtol * |w_ref|.
+        layout: None (detected from names and config.json), a layout spec (dict or JSON path) or a Layout.
+        intersect: analyse the tensors common to all checkpoints instead of failing on a mismatch.
+        hist_stride: histograms of |dW| and |dW|/|W| use every ``hist_stride``-th row of each tensor.
+        progress: show a tqdm bar (bytes read).
+    """
+    if mode not in ("consecutive", "base"):
+        raise ProfileError(f"mode: expected 'consecutive' or 'base', got {mode!r}")
+    if len(checkpoints) < 2:
+        raise ProfileError("checkpoints: need at least two (a base and one later checkpoint)")
+    if len(checkpoints) > 8:
+        raise ProfileError(f"checkpoints: at most 8 in one pass, got {len(checkpoints)}")
+    ckpts, opened = [], []
+    try:
+        for c in checkpoints:
+            if not isinstance(c, Checkpoint):
+                c = Checkpoint(c)
+                opened.append(c)
+            ckpts.append(c)
+        return _diff(ckpts, mode, tuple(groups), float(atol), float(rtol), layout, intersect,
+                     _labels([c.path for c in ckpts], labels), hist_stride, progress, backend)
+    finally:
+        for c in opened:
+            c.close()
+
+
+def _diff(ckpts, mode, groups, atol, rtol, layout, intersect, labels, hist_stride, progress, backend) -> Profile:
+    al = align(ckpts, intersect=intersect)
+    first = ckpts[0]
+    shapes = {n: tuple(first.info(n).shape) for n in al.names}
+    lay = layout if isinstance(layout, Layout) else load_layout(layout, al.names, first.config, groups=groups)
+    lay.validate(shapes)
+    deltas = delta_names(labels, mode)
+    m_count = len(deltas)
+    n_layers = lay.num_layers
+    arrays: Dict[str, torch.Tensor] = {}
+    for g in groups:
+        if g not in lay.groups:
+            continue
+        u = lay.units[g]
+        for d in deltas:
+            for s in STATS:
+                dt = torch.int64 if s in ("zeros", "near_zeros") else torch.float64
+                arrays[f"{d}/{g}/{s}"] = torch.zeros(n_layers, u, dtype=dt)
+        for i in range(m_count):
+            for j in range(i + 1, m_count):
+                arrays[f"{deltas[i]}|{deltas[j]}/{g}/dot"] = torch.zeros(n_layers, u, dtype=torch.float64)
+    tensors: Dict[str, dict] = {}
+    hist: Dict[str, torch.Tensor] = {}
+    nonfinite: Dict[str, List[int]] = {}
+    skipped = dict(al.skipped)
+
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        total = sum(first.info(n).end - first.info(n).start for n in al.names) * len(ckpts)
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="lpt diff", leave=False)
+
+    names = [n for n in al.names if ckpts[0].info(n).dtype.is_floating_point]
+    for n in al.names:
+        if n not in names:
+            skipped[n] = f"dtype {ckpts[0].info(n).dtype} is not a floating-point weight"
+    for name, ws in stream(ckpts, names):
+        ws = [_as_2d(w) for w in ws]
+        members = lay.member_of(name)
+        entry = {"elements": ws[0].numel(), "shape": list(ws[0].shape),
+                 "dtypes": sorted({str(w.dtype).replace("torch.", "") for w in ws})}
+        if name in lay.tied:
+            entry["tied_to"] = lay.tied[name]
+        if ws[0].dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            ws = [w.float() for w in ws]
+        totals = None
+        if members:
+            for g, layer, mem in members:
+                if g not in groups:
+                    continue
+                r = unit_gram(ws, axis=mem.axis, block=mem.block, mode=mode, atol=atol, rtol=rtol, backend=backend)
+                _add_unit_stats(arrays, deltas, g, layer, r)
+                totals = r
+        if totals is None:  # not profiled per unit: rows as units keep the pass parallel; summed below
+            totals = unit_gram(ws, axis=0, block=1, mode=mode, atol=atol, rtol=rtol, backend=backend)
+        gdiag = torch.diagonal(totals.gram, dim1=1, dim2=2).double().sum(0)
+        entry.update(zeros=totals.zeros.sum(0).tolist(), near_zeros=totals.near_zeros.sum(0).tolist(),
+                     sq_norm=gdiag.tolist(), abs_max=totals.abs_max.amax(0).tolist())
+        if not (torch.isfinite(totals.gram).all() and torch.isfinite(totals.abs_sum).all()):
+            counts = [int((~torch.isfinite(w)).sum()) for w in ws]
+            nonfinite[name] = counts
+            entry["nonfinite"] = counts
+        if hist_stride > 0 and not entry.get("tied_to"):
+            _hist_sample(hist, deltas, mode, ws, hist_stride)
+        tensors[name] = entry
+        if bar is not None:
+            bar.update(sum(c.info(name).end - c.info(name).start for c in ckpts))
+    if bar is not None:
+        bar.close()
+    if nonfinite:
+        warnings.warn(f"lpt diff: non-finite weights in {len(nonfinite)} tensors (first: {next(iter(nonfinite))}); "
+                      "their statistics are NaN/inf and listed in profile.json", RuntimeWarning, stacklevel=3)
+    dtypes = [sorted({str(c.info(n).dtype).replace("torch.", "") for n in names}) for c in ckpts]
+    meta = {
+        "version": __version__, "checkpoints": [os.path.abspath(c.path) for c in ckpts], "labels": labels,
+        "deltas": deltas, "mode": mode, "atol": atol, "rtol": rtol, "groups": [g for g in groups if g in lay.groups],
+        "layout": lay.to_spec(), "num_layers": n_layers, "units": {g: lay.units[g] for g in groups if g in lay.groups},
+        "dtypes": dtypes, "mixed_dtypes": sorted(al.mixed_dtypes), "skipped": skipped, "nonfinite": nonfinite,
+        "hist_stride": hist_stride, "hist_edges_log10": [-12.0, 2.0, 140],
+    }
+    return Profile(meta=meta, arrays={k: (v.float() if v.is_floating_point() else v) for k, v in arrays.items()},
+                   tensors=tensors, hist=hist)
+
+
+def _add_unit_stats(arrays, deltas, group, layer, r) -> None:
+    m_count = len(deltas)
+    for m, d in enumerate(deltas):
+        arrays[f"{d}/{group}/sq_norm"][layer] += r.gram[:, m, m].double()
+        arrays[f"{d}/{group}/abs_sum"][layer] += r.abs_sum[:, m].double()
+        torch.maximum(arrays[f"{d}/{group}/abs_max"][layer], r.abs_max[:, m].double(),
+                      out=arrays[f"{d}/{group}/abs_max"][layer])
+        arrays[f"{d}/{group}/zeros"][layer] += r.zeros[:, m]
+        arrays[f"{d}/{group}/near_zeros"][layer] += r.near_zeros[:, m]
+        for j in range(m + 1, m_count):
+            arrays[f"{d}|{deltas[j]}/{group}/dot"][layer] += r.gram[:, m, j].double()
+
+
+def _hist_sample(hist, deltas, mode, ws, stride) -> None:
+    rows = torch.arange(0, ws[0].shape[0], stride)
+    w = [x.index_select(0, rows).float() for x in ws]
+    for m, d in enumerate(deltas):
+        ref = w[m] if mode == "consecutive" else w[0]
+        dw = (w[m + 1] - ref).abs()
+        _hist_update(hist, f"{d}/abs", dw)
+        rel = dw / ref.abs()
+        _hist_update(hist, f"{d}/rel", rel[torch.isfinite(rel)])

@@ -1,0 +1,143 @@
+"""lpt_kernels.analysis.diff against a brute-force float64 computation on a real sharded transformers checkpoint."""
+import math
+
+import pytest
+import torch
+
+from ckpt_factory import save_chain
+from lpt_kernels.analysis import Profile, ProfileError, diff
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chain")
+    dirs, states = save_chain(str(root), n_domains=3)
+    return dirs, states
+
+
+def _brute_mlp(states, layer, mode="consecutive"):
+    """[M, units] squared update norm of every MLP neuron (gate row + up row + down column), float64."""
+    out = []
+    for m in range(1, len(states)):
+        a, b = states[m], states[m - 1] if mode == "consecutive" else states[0]
+        p = f"model.layers.{layer}.mlp."
+        d = {k: a[p + k].double() - b[p + k].double() for k in ("gate_proj.weight", "up_proj.weight",
+                                                                "down_proj.weight")}
+        out.append((d["gate_proj.weight"] ** 2).sum(1) + (d["up_proj.weight"] ** 2).sum(1)
+                   + (d["down_proj.weight"] ** 2).sum(0))
+    return torch.stack(out)
+
+
+def _brute_heads(states, layer, names, axes, head_dim, m):
+    a, b = states[m + 1], states[m]
+    tot = 0
+    for n, ax in zip(names, axes):
+        d = a[f"model.layers.{layer}.self_attn.{n}.weight"].double() - b[f"model.layers.{layer}.self_attn.{n}.weight"].double()
+        d = d if ax == 0 else d.t()
+        tot = tot + (d.reshape(-1, head_dim, d.shape[1]) ** 2).sum((1, 2))
+    return tot
+
+
+@pytest.mark.parametrize("mode", ["consecutive", "base"])
+def test_unit_norms_and_gram_match_brute_force(chain, mode):
+    dirs, states = chain
+    prof = diff(dirs, mode=mode, progress=False)
+    assert prof.deltas == ["d1", "d2", "d3"] and prof.meta["num_layers"] == 3
+    for layer in range(3):
+        want = _brute_mlp(states, layer, mode)
+        for m, d in enumerate(prof.deltas):
+            got = prof.stat(d, "mlp", "sq_norm")[layer].double()
+            assert torch.allclose(got, want[m], rtol=1e-5, atol=1e-12)
+    # a pairwise cosine per unit, from the Gram, against brute force on layer 1
+    p = "model.layers.1.mlp."
+    def upd(m):
+        a, b = states[m + 1], states[m] if mode == "consecutive" else states[0]
+        return torch.cat([(a[p + "gate_proj.weight"].double() - b[p + "gate_proj.weight"].double()),
+                          (a[p + "up_proj.weight"].double() - b[p + "up_proj.weight"].double()),
+                          (a[p + "down_proj.weight"].double() - b[p + "down_proj.weight"].double()).t()], 1)
+    u, v = upd(0), upd(2)
+    den = (u.norm(dim=1) * v.norm(dim=1))
+    want = torch.where(den > 0, (u * v).sum(1) / den.clamp_min(1e-300), 0.0)
+    assert torch.allclose(prof.cosine("d1", "d3", "mlp")[1], want, atol=1e-5)
+
+
+def test_attention_and_kv_heads(chain):
+    dirs, states = chain
+    prof = diff(dirs, progress=False)
+    for layer in range(3):
+        got = prof.stat("d2", "attn", "sq_norm")[layer].double()
+        want = _brute_heads(states, layer, ("q_proj", "o_proj"), (0, 1), 16, 1)
+        assert torch.allclose(got, want, rtol=1e-5)
+        got = prof.stat("d2", "kv", "sq_norm")[layer].double()
+        want = _brute_heads(states, layer, ("k_proj", "v_proj"), (0, 0), 16, 1)
+        assert torch.allclose(got, want, rtol=1e-5)
+    assert prof.stat("d1", "attn", "sq_norm").shape == (3, 4)
+    assert prof.stat("d1", "kv", "sq_norm").shape == (3, 2)
+
+
+def test_sparsity_counts_are_exact(chain):
+    dirs, states = chain
+    prof = diff(dirs, atol=1e-3, progress=False)
+    names = [n for n in states[0] if n != "lm_head.weight"]  # tied to embed_tokens: counted once
+    total = sum(states[0][n].numel() for n in names)
+    for m, d in enumerate(prof.deltas):
+        zeros = sum(int((states[m + 1][n].float() - states[m][n].float() == 0).sum()) for n in names)
+        near = sum(int(((states[m + 1][n].float() - states[m][n].float()).abs() <= 1e-3).sum()) for n in names)
+        assert prof.sparsity()[d] == pytest.approx(zeros / total, abs=0)
+        assert prof.sparsity(tolerance=True)[d] == pytest.approx(near / total, abs=0)
+    assert 0.5 < prof.sparsity()["d1"] < 0.9  # the factory changes ~30% of rows
+
+
+def test_top_units_jaccard_and_shared_cosine(chain):
+    dirs, states = chain
+    prof = diff(dirs, progress=False)
+    norms = torch.stack([_brute_mlp(states, l) for l in range(3)], 1).sqrt()  # [M, L, U]
+    k = math.ceil(0.1 * norms[0].numel())
+    tops = []
+    for m in range(3):
+        flat = norms[m].reshape(-1)
+        mask = torch.zeros_like(flat, dtype=torch.bool)
+        mask[flat.topk(k).indices] = True
+        tops.append(mask.reshape(norms[m].shape))
+        assert torch.equal(prof.top_units(m, "mlp", 0.1), mask.reshape(norms[m].shape))
+    jac = prof.jaccard("mlp", 0.1)
+    for a in range(3):
+        for b in range(3):
+            inter, union = (tops[a] & tops[b]).sum().item(), (tops[a] | tops[b]).sum().item()
+            assert jac[a, b].item() == pytest.approx(inter / union)
+    c = prof.shared_cosine("d1", "d2", "mlp", 0.1)
+    assert c["pooled"].shape == (3,) and torch.equal(c["shared"], (tops[0] & tops[1]).sum(1))
+
+
+def test_save_load_roundtrip(chain, tmp_path):
+    dirs, _ = chain
+    prof = diff(dirs, atol=1e-4, progress=False)
+    prof.save(str(tmp_path / "p"))
+    back = Profile.load(str(tmp_path / "p"))
+    assert back.meta == prof.meta
+    assert set(back.arrays) == set(prof.arrays)
+    for k in prof.arrays:
+        assert torch.equal(back.arrays[k], prof.arrays[k])
+        assert back.arrays[k].shape[:1] == (3,)
+    assert "d1/mlp/sq_norm" in back.arrays and "d1|d2/mlp/dot" in back.arrays
+    with pytest.raises(ProfileError, match="not a profile"):
+        Profile.load(str(tmp_path))
+
+
+def test_mixed_dtypes_and_nonfinite(tmp_path):
+    dirs, states = save_chain(str(tmp_path / "a"), n_domains=1)
+    # the same update stored as fp32 master weights
+    dirs32, _ = save_chain(str(tmp_path / "b"), n_domains=1, dtype=torch.float32)
+    prof = diff([dirs[0], dirs32[1]], progress=False, intersect=False)
+    assert prof.meta["mixed_dtypes"] and prof.meta["dtypes"][1] == ["float32"]
+    # a non-finite weight is counted and reported, never folded silently
+    from safetensors.torch import load_file, save_file
+    import glob, os
+    shard = sorted(glob.glob(os.path.join(dirs[1], "*.safetensors")))[0]
+    sd = load_file(shard)
+    name = next(n for n, t in sd.items() if t.dim() == 2)
+    sd[name][0, 0] = float("inf")
+    save_file(sd, shard, metadata={"format": "pt"})
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        prof = diff(dirs, progress=False)
+    assert prof.meta["nonfinite"][name] == [0, 1]
