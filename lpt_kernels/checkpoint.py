@@ -265,6 +265,13 @@ class Checkpoint:
             files = [p]
             cfg_dir = os.path.dirname(os.path.abspath(p))
 
+        cfg = os.path.join(cfg_dir, "config.json") if cfg_dir else None
+        if cfg and os.path.isfile(cfg):
+            conf = _read_json(cfg, "config.json")
+            if not isinstance(conf, dict):
+                raise CheckpointError(f"{cfg}: corrupt config.json (not a JSON object)")
+            self.config = conf
+
         index_map = None
         if index_file is not None:
             idx = _read_json(index_file, "safetensors index")
@@ -315,14 +322,6 @@ class Checkpoint:
         self._infos = infos
         self.names: List[str] = order
         self.nbytes: int = sum(i.end - i.start for i in infos.values())
-
-        cfg = os.path.join(cfg_dir, "config.json") if cfg_dir else None
-        if cfg and os.path.isfile(cfg):
-            conf = _read_json(cfg, "config.json")
-            if not isinstance(conf, dict):
-                self.close()
-                raise CheckpointError(f"{cfg}: corrupt config.json (not a JSON object)")
-            self.config = conf
 
     # -- lookup ---------------------------------------------------------------------------------------------------
     def info(self, name: str) -> TensorInfo:

@@ -90,10 +90,15 @@ def plot_hist(p: Profile, kind: str, path: str) -> str:
     lo, hi, n = p.meta["hist_edges_log10"]
     centers = torch.linspace(lo, hi, int(n) + 1)[:-1] + (hi - lo) / n / 2
     fig, ax = plt.subplots(figsize=(8, 3.6))
+    used = torch.zeros(int(n), dtype=torch.bool)
     for d in p.deltas:
         h = p.hist.get(f"{d}/{kind}")
         if h is not None and h.sum() > 0:
             ax.plot(centers.numpy(), (h / h.sum()).numpy(), label=d)
+            used |= h > 0
+    if used.any():  # show the decades that hold data, not the whole -12..2 range
+        nz = used.nonzero().flatten()
+        ax.set_xlim(centers[nz[0]].item() - 0.5, centers[nz[-1]].item() + 0.5)
     ax.set_xlabel("log10 |dW|" if kind == "abs" else "log10 |dW| / |W|")
     ax.set_ylabel("share of non-zero changes")
     ax.set_title(f"{'Absolute' if kind == 'abs' else 'Relative'} changes (row sample 1/{p.meta['hist_stride']})")
