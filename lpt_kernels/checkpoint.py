@@ -7,7 +7,8 @@ and a write into a returned tensor changes this process's private copy only, nev
 
 :func:`align` checks that several checkpoints hold the same tensors with the same shapes; :func:`stream` walks a list of
 tensor names over K checkpoints in lockstep while a background thread asks the kernel to read ahead
-(``madvise(MADV_WILLNEED)``) so that disk reads overlap the compute of the caller.
+(``POSIX_FADV_WILLNEED``, the kernel path of ``madvise(MADV_WILLNEED)`` on a file mapping, without holding the GIL)
+so that disk reads overlap the compute of the caller.
 
 This module depends on torch and the standard library only (DESIGN.md section 2: nothing above it).
 """
@@ -20,7 +21,6 @@ import os
 import platform
 import sys
 import threading
-from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -422,6 +422,12 @@ class Checkpoint:
                 pass  # tensors still reference it: unmapped when they go
         for fh in fhs.values():
             fh.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
 
     def __enter__(self) -> "Checkpoint":
         return self

@@ -164,7 +164,8 @@ def _ckpt_dir(root, name, tensors, config=None):
 
 
 def test_tiny_qwen3_sharded_matches_safetensors(tiny_qwen3):
-    index = json.load(open(os.path.join(tiny_qwen3, "model.safetensors.index.json")))["weight_map"]
+    with open(os.path.join(tiny_qwen3, "model.safetensors.index.json")) as fh:
+        index = json.load(fh)["weight_map"]
     shards = sorted(set(index.values()))
     assert len(shards) >= 3
     with Checkpoint(tiny_qwen3) as ck:

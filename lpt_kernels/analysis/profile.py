@@ -293,7 +293,9 @@ def _diff(ckpts, mode, groups, atol, rtol, layout, intersect, labels, hist_strid
         total = sum(first.info(n).end - first.info(n).start for n in al.names) * len(ckpts)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="lpt diff", leave=False)
 
-    names = [n for n in al.names if ckpts[0].info(n).dtype.is_floating_point]
+    def is_weight(n):
+        return all(c.info(n).dtype is not None and c.info(n).dtype.is_floating_point for c in ckpts)
+    names = [n for n in al.names if is_weight(n)]
     for n in al.names:
         if n not in names:
             skipped[n] = f"dtype {ckpts[0].info(n).dtype} is not a floating-point weight"
