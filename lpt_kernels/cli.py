@@ -13,6 +13,10 @@ EPILOG = """examples:
   lpt diff ckpts/base ckpts/code ckpts/math ckpts/qa ckpts/cw --out prof/
   lpt overlap prof/ --top 0.10 --group mlp
   lpt report prof/            # PNGs and a self-contained prof/report/report.html
+  lpt select --profile prof/ --acts acts/ --earlier math --later qa --budget 0.02 --out sel.json
+  lpt rollback ckpts/qa --from ckpts/math --select sel.json --out ckpts/qa-rolled
+  lpt sweep ckpts/qa --from ckpts/math --profile prof/ --acts acts/ --earlier math --later qa
+        --eval my_evals:score --budgets 0.01,0.02,0.04 --out sweep/
 """
 
 
@@ -51,7 +55,138 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("dir", metavar="DIR", help="a profile directory written by `lpt diff`")
     r.add_argument("--top", type=float, default=0.10, help="fraction of units taken as top-changed (default 0.10)")
     r.add_argument("--out", metavar="DIR", help="where to write (default: DIR/report)")
+
+    s = sub.add_parser("select", help="choose units to roll back with the A x M x C conflict selector",
+                       description="Score the units of --later's displacement (A: activation on --earlier's data, "
+                                   "M: displacement magnitude, C: conflict) and write a selection JSON.")
+    _score_args(s)
+    s.add_argument("--selector", default="AMC", help="AMC, AM, AC, MC, A, M, C or random (default AMC)")
+    s.add_argument("--budget", type=float, default=0.02, help="fraction of the groups' units, in (0, 1] (default 0.02)")
+    s.add_argument("--out", required=True, metavar="FILE", help="selection JSON to write")
+    s.add_argument("--plot", metavar="PNG", help="also plot the per-layer budget profile")
+
+    rb = sub.add_parser("rollback", help="write a checkpoint with the selected units rolled back",
+                        description="Copy TARGET to --out with the units of --select moved toward --from "
+                                    "(alpha=1: replaced). TARGET and SOURCE are never modified; --out appears only "
+                                    "when complete.")
+    rb.add_argument("target", metavar="TARGET", help="the damaged checkpoint (after the later domain)")
+    rb.add_argument("--from", dest="source", required=True, metavar="SOURCE", help="the checkpoint to roll back to")
+    rb.add_argument("--select", required=True, metavar="SEL", help="selection JSON from `lpt select`")
+    rb.add_argument("--out", required=True, metavar="DIR", help="new checkpoint directory (must not exist)")
+    rb.add_argument("--alpha", type=float, default=1.0, help="interpolation toward SOURCE in [0, 1] (default 1)")
+    rb.add_argument("--quiet", "-q", action="store_true")
+
+    w = sub.add_parser("sweep", help="recovery of the earlier domain over budgets and selectors",
+                       description="Load TARGET with transformers, roll back each selection live, evaluate with "
+                                   "--eval, undo; write sweep.csv and dose_response.png.")
+    w.add_argument("target", metavar="TARGET", help="the damaged checkpoint directory (loadable by transformers)")
+    w.add_argument("--from", dest="source", required=True, metavar="SOURCE", help="the checkpoint before --later")
+    _score_args(w)
+    w.add_argument("--eval", required=True, metavar="MODULE:FUNC",
+                   help="evaluator: FUNC(model) -> {domain: score} (higher is better)")
+    w.add_argument("--before", metavar="JSON", help="scores at SOURCE ({domain: score}); default: evaluate SOURCE")
+    w.add_argument("--budgets", default="0.01,0.02,0.04,0.08", help="comma-separated budgets")
+    w.add_argument("--selectors", default="AMC,MC,random", help="comma-separated selectors")
+    w.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    w.add_argument("--quiet", "-q", action="store_true")
     return p
+
+
+def _score_args(s) -> None:
+    s.add_argument("--profile", required=True, metavar="DIR", help="profile from `lpt diff` holding both deltas")
+    s.add_argument("--earlier", required=True, help="delta name of the earlier domain E (e.g. math)")
+    s.add_argument("--later", required=True, help="delta name of the later domain L (e.g. qa)")
+    s.add_argument("--acts", metavar="DIR", help="activation statistics of E's data (ActivationResult.save)")
+    s.add_argument("--act-name", help="which run of --acts (if it holds several)")
+    s.add_argument("--groups", default="mlp", help="unit groups, e.g. mlp or mlp,attn (default mlp)")
+    s.add_argument("--allocation", choices=("conflict", "uniform", "activation"), default="conflict",
+                   help="per-layer budget: by conflict mass (default), uniform, or activation mass")
+    s.add_argument("--norm", choices=("rank", "zscore"), default="rank", help="score scale across joint groups")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random selector")
+
+
+def _scores(a):
+    from lpt_kernels.analysis import Profile
+    from lpt_kernels.analysis.select import conflict_scores
+    from lpt_kernels.layout import layout_from_spec
+
+    prof = Profile.load(a.profile)
+    acts = None
+    if a.acts:
+        from lpt_kernels.hooks import ActivationResult
+        acts = ActivationResult.load(a.acts)
+    groups = tuple(g.strip() for g in a.groups.split(",") if g.strip())
+    scores = conflict_scores(prof, a.earlier, a.later, acts, groups=groups, act_name=a.act_name)
+    layout = layout_from_spec(prof.meta["layout"], list(prof.tensors), None)
+    return scores, layout, groups
+
+
+def _select(a) -> int:
+    from lpt_kernels.analysis.select import select
+
+    scores, layout, groups = _scores(a)
+    if "A" in a.selector and not a.acts:
+        raise ValueError(f"--acts: selector {a.selector} needs activation statistics of the earlier domain")
+    sel = select(scores, layout, a.selector, a.budget, groups, a.allocation, a.norm, a.seed)
+    sel.save(a.out)
+    for g in groups:
+        print(f"{g}: {sel.count(g)} units ({sel.fraction(g):.2%}); per layer: {sel.per_layer(g)}")
+    if a.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(8, 3.4))
+        for g in groups:
+            ax.plot(sel.per_layer(g), marker="o", ms=3, label=g)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("units selected")
+        ax.set_title(f"{a.selector} selection, budget {a.budget:g} ({a.allocation} allocation)")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(a.plot, dpi=110)
+    return 0
+
+
+def _rollback(a) -> int:
+    from lpt_kernels.analysis.apply import rollback_checkpoint
+    from lpt_kernels.analysis.selection import Selection
+
+    info = rollback_checkpoint(a.target, a.source, Selection.load(a.select), a.out, alpha=a.alpha,
+                               progress=not a.quiet)
+    if not a.quiet:
+        print(f"wrote {a.out}: " + ", ".join(f"{k} {v}" for k, v in info.items() if isinstance(v, (int, float))))
+    return 0
+
+
+def _sweep(a) -> int:
+    import importlib
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    from lpt_kernels.analysis.sweep import sweep
+
+    mod, _, fn = a.eval.partition(":")
+    try:
+        evaluate = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"--eval: cannot load {a.eval} ({e})") from None
+    scores, layout, groups = _scores(a)
+    budgets = [float(x) for x in a.budgets.split(",") if x]
+    selectors = [x.strip() for x in a.selectors.split(",") if x.strip()]
+    if a.before:
+        with open(a.before) as f:
+            before = json.load(f)
+    else:
+        before = evaluate(AutoModelForCausalLM.from_pretrained(a.source, dtype="auto"))
+    model = AutoModelForCausalLM.from_pretrained(a.target, dtype="auto")
+    rows = sweep(model, a.source, scores, layout, evaluate, a.earlier, before, budgets, selectors, groups,
+                 a.allocation, a.seed, a.out, progress=not a.quiet)
+    for r in rows:
+        print(f"{r['selector']:>8} budget {r['budget']:<6g} units {r['units']:>6}  recovery {r['recovery']:+.1%}")
+    return 0
 
 
 def _diff(a) -> int:
@@ -119,12 +254,25 @@ def _report(a) -> int:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
+    if args.cmd in ("select", "sweep"):
+        budgets = [args.budget] if args.cmd == "select" else args.budgets.split(",")
+        try:
+            bad = [b for b in budgets if not 0.0 < float(b) <= 1.0]
+        except ValueError:
+            bad = budgets
+        if bad:
+            print(f"lpt {args.cmd}: error: budgets must be in (0, 1], got {bad[0]}", file=sys.stderr)
+            return 2
+    if args.cmd == "rollback" and not 0.0 <= args.alpha <= 1.0:
+        print(f"lpt rollback: error: --alpha must be in [0, 1], got {args.alpha}", file=sys.stderr)
+        return 2
     if args.cmd == "overlap" or args.cmd == "report":
         if not 0.0 < args.top <= 1.0:
             print(f"lpt {args.cmd}: error: --top must be in (0, 1], got {args.top}", file=sys.stderr)
             return 2
     try:
-        return {"diff": _diff, "overlap": _overlap, "report": _report}[args.cmd](args)
+        return {"diff": _diff, "overlap": _overlap, "report": _report, "select": _select, "rollback": _rollback,
+                "sweep": _sweep}[args.cmd](args)
     except KeyboardInterrupt:
         print(f"lpt {args.cmd}: interrupted", file=sys.stderr)
         return 130
