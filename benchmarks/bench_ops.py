@@ -37,7 +37,6 @@ import re
 import statistics
 import sys
 import time
-import traceback
 from dataclasses import dataclass, field
 from typing import Callable, List, Optional, Sequence
 
@@ -620,7 +619,8 @@ def main(argv: Optional[Sequence[str]] = None):
         gpu_rows = gpu_section(args)
     if args.csv:
         keys = ["section", "backend", "op", "case", "bytes", "ours_ms", "us", "ours_gbs", "ceiling_gbs",
-                "ceiling_kind", "ratio", "ours_best_gbs", "ceiling_best_gbs", "eager_gbs", "compile_gbs", "x_eager", "x_compile", "frac",
+                "ceiling_kind", "ratio", "ours_best_gbs", "ceiling_best_gbs", "eager_gbs", "compile_gbs", "x_eager",
+                "x_compile", "frac",
                 "copy_ceiling_gbs", "reps", "peer_reps", "check", "load", "threads", "isa"]
         from lpt_kernels.backends import cpu as cpu_backend
         isa = cpu_backend.isa() if cpu_backend.AVAILABLE else ""
