@@ -9,6 +9,7 @@ non-finite weights wherever one shows up (never folded silently into the numbers
 """
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -210,11 +211,13 @@ def _top_mask(score: torch.Tensor, frac: float, per_layer: bool) -> torch.Tensor
 # ---- the streaming pass -----------------------------------------------------------------------------------------
 
 def _hist_update(hist: dict, key: str, values: torch.Tensor) -> None:
-    v = values[values > 0]
-    if v.numel():
-        h = torch.histc(torch.log10(v.double()).clamp_(-12.0, 2.0 - 1e-9), bins=140, min=-12.0, max=2.0)
-        hist[key] = hist.get(key, torch.zeros(140, dtype=torch.float64)) + h
-    hist[key + "_zero"] = hist.get(key + "_zero", torch.zeros(1, dtype=torch.float64)) + (values == 0).sum()
+    """Add log10-binned counts of the positive finite values (float32); exact zeros are counted apart."""
+    v = values.reshape(-1)
+    zero = (v == 0).sum()
+    logs = torch.log10(v)  # -inf for zeros, nan for nan: both fall outside histc's range and are not counted
+    h = torch.histc(logs.clamp_(max=2.0 - 1e-6).nan_to_num_(nan=-1e30, neginf=-1e30), bins=140, min=-12.0, max=2.0)
+    hist[key] = hist.get(key, torch.zeros(140, dtype=torch.float64)) + h.double()
+    hist[key + "_zero"] = hist.get(key + "_zero", torch.zeros(1, dtype=torch.float64)) + zero.double()
 
 
 def _as_2d(t: torch.Tensor) -> torch.Tensor:
@@ -238,7 +241,8 @@ def diff(checkpoints: Sequence[Union[str, Checkpoint]], mode: str = "consecutive
         atol, rtol: a change counts as near zero when |d| <= atol + rtol * |w_ref|.
         layout: None (detected from names and config.json), a layout spec (dict or JSON path) or a Layout.
         intersect: analyse the tensors common to all checkpoints instead of failing on a mismatch.
-        hist_stride: histograms of |dW| and |dW|/|W| use every ``hist_stride``-th row of each tensor.
+        hist_stride: histograms of |dW| and |dW|/|W| use every ``hist_stride``-th row of each tensor (sparser
+            for large tensors: about 65k elements a tensor at most).
         progress: show a tqdm bar (bytes read).
     """
     if mode not in ("consecutive", "base"):
@@ -299,6 +303,34 @@ def _diff(ckpts, mode, groups, atol, rtol, layout, intersect, labels, hist_strid
     for n in al.names:
         if n not in names:
             skipped[n] = f"dtype {ckpts[0].info(n).dtype} is not a floating-point weight"
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # the pass allocates many small objects and frees them at once: collections only cost time
+    try:
+        _pass(ckpts, names, lay, groups, mode, atol, rtol, backend, deltas, arrays, tensors, hist, nonfinite,
+              hist_stride, bar)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    if bar is not None:
+        bar.close()
+    if nonfinite:
+        warnings.warn(f"lpt diff: non-finite weights in {len(nonfinite)} tensors (first: {next(iter(nonfinite))}); "
+                      "their statistics are NaN/inf and listed in profile.json", RuntimeWarning, stacklevel=3)
+    dtypes = [sorted({str(c.info(n).dtype).replace("torch.", "") for n in names}) for c in ckpts]
+    meta = {
+        "version": __version__, "checkpoints": [os.path.abspath(c.path) for c in ckpts], "labels": labels,
+        "deltas": deltas, "mode": mode, "atol": atol, "rtol": rtol, "groups": [g for g in groups if g in lay.groups],
+        "layout": lay.to_spec(), "num_layers": n_layers, "units": {g: lay.units[g] for g in groups if g in lay.groups},
+        "dtypes": dtypes, "mixed_dtypes": sorted(al.mixed_dtypes), "skipped": skipped, "nonfinite": nonfinite,
+        "hist_stride": hist_stride, "hist_edges_log10": [-12.0, 2.0, 140],
+    }
+    return Profile(meta=meta, arrays={k: (v.float() if v.is_floating_point() else v) for k, v in arrays.items()},
+                   tensors=tensors, hist=hist)
+
+
+def _pass(ckpts, names, lay, groups, mode, atol, rtol, backend, deltas, arrays, tensors, hist, nonfinite,
+          hist_stride, bar) -> None:
+    """The streaming loop: one unit_gram call per (tensor, member) with all K versions."""
     for name, ws in stream(ckpts, names):
         ws = [_as_2d(w) for w in ws]
         members = lay.member_of(name)
@@ -330,21 +362,6 @@ def _diff(ckpts, mode, groups, atol, rtol, layout, intersect, labels, hist_strid
         tensors[name] = entry
         if bar is not None:
             bar.update(sum(c.info(name).end - c.info(name).start for c in ckpts))
-    if bar is not None:
-        bar.close()
-    if nonfinite:
-        warnings.warn(f"lpt diff: non-finite weights in {len(nonfinite)} tensors (first: {next(iter(nonfinite))}); "
-                      "their statistics are NaN/inf and listed in profile.json", RuntimeWarning, stacklevel=3)
-    dtypes = [sorted({str(c.info(n).dtype).replace("torch.", "") for n in names}) for c in ckpts]
-    meta = {
-        "version": __version__, "checkpoints": [os.path.abspath(c.path) for c in ckpts], "labels": labels,
-        "deltas": deltas, "mode": mode, "atol": atol, "rtol": rtol, "groups": [g for g in groups if g in lay.groups],
-        "layout": lay.to_spec(), "num_layers": n_layers, "units": {g: lay.units[g] for g in groups if g in lay.groups},
-        "dtypes": dtypes, "mixed_dtypes": sorted(al.mixed_dtypes), "skipped": skipped, "nonfinite": nonfinite,
-        "hist_stride": hist_stride, "hist_edges_log10": [-12.0, 2.0, 140],
-    }
-    return Profile(meta=meta, arrays={k: (v.float() if v.is_floating_point() else v) for k, v in arrays.items()},
-                   tensors=tensors, hist=hist)
 
 
 def _add_unit_stats(arrays, deltas, group, layer, r) -> None:
@@ -360,12 +377,15 @@ def _add_unit_stats(arrays, deltas, group, layer, r) -> None:
             arrays[f"{d}|{deltas[j]}/{group}/dot"][layer] += r.gram[:, m, j].double()
 
 
-def _hist_sample(hist, deltas, mode, ws, stride) -> None:
-    rows = torch.arange(0, ws[0].shape[0], stride)
+def _hist_sample(hist, deltas, mode, ws, stride, max_elems=1 << 16) -> None:
+    """Histograms from every ``stride``-th row (fewer for large tensors: at most ~max_elems elements a tensor), so
+    they cost a small fraction of the pass."""
+    n_rows, n_cols = ws[0].shape
+    step = max(stride, -(-n_rows * n_cols // max_elems))
+    rows = torch.arange(0, n_rows, step)
     w = [x.index_select(0, rows).float() for x in ws]
     for m, d in enumerate(deltas):
         ref = w[m] if mode == "consecutive" else w[0]
-        dw = (w[m + 1] - ref).abs()
+        dw = (w[m + 1] - ref).abs_()
         _hist_update(hist, f"{d}/abs", dw)
-        rel = dw / ref.abs()
-        _hist_update(hist, f"{d}/rel", rel[torch.isfinite(rel)])
+        _hist_update(hist, f"{d}/rel", dw.div_(ref.abs()).nan_to_num_(nan=0.0, posinf=0.0))
