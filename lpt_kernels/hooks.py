@@ -8,10 +8,10 @@
   heads) and returns an :class:`ActivationResult`: per layer and unit mean|a|, RMS, max|a|, activation frequency and
   tokens counted, top units, Jaccard overlaps, save/load with the array naming of profiles
   (``<name>/<group>/<stat>``, ``[layers, units]``).
-- :class:`GradientGram` — per-domain sums of the gradients of D domains, kept off the device (CPU RAM or a memory-mapped
-  file), and from them the D x D Gram and cosine matrices of every parameter, every module (any prefix of the
-  parameter names: a projection, an attention block, a layer) and the whole model, plus per-unit (neuron, head)
-  Gram matrices through the layout, each gradient byte read once by :func:`lpt_kernels.unit_gram`
+- :class:`GradientGram` — per-domain sums of the gradients of D domains, kept off the device (CPU RAM or a
+  memory-mapped file), and from them the D x D Gram and cosine matrices of every parameter, every module (any prefix
+  of the parameter names: a projection, an attention block, a layer) and the whole model, plus per-unit (neuron,
+  head) Gram matrices through the layout, each gradient byte read once by :func:`lpt_kernels.unit_gram`
   (:class:`GramResult`, with a heatmap of module x domain-pair cosines).
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 
 from lpt_kernels import __version__
-from lpt_kernels.layout import Layout, LayoutError, load_layout
+from lpt_kernels.layout import Layout, load_layout
 from lpt_kernels.ops import FLOAT_DTYPES, MAX_INPUTS, act_stats_, new_act_stats, unit_gram
 
 __all__ = ["ActivationStats", "ActivationResult", "GradientGram", "GramResult", "jaccard", "ACT_STATS",
@@ -154,8 +154,8 @@ def _activation_sites(model: torch.nn.Module, layout: Layout, groups: Sequence[s
             ms = [m for m in layers[layer] if m.axis == 1 and m.tensor.endswith(".weight")]
             if not ms:
                 raise HookError(f"group {g!r} of layout {layout.name!r}: no member is sliced along its input axis "
-                                "(axis 1) in layer {layer}, so the group has no input activation to hook (groups "
-                                "with one: mlp -> down_proj, attn -> o_proj)".replace("{layer}", str(layer)))
+                                f"(axis 1) in layer {layer}, so the group has no input activation to hook (groups "
+                                "with one: mlp -> down_proj, attn -> o_proj)")
             m = ms[-1]
             mod_name = m.tensor[: -len(".weight")]
             try:
@@ -247,6 +247,7 @@ class ActivationStats:
         self._token_mask: Optional[torch.Tensor] = None
         self.calls = 0            # top-level calls of the model seen while active
         self.unmasked_calls = 0   # calls whose attention_mask was given but could not be applied (all tokens counted)
+        self._unmasked_at_attach = 0
 
     # -- lifecycle ------------------------------------------------------------------------------------------------
     @property
@@ -284,7 +285,7 @@ class ActivationStats:
             h.remove()
         self._attn_mask = None
         self._token_mask = None
-        new = self.unmasked_calls - getattr(self, "_unmasked_at_attach", self.unmasked_calls)
+        new = self.unmasked_calls - self._unmasked_at_attach
         self._unmasked_at_attach = self.unmasked_calls
         if new > 0:
             warnings.warn(f"ActivationStats: {new} model call(s) had an attention_mask that is not a 2-D [batch, seq] "
@@ -301,7 +302,8 @@ class ActivationStats:
 
     def set_token_mask(self, mask: Optional[torch.Tensor]) -> None:
         """Count only the tokens where ``mask`` (bool-able, shape ``[batch, seq]`` of the activations) is True, in
-        every following call until ``set_token_mask(None)``; takes precedence over the attention mask."""
+        every following call until ``set_token_mask(None)`` or the hooks are removed; takes precedence over the
+        attention mask."""
         if mask is not None:
             if not isinstance(mask, torch.Tensor):
                 raise TypeError(f"mask: expected a torch.Tensor, got {type(mask).__name__}")
@@ -332,6 +334,9 @@ class ActivationStats:
                 self._stats[i] = new_act_stats(site.channels, device=dev)
 
     # -- hooks ----------------------------------------------------------------------------------------------------
+    # the model-level hooks run around the model's forward, not inside it: left out of torch.compile (a graph of
+    # its own for one comparison would cost a compilation and gain nothing)
+    @torch.compiler.disable
     def _model_pre_hook(self, module, args, kwargs):
         self.calls += 1
         m = kwargs.get("attention_mask")
@@ -346,6 +351,7 @@ class ActivationStats:
             self.unmasked_calls += 1
         return None
 
+    @torch.compiler.disable
     def _model_post_hook(self, module, args, output):
         self._attn_mask = None
         return None
@@ -359,6 +365,8 @@ class ActivationStats:
         if tuple(m.shape) != lead:
             if m.dim() == 2 and len(lead) == 2 and m.shape[0] == lead[0] and m.shape[1] > lead[1]:
                 m = m[:, m.shape[1] - lead[1]:]  # KV cache: the mask covers past and new tokens
+            elif len(lead) == 1 and m.numel() == lead[0]:
+                m = m.reshape(-1)  # tokens flattened to [batch * seq] before the module
             elif explicit is not None:
                 raise HookError(f"token mask: shape {tuple(m.shape)} does not match the activations' leading "
                                 f"dimensions {lead}")
@@ -372,6 +380,8 @@ class ActivationStats:
 
     def _site_hook(self, i: int):
         def hook(module, args, kwargs):
+            if not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1:
+                return None  # a forward re-run inside backward (activation checkpointing): counted already
             x = args[0] if args else kwargs.get("input", None)
             if not isinstance(x, torch.Tensor) or not x.is_floating_point():
                 return None
@@ -615,8 +625,10 @@ class GradientGram:
     Inside ``domain(d)`` a hook on each parameter adds the gradient of each backward to ``g_d`` (whatever ``.grad``
     held before, and without changing it). :meth:`accumulate` instead adds the parameters' current ``.grad``.
     The hooks copy each gradient to the CPU as it is produced (a device-to-host copy per parameter per backward);
-    ``device_buffer=True`` sums a domain block's gradients on the device instead (1 x parameters x 4 bytes there,
-    freed at the end of the block) and copies once.
+    ``device_buffer=True`` sums a block's (or an :meth:`accumulate` call's) gradients in float32 on the gradients'
+    device instead (up to 1 x parameters x 4 bytes there, freed at the end of the block) and copies once at its end.
+    An exception inside a block keeps the gradients of the backward calls already made (without ``device_buffer``)
+    or drops the block's gradients (with it).
 
     Args:
         model: the model (any ``nn.Module``; per-unit Grams need a layout).
@@ -710,7 +722,7 @@ class GradientGram:
             grad = grad.to_dense()
         grad = grad.detach()
         with torch.inference_mode(False), torch.no_grad():
-            if self.device_buffer and grad.device.type != "cpu":
+            if self.device_buffer:
                 buf = self._dev.get(name)
                 if buf is None:
                     self._dev[name] = grad.to(torch.float32, copy=True)
@@ -922,9 +934,6 @@ class GramResult:
         """Heatmap of cosines: rows the whole model then each module (default: layer x q, k, v, o, gate, up, down),
         columns the domain pairs; a diverging colour scale symmetric around 0 (``vmax`` default: the largest |cos|).
         Saves a PNG when ``path`` is given; returns the matplotlib Figure."""
-        import matplotlib
-        if path is not None:
-            matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
         rows, cols, vals = self.table(modules)
