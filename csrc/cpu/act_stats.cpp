@@ -1,12 +1,21 @@
 // act_stats_ on the CPU: in-place accumulation of per-channel activation statistics over the tokens of x [T, C].
 //
-// Each thread owns a range of channels and streams every (unmasked) token row over it, one tile of channels at a
-// time, with fp32 accumulators per channel in L1; every kRowBlock rows they are folded into the float64 stats, so
-// the fp32 rounding error is bounded by the length of one block whatever the token count.
+// Each thread owns a range of channels. For a block of row_block() (unmasked) tokens it walks its channels strip by
+// strip (kP pairs of fp32 vectors in registers per statistic: lpt/element.h's act_update lane-wise), running down the
+// block's rows, then adds the strip into per-thread fp32 channel sums, which are folded into fp64 every kFoldRows
+// tokens, so the fp32 rounding error is that of a few hundred terms whatever the token count. The block's row
+// streams are prefetched in software. At the end each thread adds its totals into `stats`.
+//
+// x with unit channel stride is read in place (load_pair<DT>); other strides go through an fp32 buffer per block.
+// Channels that do not fill a strip use the scalar act_update.
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
+#ifdef TUNE_ENV
+#include <cstdlib>
+#endif
 
 #include "load.h"
 
@@ -15,47 +24,165 @@ namespace cpu {
 namespace LPT_ISA {
 namespace {
 
-constexpr int64_t kTile = 1024;     // channels per tile: 4 accumulators x 4 KiB + 4 KiB of converted input
-constexpr int64_t kRowBlock = 256;  // tokens accumulated in fp32 before folding into float64
+constexpr int kP = kVRegs >= 32 ? 2 : 1;  // pairs of vectors per strip: 4 statistics x 2kP accumulators in registers
+constexpr int64_t kG = 2 * kW * kP;       // channels per strip
+#ifndef TUNE_RB
+#define TUNE_RB 16
+#endif
+#ifndef TUNE_PF
+#define TUNE_PF 1024
+#endif
+constexpr int64_t kRowBlock = TUNE_RB;   // tokens accumulated in registers per strip
+constexpr int64_t kFoldRows = 256;       // tokens accumulated in fp32 channel sums before folding into fp64
+constexpr int64_t kPrefetch = TUNE_PF;   // bytes ahead in each row stream
+static_assert(kFoldRows % kRowBlock == 0, "channel sums fold at row block boundaries");
+constexpr int kStats = 4;                // abs sum, square sum, active count (folded), abs max (not)
 
-struct TileAcc {
-  float abs_sum[kTile], sq_sum[kTile], abs_max[kTile], active[kTile];
+// Per-thread totals of channels [lo, lo + n), group by group of kW channels with all statistics of a group together:
+// s32 [group][kStats][kW] (fp32 sums of the current fold period, then the maxima), s64 [group][3][kW].
+struct ChanTotals {
+  int64_t n;
+  std::vector<float> s32;
+  std::vector<double> s64;
+  explicit ChanTotals(int64_t n_) : n(n_), s32((n_ + kW - 1) / kW * kStats * kW), s64((n_ + kW - 1) / kW * 3 * kW) {}
+  float* f32(int64_t c, int st) { return s32.data() + ((c / kW) * kStats + st) * kW + c % kW; }
+  double* f64(int64_t c, int st) { return s64.data() + ((c / kW) * 3 + st) * kW + c % kW; }
+  void fold() {
+    for (int64_t g = 0; g < (n + kW - 1) / kW; ++g)
+      for (int i = 0; i < 3 * kW; ++i) s64[g * 3 * kW + i] += s32[g * kStats * kW + i], s32[g * kStats * kW + i] = 0.0f;
+  }
 };
+
+struct BlockArgs {
+  const char* base;     // x, or the fp32 buffer
+  int64_t rs;           // row stride in bytes
+  const int64_t* rows;  // token of each block row (nullptr: block row i is token i)
+  int64_t r0, r1;       // block rows
+  int64_t n_rows;       // all rows (the prefetch into the next block stops there)
+  int64_t cb;           // byte offset of the strip in a row
+  int64_t pr, pb;       // prefetch: rows ahead, byte offset
+  bool prefetch;
+};
+
+LPT_VINLINE void add_to(float* p, const vf& v) { store_vf(p, load_vf(p) + v); }
+
+// One strip of kG channels over the block's rows, then into the totals at local channel j (a multiple of kW).
+template <int DT>
+void strip(const BlockArgs& a, float threshold, ChanTotals& tot, int64_t j) {
+  constexpr int kLines = (kG * (DT == kF32 ? 4 : 2) + 63) / 64;
+  vf as[2 * kP], sq[2 * kP], mx[2 * kP], ac[2 * kP];
+  for (int u = 0; u < 2 * kP; ++u) as[u] = sq[u] = mx[u] = ac[u] = vf{};
+  const vf one = vf{} + 1.0f, zero = {};
+  for (int64_t i = a.r0; i < a.r1; ++i) {
+    const int64_t r = a.rows ? a.rows[i] : i;
+    if (a.prefetch) {
+      const int64_t ip = i + a.pr < a.n_rows ? i + a.pr : i;
+      const char* pf = a.base + (a.rows ? a.rows[ip] : ip) * a.rs + a.pb;
+      for (int l = 0; l < kLines; ++l) __builtin_prefetch(pf + 64 * l);
+    }
+    const char* p = a.base + r * a.rs + a.cb;
+    vf x[2 * kP];
+    for (int q = 0; q < kP; ++q) load_pair<DT>(p, 2 * kW * q, x[2 * q], x[2 * q + 1]);
+    for (int u = 0; u < 2 * kP; ++u) {
+      const vf ax = vabs(x[u]);  // act_update, lane-wise
+      as[u] += ax;
+      sq[u] += x[u] * x[u];
+      mx[u] = vmax(ax, mx[u]);
+      ac[u] += ax > threshold ? one : zero;
+    }
+  }
+  for (int q = 0; q < kP; ++q) {
+    pair_order<DT>(as[2 * q], as[2 * q + 1]);
+    pair_order<DT>(sq[2 * q], sq[2 * q + 1]);
+    pair_order<DT>(ac[2 * q], ac[2 * q + 1]);
+    pair_order<DT>(mx[2 * q], mx[2 * q + 1]);
+  }
+  for (int u = 0; u < 2 * kP; ++u) {
+    float* t = tot.f32(j + u * kW, 0);
+    add_to(t, as[u]);
+    add_to(t + kW, sq[u]);
+    add_to(t + 2 * kW, ac[u]);
+    store_vf(t + 3 * kW, vmax(mx[u], load_vf(t + 3 * kW)));
+  }
+}
+
+using StripFn = void (*)(const BlockArgs&, float, ChanTotals&, int64_t);
+
+inline float load_elem(const Tensor2D& t, int64_t i) {
+  switch (t.dtype) {
+    case kF32: return load_f32<kF32>(t.data, i);
+    case kBF16: return load_f32<kBF16>(t.data, i);
+    default: return load_f32<kF16>(t.data, i);
+  }
+}
 
 }  // namespace
 
 void act_stats(Tensor2D x, int64_t tokens, int64_t channels, const uint8_t* mask, double* stats, int64_t ss0,
                int64_t ss1, float threshold, int threads) {
-  int64_t counted = 0;
-  for (int64_t t = 0; t < tokens; ++t) counted += mask ? (mask[t] != 0) : 1;
+  std::vector<int64_t> row_ids;  // unmasked tokens (only with a mask)
+  int64_t counted = tokens;
+  if (mask) {
+    for (int64_t t = 0; t < tokens; ++t)
+      if (mask[t]) row_ids.push_back(t);
+    counted = (int64_t)row_ids.size();
+  }
+  const int64_t* rows = mask ? row_ids.data() : nullptr;
+  const bool direct = x.stride1 == 1;
+  const int64_t es = direct ? dtype_size(x.dtype) : 4;
+  StripFn fn = &strip<kF32>;
+  if (direct && x.dtype == kBF16) fn = &strip<kBF16>;
+  if (direct && x.dtype == kF16) fn = &strip<kF16>;
+#ifdef TUNE_ENV
+  static const int64_t rb = getenv("LPT_RB") ? atoi(getenv("LPT_RB")) : kRowBlock;
+  static const int64_t pfd = getenv("LPT_PF") ? atoi(getenv("LPT_PF")) : kPrefetch;
+#else
+  constexpr int64_t rb = kRowBlock, pfd = kPrefetch;
+#endif
+  threads = threads_for(counted * channels, threads);
 #pragma omp parallel num_threads(threads)
   {
     int64_t lo, hi;
-    split_range(channels, omp_get_num_threads(), omp_get_thread_num(), 16, &lo, &hi);
-    alignas(64) float buf[kTile];
-    auto* acc = new TileAcc;
-    for (int64_t c0 = lo; c0 < hi; c0 += kTile) {
-      const int64_t n = std::min(kTile, hi - c0);
-      for (int64_t t0 = 0; t0 < tokens; t0 += kRowBlock) {
-        std::memset(acc, 0, sizeof *acc);
-        const int64_t t1 = std::min(tokens, t0 + kRowBlock);
-        for (int64_t t = t0; t < t1; ++t) {
-          if (mask && !mask[t]) continue;
-          load_run(x, t * x.stride0 + c0 * x.stride1, x.stride1, n, buf);
-          for (int64_t i = 0; i < n; ++i)
-            act_update(buf[i], threshold, acc->abs_sum[i], acc->sq_sum[i], acc->abs_max[i], acc->active[i]);
-        }
-        for (int64_t i = 0; i < n; ++i) {
-          double* col = stats + (c0 + i) * ss1;
-          col[1 * ss0] += acc->abs_sum[i];
-          col[2 * ss0] += acc->sq_sum[i];
-          col[3 * ss0] = std::max(col[3 * ss0], (double)acc->abs_max[i]);
-          col[4 * ss0] += acc->active[i];
+    split_range(channels, omp_get_num_threads(), omp_get_thread_num(), kG, &lo, &hi);
+    const int64_t full = lo + (hi - lo) / kG * kG;
+    ChanTotals tot(hi - lo);
+    std::vector<float> buf(direct ? 0 : rb * kG);  // [block row][kG] fp32
+    for (int64_t r0 = 0; r0 < counted; r0 += rb) {
+      const int64_t r1 = std::min(counted, r0 + rb);
+      for (int64_t c = lo; c < full; c += kG) {
+        if (direct) {
+          // Prefetch pfd bytes ahead in every row of the block, wrapping into the next block's rows.
+          int64_t pc = c + pfd / es, pr = 0;
+          if (pc >= full) pc = lo + (pc - full), pr = rb;
+          fn(BlockArgs{(const char*)x.data, x.stride0 * es, rows, r0, r1, counted, c * es, pr, pc * es, pfd > 0},
+             threshold, tot, c - lo);
+        } else {
+          for (int64_t i = r0; i < r1; ++i)
+            load_run(x, (rows ? rows[i] : i) * x.stride0 + c * x.stride1, x.stride1, kG, buf.data() + (i - r0) * kG);
+          fn(BlockArgs{(const char*)buf.data(), kG * 4, nullptr, 0, r1 - r0, r1 - r0, 0, 0, 0, false}, threshold, tot,
+             c - lo);
         }
       }
-      for (int64_t i = 0; i < n; ++i) stats[(c0 + i) * ss1] += (double)counted;
+      for (int64_t c = full; c < hi; ++c) {  // channels that do not fill a strip: scalar
+        float as = 0.0f, sq = 0.0f, mx = 0.0f, ac = 0.0f;
+        for (int64_t i = r0; i < r1; ++i)
+          act_update(load_elem(x, (rows ? rows[i] : i) * x.stride0 + c * x.stride1), threshold, as, sq, mx, ac);
+        *tot.f32(c - lo, 0) += as;
+        *tot.f32(c - lo, 1) += sq;
+        *tot.f32(c - lo, 2) += ac;
+        float* m = tot.f32(c - lo, 3);
+        *m = std::max(*m, mx);
+      }
+      if (r1 % kFoldRows == 0 || r1 == counted) tot.fold();
     }
-    delete acc;
+    for (int64_t c = lo; c < hi; ++c) {
+      double* col = stats + c * ss1;
+      col[0] += (double)counted;
+      col[1 * ss0] += *tot.f64(c - lo, 0);
+      col[2 * ss0] += *tot.f64(c - lo, 1);
+      if (counted) col[3 * ss0] = std::max(col[3 * ss0], (double)*tot.f32(c - lo, 3));
+      col[4 * ss0] += *tot.f64(c - lo, 2);
+    }
   }
 }
 

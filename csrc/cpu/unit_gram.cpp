@@ -1,15 +1,30 @@
 // unit_gram on the CPU: one pass over K inputs giving, per unit, the Gram matrix of the M deltas and their abs sum,
 // abs max, exact-zero and near-zero counts.
 //
-// Each step widens a run of every input to fp32 into a small L1-resident buffer, then updates lane-wise fp32
-// accumulators (element math from lpt/element.h); the lane loops have a fixed width so they vectorise for the ISA
-// this file is compiled for. Lanes are folded into double/int64 totals once per row (axis 0) or per row block
-// (axis 1), which bounds the fp32 rounding error by the length of one run.
+// The statistics of M deltas are NG = M(M+1)/2 Gram entries plus 4M per-delta values. They are accumulated lane-wise
+// in fp32 / int32 vectors over a strip of consecutive elements of a row (the lanes do lpt/element.h's arithmetic) and
+// folded into fp64 totals at a bounded rate, so the fp32 rounding error is that of a few hundred terms at most.
+//
+// - axis 0 (a unit is `block` rows): each thread streams whole rows of the K inputs side by side, strip after strip,
+//   and folds the accumulators every kFold strips.
+// - axis 1 (a unit is `block` columns): each thread owns a range of columns; for a block of kRowBlock rows it walks
+//   its columns strip by strip, running down the block's rows, then adds the strip into per-column fp64 totals
+//   (L2-resident, touched once per block). The block's row streams are prefetched in software.
+//
+// Up to kStaticM deltas the accumulators are template-sized and live in registers (StaticKern); more deltas use
+// runtime-sized accumulators in L1 (DynKern, the rare K > 5 case, kept small to keep the build fast). Inputs of one
+// dtype with unit inner stride (the common case) are read straight into vectors (load_vec<DT>); mixed dtypes, other
+// strides and listed columns go through small fp32 buffers (load_run / load_gather). Inputs that are all contiguous
+// along axis 0 instead (transposed views) are handled as their transposes. Elements that do not fill a strip use the
+// scalar functions of lpt/element.h.
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
+#ifdef TUNE_ENV
+#include <cstdlib>
+#endif
 
 #include "load.h"
 
@@ -19,55 +34,116 @@ namespace LPT_ISA {
 namespace {
 
 constexpr int kMaxInputs = 8;
-constexpr int64_t kRun = 512;   // elements per input per step (8 inputs x 2 KiB fit L1)
-constexpr int kLanes = 16;      // axis 0: fp32 accumulator lanes (one AVX-512 register)
-constexpr int64_t kTile = 256;  // axis 1: columns per tile (the lanes are the columns)
-constexpr int64_t kRowBlock = 128;  // axis 1: rows accumulated in fp32 before folding into doubles
+constexpr int kMaxM = 8;             // deltas (given mode, 8 inputs)
+constexpr int kMaxNG = kMaxM * (kMaxM + 1) / 2;
+constexpr int kStaticM = 4;          // register-resident accumulators up to this many deltas (K <= 5)
+constexpr int64_t kRun = 512;        // buffered axis 0: elements per input per step (a multiple of every strip)
+constexpr int64_t kFold = 128;       // axis 0: strips accumulated in fp32 before folding into fp64
+#ifndef TUNE_RB
+#define TUNE_RB 16
+#endif
+#ifndef TUNE_HINT
+#define TUNE_HINT 3
+#endif
+#ifndef TUNE_MS
+#define TUNE_MS 40
+#endif
+constexpr int kMaxStreams = TUNE_MS;
+#ifndef TUNE_PF
+#define TUNE_PF 1024
+#endif
+#ifndef TUNE_PF0
+#define TUNE_PF0 0
+#endif
+constexpr int64_t kRowBlock = TUNE_RB;   // axis 1: most rows accumulated in registers per strip
+constexpr int64_t kFoldRows = 256;       // axis 1: rows accumulated in fp32 column sums before folding into fp64
+constexpr int64_t kPrefetch = TUNE_PF;   // axis 1: bytes ahead in each row stream (0: none)
+constexpr int64_t kPrefetch0 = TUNE_PF0; // axis 0: bytes ahead in each row stream (0: none)
+static_assert(kFoldRows % kRowBlock == 0, "column sums fold at row block boundaries");
 
-// Lane-wise accumulators for M deltas over W lanes.
-template <int M, int W>
+// Axis 1 rows per register block for k inputs. Fewer rows cost more flushes per element; more cost misses, since
+// the block's k * rows row streams are read side by side (measured on 2560 x 9728 bf16: k = 2 best at 16 rows,
+// k = 5 at 8, both clearly worse at half or double). A power of two dividing kFoldRows.
+inline int64_t row_block(int k) {
+#ifdef TUNE_ENV
+  if (getenv("LPT_RB")) return atoi(getenv("LPT_RB"));
+#endif
+  int64_t rb = kRowBlock;
+  while (rb > 2 && rb * k > kMaxStreams) rb /= 2;
+  return rb;
+}
+constexpr int kMaxStrip = 32;        // widest strip (elements)
+
+// Runtime description of the call.
+struct Ctx {
+  int m, mode, k;
+  float atol, rtol;
+};
+
+constexpr int num_inputs(int mode, int m) { return mode == kGiven ? m : m + 1; }
+
+// ---- scalar path (strip tails): lpt/element.h per element ---------------------------------------------------------
+
+template <int W>
 struct Lanes {
-  static constexpr int NG = M * (M + 1) / 2;
-  float g[NG][W];
-  float s[M][W];
-  float mx[M][W];
-  int32_t z[M][W];
-  int32_t nz[M][W];
+  float g[kMaxNG][W];
+  float s[kMaxM][W];
+  float mx[kMaxM][W];
+  int32_t z[kMaxM][W];
+  int32_t nz[kMaxM][W];
   void clear() { std::memset(this, 0, sizeof *this); }
 };
 
-// Per-unit totals.
-template <int M>
+template <int MODE, int W>
+void step_t(Lanes<W>& a, const float* w, int l, int M, float atol, float rtol) {
+  float d[kMaxM];
+  for (int m = 0; m < M; ++m) d[m] = delta<MODE>(w, m);
+  int p = 0;
+  for (int x = 0; x < M; ++x)
+    for (int y = x; y < M; ++y, ++p) a.g[p][l] += d[x] * d[y];
+  for (int m = 0; m < M; ++m) {
+    abs_update(d[m], a.s[m][l], a.mx[m][l]);
+    a.z[m][l] += is_zero(d[m]);
+    a.nz[m][l] += is_near_zero(d[m], delta_ref<MODE>(w, m), atol, rtol);
+  }
+}
+
+// One element with loaded values w[0..K-1] into lane l.
+template <int W>
+void step(Lanes<W>& a, const float* w, int l, const Ctx& c) {
+  if (c.mode == kConsecutive) step_t<kConsecutive>(a, w, l, c.m, c.atol, c.rtol);
+  else if (c.mode == kBase) step_t<kBase>(a, w, l, c.m, c.atol, c.rtol);
+  else step_t<kGiven>(a, w, l, c.m, c.atol, c.rtol);
+}
+
+// Element i of an input (any dtype), widened.
+inline float load_elem(const Tensor2D& t, int64_t i) {
+  switch (t.dtype) {
+    case kF32: return load_f32<kF32>(t.data, i);
+    case kBF16: return load_f32<kBF16>(t.data, i);
+    default: return load_f32<kF16>(t.data, i);
+  }
+}
+
+// Per-unit fp64 totals.
 struct Totals {
-  static constexpr int NG = M * (M + 1) / 2;
-  double g[NG];
-  double s[M];
-  float mx[M];
-  int64_t z[M];
-  int64_t nz[M];
+  double g[kMaxNG];
+  double s[kMaxM];
+  float mx[kMaxM];
+  int64_t z[kMaxM];
+  int64_t nz[kMaxM];
   void clear() { std::memset(this, 0, sizeof *this); }
   template <int W>
-  void add_lanes(const Lanes<M, W>& a, int lo, int hi) {
-    for (int l = lo; l < hi; ++l) {
-      for (int p = 0; p < NG; ++p) g[p] += a.g[p][l];
-      for (int m = 0; m < M; ++m) {
-        s[m] += a.s[m][l];
-        mx[m] = std::max(mx[m], a.mx[m][l]);
-        z[m] += a.z[m][l];
-        nz[m] += a.nz[m][l];
-      }
-    }
-  }
-  void add(const Totals& o) {
-    for (int p = 0; p < NG; ++p) g[p] += o.g[p];
+  void add_lane(const Lanes<W>& a, int l, int M) {
+    for (int p = 0; p < M * (M + 1) / 2; ++p) g[p] += a.g[p][l];
     for (int m = 0; m < M; ++m) {
-      s[m] += o.s[m];
-      mx[m] = std::max(mx[m], o.mx[m]);
-      z[m] += o.z[m];
-      nz[m] += o.nz[m];
+      s[m] += a.s[m][l];
+      mx[m] = std::max(mx[m], a.mx[m][l]);
+      z[m] += a.z[m][l];
+      nz[m] += a.nz[m][l];
     }
   }
-  void store(const GramOut& out, int64_t u) const {
+  void store(const GramOut& out, int64_t u, int M) const {
     int p = 0;
     for (int a = 0; a < M; ++a) {
       for (int b = a; b < M; ++b, ++p) {
@@ -82,145 +158,504 @@ struct Totals {
   }
 };
 
-// One element (position i of the converted runs) into lane l.
-template <int M, int MODE, int W>
-inline __attribute__((always_inline)) void step(Lanes<M, W>& a, float* const* buf, int64_t i, int l, float atol,
-                                                float rtol) {
-  constexpr int K = MODE == kGiven ? M : M + 1;
-  float w[K];
-  for (int k = 0; k < K; ++k) w[k] = buf[k][i];
-  float d[M];
-  for (int m = 0; m < M; ++m) d[m] = delta<MODE>(w, m);
-  int p = 0;
-  for (int x = 0; x < M; ++x)
-    for (int y = x; y < M; ++y, ++p) a.g[p][l] += d[x] * d[y];
-  for (int m = 0; m < M; ++m) {
-    abs_update(d[m], a.s[m][l], a.mx[m][l]);
-    a.z[m][l] += is_zero(d[m]);
-    a.nz[m][l] += is_near_zero(d[m], delta_ref<MODE>(w, m), atol, rtol);
+// Scalar tail of one row segment: elements [i0, i1) of rows that start at element offsets off[k].
+inline void tail_row(Totals& tot, const Tensor2D* ws, const int64_t* off, int64_t step_, int64_t i0, int64_t i1,
+                     const Ctx& c) {
+  Lanes<1> lanes;
+  lanes.clear();
+  for (int64_t i = i0; i < i1; ++i) {
+    float w[kMaxInputs];
+    for (int k = 0; k < c.k; ++k) w[k] = load_elem(ws[k], off[k] + i * step_);
+    step(lanes, w, 0, c);
   }
+  tot.add_lane(lanes, 0, c.m);
 }
 
-// Axis 0: a unit is `block` rows; runs go along the row.
+// ---- vector accumulators ------------------------------------------------------------------------------------------
+
+// fp64 lanes of the sums and counts, fp32 lanes of the maxima: one axis-0 unit's running totals.
+template <int NM>
+struct VTot {
+  static constexpr int NG = NM * (NM + 1) / 2;
+  vd g[NG], s[NM], z[NM], nz[NM];
+  vf mx[NM];
+  void clear() { std::memset(this, 0, sizeof *this); }
+  void reduce_into(Totals& t, int M) const {
+    for (int p = 0; p < M * (M + 1) / 2; ++p) t.g[p] += hsum(g[p]);
+    for (int m = 0; m < M; ++m) {
+      t.s[m] += hsum(s[m]);
+      t.mx[m] = std::max(t.mx[m], hmax(mx[m]));
+      t.z[m] += (int64_t)hsum(z[m]);
+      t.nz[m] += (int64_t)hsum(nz[m]);
+    }
+  }
+};
+
+// Per-column totals of axis 1 (tensor columns, or listed positions when gathering). Statistics (stat index): NG gram
+// entries, M abs sums, M zero counts, M near-zero counts, then M maxima. Strips are added into fp32 sums (c32) once
+// per row block; every kFoldRows rows the sums are folded into fp64 (c64). Both are laid out group by group of kW
+// columns, all statistics of a group together ([group][stat][kW]), so that adding a strip touches a few contiguous
+// lines rather than one line in each of NT arrays (which fall into the same L1 sets and thrash).
+struct ColTotals {
+  int M, NG, NS, NT;
+  int64_t n;
+  std::vector<float> c32;   // [groups][NT][kW]
+  std::vector<double> c64;  // [groups][NS][kW]
+  ColTotals(int M_, int64_t n_)
+      : M(M_), NG(M_ * (M_ + 1) / 2), NS(NG + 3 * M_), NT(NS + M_), n(n_),
+        c32((n_ + kW - 1) / kW * NT * kW), c64((n_ + kW - 1) / kW * NS * kW) {}
+
+  float* f32(int64_t col, int st) { return c32.data() + ((col / kW) * NT + st) * kW + col % kW; }
+  const float* f32(int64_t col, int st) const { return c32.data() + ((col / kW) * NT + st) * kW + col % kW; }
+  const double* f64(int64_t col, int st) const { return c64.data() + ((col / kW) * NS + st) * kW + col % kW; }
+
+  template <int W>
+  void add_lane(const Lanes<W>& a, int l, int64_t col) {
+    for (int p = 0; p < NG; ++p) *f32(col, p) += a.g[p][l];
+    for (int m = 0; m < M; ++m) {
+      *f32(col, NG + m) += a.s[m][l];
+      *f32(col, NG + M + m) += (float)a.z[m][l];
+      *f32(col, NG + 2 * M + m) += (float)a.nz[m][l];
+      float* mx = f32(col, NS + m);
+      *mx = std::max(*mx, a.mx[m][l]);
+    }
+  }
+
+  // c64 += c32, c32 = 0 (sums only) over the groups of columns [lo, hi) (lo a multiple of kW).
+  void fold(int64_t lo, int64_t hi) {
+    for (int64_t g = lo / kW; g < (hi + kW - 1) / kW; ++g) {
+      float* a = c32.data() + g * NT * kW;
+      double* b = c64.data() + g * NS * kW;
+      for (int i = 0; i < NS * kW; ++i) b[i] += a[i], a[i] = 0.0f;
+    }
+  }
+
+  void store_units(int64_t n_units, int64_t block, const GramOut& out) const {
+    for (int64_t u = 0; u < n_units; ++u) {
+      Totals t;
+      t.clear();
+      for (int64_t col = u * block; col < (u + 1) * block; ++col) {
+        for (int p = 0; p < NG; ++p) t.g[p] += *f64(col, p);
+        for (int m = 0; m < M; ++m) {
+          t.s[m] += *f64(col, NG + m);
+          t.z[m] += (int64_t)*f64(col, NG + M + m);
+          t.nz[m] += (int64_t)*f64(col, NG + 2 * M + m);
+          t.mx[m] = std::max(t.mx[m], *f32(col, NS + m));
+        }
+      }
+      t.store(out, u, M);
+    }
+  }
+};
+
+LPT_VINLINE void col_add(float* p, const vf& v) { store_vf(p, load_vf(p) + v); }
+LPT_VINLINE void col_max(float* p, const vf& v) { store_vf(p, vmax(v, load_vf(p))); }
+
+// Accumulators of one strip: U sets of kW lanes per statistic, sized by M at compile time.
+template <int M, int MODE, int U>
+struct VAcc {
+  static constexpr int NG = M * (M + 1) / 2;
+  static constexpr int K = num_inputs(MODE, M);
+  vf g[NG][U], s[M][U], mx[M][U];
+  vi z[M][U], nz[M][U];
+
+  LPT_VINLINE void clear() {
+    for (int u = 0; u < U; ++u) {
+      for (int p = 0; p < NG; ++p) g[p][u] = vf{};
+      for (int m = 0; m < M; ++m) s[m][u] = mx[m][u] = vf{}, z[m][u] = nz[m][u] = vi{};
+    }
+  }
+
+  // Set u from the loaded inputs w[0..K-1]: lpt/element.h's delta, delta_ref, abs_update, is_zero and is_near_zero,
+  // lane-wise (thr0: the near-zero bound of a given delta, atol + rtol * 0).
+  LPT_VINLINE void update(const vf* w, int u, float atol, float rtol, float thr0) {
+    const vf zero = {};
+    const vi one = vi{} + 1;
+    vf d[M];
+    for (int m = 0; m < M; ++m) d[m] = MODE == kConsecutive ? w[m + 1] - w[m] : MODE == kBase ? w[m + 1] - w[0] : w[m];
+    int p = 0;
+    for (int x = 0; x < M; ++x)
+      for (int y = x; y < M; ++y, ++p) g[p][u] += d[x] * d[y];
+    vf thr_base = {};
+    if (MODE == kBase) thr_base = atol + rtol * vabs(w[0]);
+    for (int m = 0; m < M; ++m) {
+      const vf a = vabs(d[m]);
+      s[m][u] += a;
+      mx[m][u] = vmax(a, mx[m][u]);
+      z[m][u] = d[m] == zero ? z[m][u] + one : z[m][u];
+      if (MODE == kGiven) {
+        nz[m][u] = a <= thr0 ? nz[m][u] + one : nz[m][u];
+      } else {
+        const vf thr = MODE == kBase ? thr_base : atol + rtol * vabs(w[m]);
+        nz[m][u] = a <= thr ? nz[m][u] + one : nz[m][u];
+      }
+    }
+  }
+
+  // The strip at byte offset off of the K rows q (dtype DT, unit stride): kW*U elements.
+  template <int DT>
+  LPT_VINLINE void load_update(const char* const* q, int64_t off, float atol, float rtol, float thr0) {
+    vf a[K], b[K];
+    if (U == 2) {
+      for (int k = 0; k < K; ++k) load_pair<DT>(q[k] + off, 0, a[k], b[k]);
+      update(a, 0, atol, rtol, thr0);
+      update(b, U - 1, atol, rtol, thr0);
+    } else {
+      for (int k = 0; k < K; ++k) a[k] = load_vec<DT>(q[k] + off, 0);
+      update(a, 0, atol, rtol, thr0);
+    }
+  }
+
+  LPT_VINLINE void fold(VTot<M>& t) const {
+    for (int u = 0; u < U; ++u) {
+      for (int p = 0; p < NG; ++p) t.g[p] += widen(g[p][u]);
+      for (int m = 0; m < M; ++m) {
+        t.s[m] += widen(s[m][u]);
+        t.mx[m] = vmax(mx[m][u], t.mx[m]);
+        t.z[m] += widen(z[m][u]);
+        t.nz[m] += widen(nz[m][u]);
+      }
+    }
+  }
+
+  // Into the column totals at columns col .. col + kW*U (col a multiple of kW; lanes in element order first, see
+  // load_pair).
+  template <int DT>
+  LPT_VINLINE void flush(ColTotals& t, int64_t col) const {
+    float* c = t.f32(col, 0);
+    float* c2 = c + t.NT * kW;  // the next group of kW columns
+    auto add = [&](int st, vf x, vf y) {
+      if (U == 2) pair_order<DT>(x, y), col_add(c2 + st * kW, y);
+      col_add(c + st * kW, x);
+    };
+    for (int p = 0; p < NG; ++p) add(p, g[p][0], g[p][U - 1]);
+    for (int m = 0; m < M; ++m) {
+      add(NG + m, s[m][0], s[m][U - 1]);
+      add(NG + M + m, __builtin_convertvector(z[m][0], vf), __builtin_convertvector(z[m][U - 1], vf));
+      add(NG + 2 * M + m, __builtin_convertvector(nz[m][0], vf), __builtin_convertvector(nz[m][U - 1], vf));
+      vf x = mx[m][0], y = mx[m][U - 1];
+      if (U == 2) pair_order<DT>(x, y), col_max(c2 + (NG + 3 * M + m) * kW, y);
+      col_max(c + (NG + 3 * M + m) * kW, x);
+    }
+  }
+};
+
+// The same with M and the mode known only at run time (K > 5): accumulators in L1, one set.
+struct VAccDyn {
+  int M, NG, mode;
+  vf g[kMaxNG], s[kMaxM], mx[kMaxM];
+  vi z[kMaxM], nz[kMaxM];
+
+  explicit VAccDyn(const Ctx& c) : M(c.m), NG(c.m * (c.m + 1) / 2), mode(c.mode) {
+    for (int p = 0; p < NG; ++p) g[p] = vf{};
+    for (int m = 0; m < M; ++m) s[m] = mx[m] = vf{}, z[m] = nz[m] = vi{};
+  }
+
+  void update(const vf* w, float atol, float rtol) {
+    const vf zero = {};
+    const vi one = vi{} + 1;
+    vf d[kMaxM];
+    for (int m = 0; m < M; ++m) d[m] = mode == kConsecutive ? w[m + 1] - w[m] : mode == kBase ? w[m + 1] - w[0] : w[m];
+    int p = 0;
+    for (int x = 0; x < M; ++x)
+      for (int y = x; y < M; ++y, ++p) g[p] += d[x] * d[y];
+    for (int m = 0; m < M; ++m) {
+      const vf a = vabs(d[m]);
+      s[m] += a;
+      mx[m] = vmax(a, mx[m]);
+      z[m] = d[m] == zero ? z[m] + one : z[m];
+      vf thr;
+      if (mode == kGiven) {
+        const float r = 0.0f;  // the reference of a given delta
+        thr = zero + (atol + rtol * r);
+      } else {
+        thr = atol + rtol * vabs(mode == kConsecutive ? w[m] : w[0]);
+      }
+      nz[m] = a <= thr ? nz[m] + one : nz[m];
+    }
+  }
+
+  void fold(VTot<kMaxM>& t) const {
+    for (int p = 0; p < NG; ++p) t.g[p] += widen(g[p]);
+    for (int m = 0; m < M; ++m) {
+      t.s[m] += widen(s[m]);
+      t.mx[m] = vmax(mx[m], t.mx[m]);
+      t.z[m] += widen(z[m]);
+      t.nz[m] += widen(nz[m]);
+    }
+  }
+
+  void flush(ColTotals& t, int64_t col) const {
+    float* c = t.f32(col, 0);
+    for (int p = 0; p < NG; ++p) col_add(c + p * kW, g[p]);
+    for (int m = 0; m < M; ++m) {
+      col_add(c + (NG + m) * kW, s[m]);
+      col_add(c + (NG + M + m) * kW, __builtin_convertvector(z[m], vf));
+      col_add(c + (NG + 2 * M + m) * kW, __builtin_convertvector(nz[m], vf));
+      col_max(c + (NG + 3 * M + m) * kW, mx[m]);
+    }
+  }
+};
+
+// ---- kernels: the hot loop of one accumulator kind ---------------------------------------------------------------
+//
+// strips<DT>: n steps over the K inputs, pointers q[k] advancing by st bytes a step, one strip (G elements of
+// dtype DT, unit stride) per step; then the accumulators are folded into vt (axis 0) or added into the column totals
+// at col (axis 1). With prefetch, also prefetches pfo bytes ahead of every step. One instantiation per dtype; the
+// drivers below are dtype-free and call it through a pointer.
+struct StripArgs {
+  const char* const* q;
+  int64_t st;
+  int64_t pfo;
+  int64_t n;
+  bool prefetch;
+};
+
+// Registers, M <= kStaticM. Two sets of accumulators when they (and the inputs) fit the registers: then a strip is
+// a pair of vectors (load_pair), else one vector.
 template <int M, int MODE>
-void gram_axis0(const Tensor2D* ws, int64_t rows, int64_t cols, int64_t block, const int64_t* index,
-                int64_t n_units, float atol, float rtol, const GramOut& out, int threads) {
-  constexpr int K = MODE == kGiven ? M : M + 1;
-  (void)rows;
+struct StaticKern {
+  static constexpr int U = 2 * (M * (M + 1) / 2 + 4 * M) + 5 <= kVRegs ? 2 : 1;
+  static constexpr int64_t G = kW * U;  // strip width
+  using Tot = VTot<M>;
+
+  template <int DT>
+  static void strips(const StripArgs& a, const Ctx& c, Tot* vt, ColTotals* ct, int64_t col) {
+    constexpr int K = num_inputs(MODE, M);
+    constexpr int kLines = (G * (DT == kF32 ? 4 : 2) + 63) / 64;
+    VAcc<M, MODE, U> acc;
+    acc.clear();
+    const char* p[K];
+    for (int k = 0; k < K; ++k) p[k] = a.q[k];
+    const int64_t st = a.st, pfo = a.pfo;
+    const float atol = c.atol, rtol = c.rtol, r0 = 0.0f, thr0 = atol + rtol * r0;
+    if (a.prefetch) {
+      for (int64_t j = 0, off = 0; j < a.n; ++j, off += st) {
+        for (int k = 0; k < K; ++k)
+          for (int l = 0; l < kLines; ++l) __builtin_prefetch(p[k] + off + pfo + 64 * l, 0, TUNE_HINT);
+        acc.template load_update<DT>(p, off, atol, rtol, thr0);
+      }
+    } else {
+      for (int64_t j = 0, off = 0; j < a.n; ++j, off += st) acc.template load_update<DT>(p, off, atol, rtol, thr0);
+    }
+    if (vt) acc.fold(*vt);
+    else acc.template flush<DT>(*ct, col);
+  }
+};
+
+// L1, any M; fp32 buffers only.
+struct DynKern {
+  static constexpr int64_t G = kW;
+  using Tot = VTot<kMaxM>;
+
+  template <int DT>
+  static void strips(const StripArgs& a, const Ctx& c, Tot* vt, ColTotals* ct, int64_t col) {
+    static_assert(DT == kF32, "DynKern reads fp32 buffers");
+    VAccDyn acc(c);
+    const char* p[kMaxInputs];
+    for (int k = 0; k < c.k; ++k) p[k] = a.q[k];
+    for (int64_t j = 0; j < a.n; ++j) {
+      vf w[kMaxInputs];
+      for (int k = 0; k < c.k; ++k) w[k] = load_vec<kF32>(p[k], 0), p[k] += a.st;
+      acc.update(w, c.atol, c.rtol);
+    }
+    if (vt) acc.fold(*vt);
+    else acc.flush(*ct, col);
+  }
+};
+
+template <class Kern>
+using StripsFn = void (*)(const StripArgs&, const Ctx&, typename Kern::Tot*, ColTotals*, int64_t);
+
+// ---- axis 0 -------------------------------------------------------------------------------------------------------
+
+// fn != nullptr: all inputs of one dtype (es bytes) with unit inner stride, read in place by fn; otherwise each row
+// goes through fp32 buffers of kRun elements.
+template <class Kern>
+void axis0(const Tensor2D* ws, int64_t cols, int64_t block, const int64_t* index, int64_t n_units, const Ctx& c,
+           const GramOut& out, int threads, StripsFn<Kern> fn, int64_t es) {
+  constexpr int64_t G = Kern::G;
+  const bool buffered = fn == nullptr;
+  if (buffered) fn = &Kern::template strips<kF32>, es = 4;
+  const int64_t nstrips = cols / G;
 #pragma omp parallel num_threads(threads)
   {
-    alignas(64) float storage[K][kRun];
-    float* buf[K];
-    for (int k = 0; k < K; ++k) buf[k] = storage[k];
-    Lanes<M, kLanes> lanes;
-    Totals<M> tot;
+    std::vector<float> storage(buffered ? kMaxInputs * kRun : 0);
+    const char* q[kMaxInputs];
+    const int64_t st = G * es;
+    if (buffered)
+      for (int k = 0; k < c.k; ++k) q[k] = (const char*)(storage.data() + k * kRun);
+    typename Kern::Tot vt;
+    Totals tot;
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < n_units; ++u) {
       const int64_t unit = index ? index[u] : u;
       tot.clear();
+      vt.clear();
       for (int64_t r = unit * block; r < (unit + 1) * block; ++r) {
-        lanes.clear();
-        for (int64_t c0 = 0; c0 < cols; c0 += kRun) {
-          const int64_t n = std::min(kRun, cols - c0);
-          for (int k = 0; k < K; ++k) load_run(ws[k], r * ws[k].stride0 + c0 * ws[k].stride1, ws[k].stride1, n, buf[k]);
-          int64_t i = 0;
-          for (; i + kLanes <= n; i += kLanes)
-            for (int l = 0; l < kLanes; ++l) step<M, MODE>(lanes, buf, i + l, l, atol, rtol);
-          for (; i < n; ++i) step<M, MODE>(lanes, buf, i, 0, atol, rtol);
+        int64_t off[kMaxInputs];
+        for (int k = 0; k < c.k; ++k) off[k] = r * ws[k].stride0;
+        if (!buffered) {
+          const char* p[kMaxInputs];
+          for (int64_t j = 0; j < nstrips; j += kFold) {
+            for (int k = 0; k < c.k; ++k) p[k] = (const char*)ws[k].data + (off[k] + j * G) * es;
+            fn(StripArgs{p, st, kPrefetch0, std::min(kFold, nstrips - j), kPrefetch0 > 0}, c, &vt, nullptr, 0);
+          }
+          if (nstrips * G < cols) tail_row(tot, ws, off, 1, nstrips * G, cols, c);
+        } else {
+          for (int64_t c0 = 0; c0 < cols; c0 += kRun) {
+            const int64_t n = std::min(kRun, cols - c0);
+            int64_t o[kMaxInputs];
+            for (int k = 0; k < c.k; ++k) {
+              o[k] = off[k] + c0 * ws[k].stride1;
+              load_run(ws[k], o[k], ws[k].stride1, n, storage.data() + k * kRun);
+            }
+            fn(StripArgs{q, st, 0, n / G, false}, c, &vt, nullptr, 0);
+            for (int64_t i = n / G * G; i < n; ++i) {  // tail, element by element (strides may differ)
+              int64_t oi[kMaxInputs];
+              for (int k = 0; k < c.k; ++k) oi[k] = o[k] + i * ws[k].stride1;
+              tail_row(tot, ws, oi, 0, 0, 1, c);
+            }
+          }
         }
-        tot.add_lanes(lanes, 0, kLanes);
       }
-      tot.store(out, u);
+      vt.reduce_into(tot, c.m);
+      tot.store(out, u, c.m);
     }
   }
 }
 
-// Axis 1: a unit is `block` columns. Each thread owns a range of the listed columns and streams all rows over it,
-// tile by tile, with the columns as lanes; per-column totals are folded into units at the end.
-template <int M, int MODE>
-void gram_axis1(const Tensor2D* ws, int64_t rows, int64_t cols, int64_t block, const int64_t* index,
-                int64_t n_units, float atol, float rtol, const GramOut& out, int threads) {
-  constexpr int K = MODE == kGiven ? M : M + 1;
-  (void)cols;
+// ---- axis 1 -------------------------------------------------------------------------------------------------------
+
+// fn != nullptr: all columns, inputs of one dtype (es bytes) with unit inner stride, read in place by fn; otherwise
+// (listed units, mixed dtypes, other strides) the strip of every row of a block is gathered into fp32 buffers first.
+template <class Kern>
+void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index, int64_t n_units, const Ctx& c,
+           const GramOut& out, int threads, StripsFn<Kern> fn, int64_t es) {
+  constexpr int64_t G = Kern::G;
+  const bool gather = fn == nullptr;
+  if (gather) fn = &Kern::template strips<kF32>, es = 4;
   const int64_t ncol = n_units * block;
-  std::vector<int64_t> col_ids;  // listed columns, unit by unit (only when an index gathers units)
-  if (index) {
-    col_ids.resize(ncol);
-    for (int64_t u = 0; u < n_units; ++u)
-      for (int64_t j = 0; j < block; ++j) col_ids[u * block + j] = index[u] * block + j;
-  }
-  std::vector<Totals<M>> col_tot(ncol);
+  std::vector<int64_t> col_ids(gather ? ncol : 0);  // listed columns, unit by unit
+  for (int64_t u = 0; gather && u < n_units; ++u)
+    for (int64_t j = 0; j < block; ++j) col_ids[u * block + j] = (index ? index[u] : u) * block + j;
+  ColTotals tot(c.m, ncol);
 #pragma omp parallel num_threads(threads)
   {
     int64_t lo, hi;
-    split_range(ncol, omp_get_num_threads(), omp_get_thread_num(), kLanes, &lo, &hi);
-    alignas(64) float storage[K][kTile];
-    float* buf[K];
-    for (int k = 0; k < K; ++k) buf[k] = storage[k];
-    auto* lanes = new Lanes<M, kTile>;
-    for (int64_t c = lo; c < hi; ++c) col_tot[c].clear();
-    for (int64_t r0 = 0; r0 < rows; r0 += kRowBlock) {
-      const int64_t r1 = std::min(rows, r0 + kRowBlock);
-      for (int64_t c0 = lo; c0 < hi; c0 += kTile) {
-        const int64_t n = std::min(kTile, hi - c0);
-        lanes->clear();
+    split_range(ncol, omp_get_num_threads(), omp_get_thread_num(), G, &lo, &hi);
+    const int64_t full = lo + (hi - lo) / G * G;
+    const int64_t rb = row_block(c.k);
+    std::vector<float> storage(gather ? rb * kMaxInputs * G : 0);  // [row][input][G]
+    const char* q[kMaxInputs];
+    const int64_t st = gather ? kMaxInputs * G * 4 : ws[0].stride0 * es;  // direct: one row stride
+    for (int64_t r0 = 0; r0 < rows; r0 += rb) {
+      const int64_t r1 = std::min(rows, r0 + rb);
+      for (int64_t col = lo; col < full; col += G) {
+        if (gather) {
+          for (int64_t r = r0; r < r1; ++r)
+            for (int k = 0; k < c.k; ++k)
+              load_gather(ws[k], r * ws[k].stride0, ws[k].stride1, &col_ids[col], G,
+                          storage.data() + ((r - r0) * kMaxInputs + k) * G);
+          for (int k = 0; k < c.k; ++k) q[k] = (const char*)(storage.data() + k * G);
+          fn(StripArgs{q, st, 0, r1 - r0, false}, c, nullptr, &tot, col);
+        } else {
+          // Prefetch kPrefetch bytes ahead in every row of the block, wrapping into the next block's rows.
+#ifdef TUNE_ENV
+          static const int64_t kPf = getenv("LPT_PF") ? atoi(getenv("LPT_PF")) : kPrefetch;
+#else
+          constexpr int64_t kPf = kPrefetch;
+#endif
+          int64_t pc = col + kPf / es, pr = 0;
+          if (pc >= full) pc = lo + (pc - full), pr = rb;
+          for (int k = 0; k < c.k; ++k) q[k] = (const char*)ws[k].data + (r0 * ws[k].stride0 + col) * es;
+          fn(StripArgs{q, st, (pr * ws[0].stride0 + pc - col) * es, r1 - r0, kPrefetch > 0}, c, nullptr, &tot, col);
+        }
+      }
+      if (full < hi) {  // columns that do not fill a strip: scalar, one lane per column
+        Lanes<kMaxStrip> lanes;
+        lanes.clear();
         for (int64_t r = r0; r < r1; ++r) {
-          for (int k = 0; k < K; ++k) {
-            if (index)
-              load_gather(ws[k], r * ws[k].stride0, ws[k].stride1, col_ids.data() + c0, n, buf[k]);
-            else
-              load_run(ws[k], r * ws[k].stride0 + c0 * ws[k].stride1, ws[k].stride1, n, buf[k]);
-          }
-          if (n == kTile) {
-            for (int l = 0; l < kTile; ++l) step<M, MODE>(*lanes, buf, l, l, atol, rtol);
-          } else {
-            for (int l = 0; l < n; ++l) step<M, MODE>(*lanes, buf, l, l, atol, rtol);
+          for (int64_t col = full; col < hi; ++col) {
+            float w[kMaxInputs];
+            for (int k = 0; k < c.k; ++k)
+              w[k] = load_elem(ws[k], r * ws[k].stride0 + (gather ? col_ids[col] : col) * ws[k].stride1);
+            step(lanes, w, (int)(col - full), c);
           }
         }
-        for (int64_t l = 0; l < n; ++l) col_tot[c0 + l].add_lanes(*lanes, (int)l, (int)l + 1);
+        for (int64_t col = full; col < hi; ++col) tot.add_lane(lanes, (int)(col - full), col);
       }
+      if (r1 % kFoldRows == 0 || r1 == rows) tot.fold(lo, hi);
     }
-    delete lanes;
   }
-  for (int64_t u = 0; u < n_units; ++u) {
-    Totals<M> tot;
-    tot.clear();
-    for (int64_t j = 0; j < block; ++j) tot.add(col_tot[u * block + j]);
-    tot.store(out, u);
-  }
+  tot.store_units(n_units, block, out);
 }
 
-template <int M, int MODE>
+// ---- dispatch -----------------------------------------------------------------------------------------------------
+
+template <class Kern>
 void run(const Tensor2D* ws, int64_t rows, int64_t cols, int axis, int64_t block, const int64_t* index,
-         int64_t n_units, float atol, float rtol, const GramOut& out, int threads) {
-  if (axis == 0)
-    gram_axis0<M, MODE>(ws, rows, cols, block, index, n_units, atol, rtol, out, threads);
-  else
-    gram_axis1<M, MODE>(ws, rows, cols, block, index, n_units, atol, rtol, out, threads);
+         int64_t n_units, const Ctx& c, const GramOut& out, int threads, bool direct) {
+  StripsFn<Kern> fn = nullptr;
+  if (direct) {  // one dtype, unit inner stride
+    switch (ws[0].dtype) {
+      case kBF16: fn = &Kern::template strips<kBF16>; break;
+      case kF16: fn = &Kern::template strips<kF16>; break;
+      default: fn = &Kern::template strips<kF32>; break;
+    }
+  }
+  const int64_t es = dtype_size(ws[0].dtype);
+  if (axis == 0) return axis0<Kern>(ws, cols, block, index, n_units, c, out, threads, fn, es);
+  bool one_stride = true;  // direct axis 1 walks the K inputs with one row stride
+  for (int k = 0; k < c.k; ++k) one_stride = one_stride && ws[k].stride0 == ws[0].stride0;
+  if (axis == 1) axis1<Kern>(ws, rows, block, index, n_units, c, out, threads, index || !one_stride ? nullptr : fn, es);
 }
 
 template <int MODE>
-void run_mode(int m, const Tensor2D* ws, int64_t rows, int64_t cols, int axis, int64_t block, const int64_t* index,
-              int64_t n_units, float atol, float rtol, const GramOut& out, int threads) {
-#define LPT_CASE(MM) \
-  case MM: run<MM, MODE>(ws, rows, cols, axis, block, index, n_units, atol, rtol, out, threads); break;
-  switch (m) {
-    LPT_CASE(1) LPT_CASE(2) LPT_CASE(3) LPT_CASE(4) LPT_CASE(5) LPT_CASE(6) LPT_CASE(7) LPT_CASE(8)
+void run_mode(const Tensor2D* ws, int64_t rows, int64_t cols, int axis, int64_t block, const int64_t* index,
+              int64_t n_units, const Ctx& c, const GramOut& out, int threads, bool direct) {
+  switch (c.m) {
+    case 1: return run<StaticKern<1, MODE>>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
+    case 2: return run<StaticKern<2, MODE>>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
+    case 3: return run<StaticKern<3, MODE>>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
+    case 4: return run<StaticKern<4, MODE>>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
   }
-#undef LPT_CASE
 }
 
 }  // namespace
 
-void unit_gram(const Tensor2D* ws, int k, int64_t rows, int64_t cols, int axis, int64_t block, int mode,
+void unit_gram(const Tensor2D* ws_in, int k, int64_t rows, int64_t cols, int axis, int64_t block, int mode,
                const int64_t* index, int64_t n_units, float atol, float rtol, GramOut out, int threads) {
-  const int m = num_deltas(mode, k);
-  if (mode == kConsecutive)
-    run_mode<kConsecutive>(m, ws, rows, cols, axis, block, index, n_units, atol, rtol, out, threads);
-  else if (mode == kBase)
-    run_mode<kBase>(m, ws, rows, cols, axis, block, index, n_units, atol, rtol, out, threads);
-  else
-    run_mode<kGiven>(m, ws, rows, cols, axis, block, index, n_units, atol, rtol, out, threads);
+  const Ctx c{num_deltas(mode, k), mode, k, atol, rtol};
+  // Inputs all contiguous along axis 0 but not along axis 1 (transposed views): work on their transposes.
+  Tensor2D ws[kMaxInputs];
+  bool rows_unit = true, cols_unit = true, one_dtype = true;
+  for (int i = 0; i < k; ++i) {
+    ws[i] = ws_in[i];
+    rows_unit = rows_unit && ws[i].stride1 == 1;
+    cols_unit = cols_unit && ws[i].stride0 == 1;
+    one_dtype = one_dtype && ws[i].dtype == ws[0].dtype;
+  }
+  if (!rows_unit && cols_unit) {
+    for (int i = 0; i < k; ++i) std::swap(ws[i].stride0, ws[i].stride1);
+    std::swap(rows, cols);
+    axis = 1 - axis;
+    rows_unit = true;
+  }
+  const bool direct = rows_unit && one_dtype;
+  threads = threads_for(rows * cols * k, threads);
+  if (c.m > kStaticM) {
+    if (axis == 0)
+      axis0<DynKern>(ws, cols, block, index, n_units, c, out, threads, nullptr, 4);
+    else
+      axis1<DynKern>(ws, rows, block, index, n_units, c, out, threads, nullptr, 4);
+  } else if (mode == kConsecutive) {
+    run_mode<kConsecutive>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
+  } else if (mode == kBase) {
+    run_mode<kBase>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
+  } else {
+    run_mode<kGiven>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
+  }
 }
 
 }  // namespace LPT_ISA
