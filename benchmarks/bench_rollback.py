@@ -519,8 +519,8 @@ def report(r):
     if "file_cold" in r:  # noqa: SIM102
         cp, cpf = r["cp_seconds"], r["cp_fsync_seconds"]
         print()
-        print("| file rollback | seconds | copy | patch (overlaps copy) | fsync+rename | budget: cp+fsync + 1.2 x T r/w | "
-              "within | peak RSS GB (anonymous) |")
+        print("| file rollback | seconds | copy | patch (overlaps copy) | fsync+rename | "
+              "budget: cp+fsync + 1.2 x T r/w | within | peak RSS GB (anonymous) |")
         print("|---|---|---|---|---|---|---|---|")
         print(f"| cp -r (no fsync) | {cp:.1f} | | | | | | |")
         print(f"| cp -r + fsync | {cpf:.1f} | | | | | | |")

@@ -418,6 +418,21 @@ def test_selection_units_out_of_range(chain, other, tmp_path):
     assert _unchanged(state, t_state)
 
 
+def test_selection_blocks_do_not_fit(chain, tmp_path):
+    """Heads of 24 rows on a tensor of 64 rows (a selection made for another head_dim): refused, nothing written."""
+    root, src, tgt, s_state, t_state = chain
+    q = "model.layers.0.self_attn.q_proj.weight"
+    lay = Layout(name="other", groups={"attn": {0: [Member(q, 0, 24)]}}, units={"attn": 2}, num_layers=1)
+    sel = Selection(lay, {"attn": {0: [0]}})
+    state = {k: v.clone() for k, v in t_state.items()}
+    with pytest.raises(RollbackError, match="units of 24 along axis 0.*not a multiple"):
+        rollback_model_(state, src, sel)
+    assert _unchanged(state, t_state)
+    with pytest.raises(RollbackError, match="not a multiple"):
+        rollback_checkpoint(tgt, src, sel, tmp_path / "out")
+    assert not os.path.exists(tmp_path / "out")
+
+
 def test_mismatched_checkpoints(chain, other, tmp_path):
     root, src, tgt, s_state, t_state = chain
     deep, wide = other
@@ -538,10 +553,14 @@ def test_page_spans_cover_exactly_the_touched_pages():
     and no other page."""
     P = A._PAGE
     gen = torch.Generator().manual_seed(3)
+
+    def rint(lo, hi):
+        return int(torch.randint(lo, hi, (1,), generator=gen))
+
     for _ in range(50):
-        rows_n, cols_n = int(torch.randint(1, 300, (1,), generator=gen)), int(torch.randint(1, 3000, (1,), generator=gen))
-        start = int(torch.randint(0, 5 * P, (1,), generator=gen)) * 2
-        rows = torch.unique(torch.randint(0, rows_n, (int(torch.randint(1, 40, (1,), generator=gen)),), generator=gen))
+        rows_n, cols_n = rint(1, 300), rint(1, 3000)
+        start = rint(0, 5 * P) * 2
+        rows = torch.unique(torch.randint(0, rows_n, (rint(1, 40),), generator=gen))
         spans = A._page_spans(start, (rows_n, cols_n), 2, {0: rows})
         got = {p for a, b in spans for p in range(a // P, (b - 1) // P + 1)}
         row = cols_n * 2

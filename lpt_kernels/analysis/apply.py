@@ -81,10 +81,6 @@ def _fmt_shape(shape) -> str:
     return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
-def _plural(n: int, what: str) -> str:
-    return f"{n} {what}" + ("" if n == 1 else "s")
-
-
 def _resolve_names(wanted: List[str], available: Iterable[str], where: str) -> Dict[str, str]:
     """Map each wanted (selection) tensor name to a name in `available`: the same name, or the same name under one
     consistent prefix rewrite (``model.layers.0...`` vs ``layers.0...`` of a bare decoder, or a wrapper's
@@ -141,10 +137,11 @@ def touched_elements(selection: Selection) -> Dict[str, Dict[int, torch.Tensor]]
 
 class _Slice:
     """One tensor of the plan: its name in the selection, in the target and in the source, and the elements."""
-    __slots__ = ("sel_name", "tgt_name", "src_name", "axes", "units")
+    __slots__ = ("sel_name", "tgt_name", "src_name", "axes", "units", "blocks")
 
-    def __init__(self, sel_name, tgt_name, src_name, axes, units):
+    def __init__(self, sel_name, tgt_name, src_name, axes, units, blocks=()):
         self.sel_name, self.tgt_name, self.src_name, self.axes, self.units = sel_name, tgt_name, src_name, axes, units
+        self.blocks = blocks  # the (axis, block) of the selection's members on this tensor
 
 
 def _check_slice(s: _Slice, tshape, tdtype, sshape, sdtype, tgt_where: str, src_where: str) -> None:
@@ -161,6 +158,11 @@ def _check_slice(s: _Slice, tshape, tdtype, sshape, sdtype, tgt_where: str, src_
     if sdtype not in FLOAT_DTYPES:
         raise RollbackError(f"{src_where}: tensor {s.src_name!r} has dtype {sdtype}; rollback needs bfloat16, "
                             f"float16 or float32")
+    for axis, block in s.blocks:
+        if tshape[axis] % block:
+            raise RollbackError(f"selection: tensor {s.sel_name!r} has units of {block} along axis {axis}, but "
+                                f"{tgt_where} has {tshape[axis]} there (shape {_fmt_shape(tshape)}), not a multiple; "
+                                f"the selection was made for another model")
     for axis, idx in s.axes.items():
         if idx.numel() and int(idx[-1]) >= tshape[axis]:
             raise RollbackError(f"selection: units of tensor {s.sel_name!r} reach index {int(idx[-1])} along axis "
@@ -173,10 +175,12 @@ def _plan(sel: Selection, target_names, source_names, tgt_where: str, src_where:
     names = list(touched)
     tmap = _resolve_names(names, target_names, tgt_where)
     smap = _resolve_names(names, source_names, src_where)
-    units = {}
+    units, blocks = {}, {}
     for m, ids in sel.slices():
         units[m.tensor] = units.get(m.tensor, 0) + len(ids)
-    return [_Slice(n, tmap[n], smap[n], touched[n], units.get(n, 0)) for n in names]
+        blocks.setdefault(m.tensor, set()).add((m.axis, m.block))
+    return [_Slice(n, tmap[n], smap[n], touched[n], units.get(n, 0), tuple(sorted(blocks.get(n, ()))))
+            for n in names]
 
 
 # ---------------------------------------------------------------------------------------------------------------
