@@ -13,9 +13,6 @@
 #include <algorithm>
 #include <cstring>
 #include <vector>
-#ifdef TUNE_ENV
-#include <cstdlib>
-#endif
 
 #include "load.h"
 
@@ -26,15 +23,9 @@ namespace {
 
 constexpr int kP = kVRegs >= 32 ? 2 : 1;  // pairs of vectors per strip: 4 statistics x 2kP accumulators in registers
 constexpr int64_t kG = 2 * kW * kP;       // channels per strip
-#ifndef TUNE_RB
-#define TUNE_RB 16
-#endif
-#ifndef TUNE_PF
-#define TUNE_PF 1024
-#endif
-constexpr int64_t kRowBlock = TUNE_RB;   // tokens accumulated in registers per strip
+constexpr int64_t kRowBlock = 16;        // tokens accumulated in registers per strip
 constexpr int64_t kFoldRows = 256;       // tokens accumulated in fp32 channel sums before folding into fp64
-constexpr int64_t kPrefetch = TUNE_PF;   // bytes ahead in each row stream
+constexpr int64_t kPrefetch = 512;       // bytes ahead in each row stream
 static_assert(kFoldRows % kRowBlock == 0, "channel sums fold at row block boundaries");
 constexpr int kStats = 4;                // abs sum, square sum, active count (folded), abs max (not)
 
@@ -133,12 +124,7 @@ void act_stats(Tensor2D x, int64_t tokens, int64_t channels, const uint8_t* mask
   StripFn fn = &strip<kF32>;
   if (direct && x.dtype == kBF16) fn = &strip<kBF16>;
   if (direct && x.dtype == kF16) fn = &strip<kF16>;
-#ifdef TUNE_ENV
-  static const int64_t rb = getenv("LPT_RB") ? atoi(getenv("LPT_RB")) : kRowBlock;
-  static const int64_t pfd = getenv("LPT_PF") ? atoi(getenv("LPT_PF")) : kPrefetch;
-#else
   constexpr int64_t rb = kRowBlock, pfd = kPrefetch;
-#endif
   threads = threads_for(counted * channels, threads);
 #pragma omp parallel num_threads(threads)
   {

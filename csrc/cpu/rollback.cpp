@@ -15,19 +15,33 @@ namespace cpu {
 namespace LPT_ISA {
 namespace {
 
-constexpr int64_t kChunk = 512;  // elements widened into L1 buffers at a time
+constexpr int64_t kChunk = 256;  // elements widened into L1 buffers (and prefetched in the next row) at a time
 
-// n elements: t[i] = round(lerp(t[i], s[i], alpha)), unit strides. The loads are widened a chunk at a time with
-// whole vectors (load_run_t), the fma and the rounding store are a plain loop the compiler vectorises.
-template <int TD, int SD>
-void update_run(void* t, const void* s, int64_t n, float alpha) {
-  if (TD == SD && alpha == 1.0f) {
-    std::memcpy(t, s, n * (TD == kF32 ? 4 : 2));
-    return;
+// Prefetch the bytes [b0, b1) of the row at p (the next row a thread will update: consecutive listed rows are
+// scattered, so the hardware prefetchers would start every row cold).
+inline void prefetch_bytes(const void* p, int64_t b0, int64_t b1, bool write) {
+  if (!p) return;
+  for (int64_t b = b0 & ~int64_t(63); b < b1; b += 64) {
+    if (write) __builtin_prefetch((const char*)p + b, 1);
+    else __builtin_prefetch((const char*)p + b, 0);
   }
+}
+
+// n elements: t[i] = round(lerp(t[i], s[i], alpha)), unit strides, a chunk at a time; while a chunk is updated, the
+// same chunk of the next rows (nt, ns; may be null) is prefetched. The loads are widened with whole vectors
+// (load_run_t), the fma and the rounding store are a plain loop the compiler vectorises.
+template <int TD, int SD>
+void update_run(void* t, const void* s, int64_t n, float alpha, const void* nt = nullptr, const void* ns = nullptr) {
+  constexpr int64_t TE = TD == kF32 ? 4 : 2, SE = SD == kF32 ? 4 : 2;
   alignas(64) float sb[kChunk], tb[kChunk];
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t m = n - c0 < kChunk ? n - c0 : kChunk;
+    prefetch_bytes(ns, c0 * SE, (c0 + m) * SE, false);
+    prefetch_bytes(nt, c0 * TE, (c0 + m) * TE, true);
+    if (TD == SD && alpha == 1.0f) {
+      std::memcpy((char*)t + c0 * TE, (const char*)s + c0 * SE, m * TE);
+      continue;
+    }
     load_run_t<SD>(s, c0, 1, m, sb);
     if (alpha == 1.0f) {  // lerp(t, s, 1) == s: the target is not read
       for (int64_t i = 0; i < m; ++i) store_from_f32<TD>(t, c0 + i, sb[i]);
@@ -60,14 +74,22 @@ void run(void* target, int64_t ts0, int64_t ts1, const Tensor2D& src, int64_t ro
   if (axis == 0) {
     // Unit i is `block` whole rows: parallel over (unit, row) pairs.
     threads = threads_for(n_index * block * cols, threads);
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t q = 0; q < n_index * block; ++q) {
-      const int64_t i = q / block, j = q % block;
-      const int64_t tr = index[i] * block + j, sr = compact ? q : tr;
-      if (unit)
-        update_run<TD, SD>(t + tr * ts0 * TE, s + sr * src.stride0 * SE, cols, alpha);
-      else
-        update_strided<TD, SD>(t + tr * ts0 * TE, ts1, s + sr * src.stride0 * SE, src.stride1, cols, alpha);
+    const int64_t nq = n_index * block;
+    auto target_row = [&](int64_t q) { return t + (index[q / block] * block + q % block) * ts0 * TE; };
+    auto source_row = [&](int64_t q) { return s + (compact ? q : index[q / block] * block + q % block) * src.stride0 * SE; };
+#pragma omp parallel num_threads(threads)
+    {
+      int64_t q0, q1;
+      split_range(nq, omp_get_num_threads(), omp_get_thread_num(), 1, &q0, &q1);
+      for (int64_t q = q0; q < q1; ++q) {
+        if (unit) {
+          const bool next = q + 1 < q1;
+          update_run<TD, SD>(target_row(q), source_row(q), cols, alpha, next ? target_row(q + 1) : nullptr,
+                             next ? source_row(q + 1) : nullptr);
+        } else {
+          update_strided<TD, SD>(target_row(q), ts1, source_row(q), src.stride1, cols, alpha);
+        }
+      }
     }
   } else {
     // Unit i is `block` columns of every row: parallel over rows.

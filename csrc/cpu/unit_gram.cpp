@@ -1,30 +1,29 @@
 // unit_gram on the CPU: one pass over K inputs giving, per unit, the Gram matrix of the M deltas and their abs sum,
 // abs max, exact-zero and near-zero counts.
 //
-// The statistics of M deltas are NG = M(M+1)/2 Gram entries plus 4M per-delta values. They are accumulated lane-wise
-// in fp32 / int32 vectors over a strip of consecutive elements of a row (the lanes do lpt/element.h's arithmetic) and
-// folded into fp64 totals at a bounded rate, so the fp32 rounding error is that of a few hundred terms at most.
+// The statistics of M deltas are NG = M(M+1)/2 Gram entries plus 4M per-delta values, accumulated lane-wise in fp32 /
+// int32 vectors (each lane does lpt/element.h's arithmetic on one element) over strips of consecutive elements of a
+// row, and folded into fp64 at a bounded rate, so the fp32 rounding error is that of a few hundred terms at most.
 //
 // - axis 0 (a unit is `block` rows): each thread streams whole rows of the K inputs side by side, strip after strip,
-//   and folds the accumulators every kFold strips.
-// - axis 1 (a unit is `block` columns): each thread owns a range of columns; for a block of kRowBlock rows it walks
-//   its columns strip by strip, running down the block's rows, then adds the strip into per-column fp64 totals
-//   (L2-resident, touched once per block). The block's row streams are prefetched in software.
+//   with the accumulators in registers, and folds them into fp64 lanes every kFold strips.
+// - axis 1 (a unit is `block` columns): each thread owns a range of columns. For a block of row_block() rows it walks
+//   its columns strip by strip, running down the block's rows with the accumulators in registers, then adds the
+//   strip into per-column fp32 sums (L2-resident, laid out group by group); those are folded into fp64 every
+//   kFoldRows rows. The block's row streams are prefetched in software.
 //
-// Up to kStaticM deltas the accumulators are template-sized and live in registers (StaticKern); more deltas use
-// runtime-sized accumulators in L1 (DynKern, the rare K > 5 case, kept small to keep the build fast). Inputs of one
-// dtype with unit inner stride (the common case) are read straight into vectors (load_vec<DT>); mixed dtypes, other
-// strides and listed columns go through small fp32 buffers (load_run / load_gather). Inputs that are all contiguous
-// along axis 0 instead (transposed views) are handled as their transposes. Elements that do not fill a strip use the
-// scalar functions of lpt/element.h.
+// Up to kStaticM deltas (K <= 5) the accumulators are sized at compile time and live in registers (StaticKern); more
+// deltas use runtime-sized accumulators in L1 (DynKern: the rare K > 5, kept generic to keep the build small). The
+// hot loop (strips<DT>) is instantiated per dtype, the drivers around it are dtype-free. Inputs of one dtype with
+// unit inner stride (the common case) are read in place (load_pair / load_vec); mixed dtypes, other strides and
+// listed columns go through small fp32 buffers (load_run / load_gather). Inputs all contiguous along axis 0 instead
+// (transposed views) are handled as their transposes. Elements that do not fill a strip use lpt/element.h's scalar
+// functions.
 #include <omp.h>
 
 #include <algorithm>
 #include <cstring>
 #include <vector>
-#ifdef TUNE_ENV
-#include <cstdlib>
-#endif
 
 #include "load.h"
 
@@ -39,40 +38,21 @@ constexpr int kMaxNG = kMaxM * (kMaxM + 1) / 2;
 constexpr int kStaticM = 4;          // register-resident accumulators up to this many deltas (K <= 5)
 constexpr int64_t kRun = 512;        // buffered axis 0: elements per input per step (a multiple of every strip)
 constexpr int64_t kFold = 128;       // axis 0: strips accumulated in fp32 before folding into fp64
-#ifndef TUNE_RB
-#define TUNE_RB 16
-#endif
-#ifndef TUNE_HINT
-#define TUNE_HINT 3
-#endif
-#ifndef TUNE_MS
-#define TUNE_MS 40
-#endif
-constexpr int kMaxStreams = TUNE_MS;
-#ifndef TUNE_PF
-#define TUNE_PF 1024
-#endif
-#ifndef TUNE_PF0
-#define TUNE_PF0 0
-#endif
-constexpr int64_t kRowBlock = TUNE_RB;   // axis 1: most rows accumulated in registers per strip
-constexpr int64_t kFoldRows = 256;       // axis 1: rows accumulated in fp32 column sums before folding into fp64
-constexpr int64_t kPrefetch = TUNE_PF;   // axis 1: bytes ahead in each row stream (0: none)
-constexpr int64_t kPrefetch0 = TUNE_PF0; // axis 0: bytes ahead in each row stream (0: none)
+constexpr int64_t kRowBlock = 16;    // axis 1: most rows accumulated in registers per strip (see row_block)
+constexpr int kMaxStreams = 40;      // axis 1: most row streams (inputs x rows) of a register block
+constexpr int64_t kFoldRows = 256;   // axis 1: rows accumulated in fp32 column sums before folding into fp64
+constexpr int64_t kPrefetch = 512;   // axis 1: bytes ahead in each row stream (axis 0: the hardware prefetches)
 static_assert(kFoldRows % kRowBlock == 0, "column sums fold at row block boundaries");
 
 // Axis 1 rows per register block for k inputs. Fewer rows cost more flushes per element; more cost misses, since
 // the block's k * rows row streams are read side by side (measured on 2560 x 9728 bf16: k = 2 best at 16 rows,
 // k = 5 at 8, both clearly worse at half or double). A power of two dividing kFoldRows.
 inline int64_t row_block(int k) {
-#ifdef TUNE_ENV
-  if (getenv("LPT_RB")) return atoi(getenv("LPT_RB"));
-#endif
   int64_t rb = kRowBlock;
   while (rb > 2 && rb * k > kMaxStreams) rb /= 2;
   return rb;
 }
-constexpr int kMaxStrip = 32;        // widest strip (elements)
+constexpr int kMaxStrip = 32;  // widest strip (elements)
 
 // Runtime description of the call.
 struct Ctx {
@@ -417,6 +397,7 @@ template <int M, int MODE>
 struct StaticKern {
   static constexpr int U = 2 * (M * (M + 1) / 2 + 4 * M) + 5 <= kVRegs ? 2 : 1;
   static constexpr int64_t G = kW * U;  // strip width
+  static_assert(G <= kMaxStrip, "tails and gather buffers hold one strip");
   using Tot = VTot<M>;
 
   template <int DT>
@@ -432,7 +413,7 @@ struct StaticKern {
     if (a.prefetch) {
       for (int64_t j = 0, off = 0; j < a.n; ++j, off += st) {
         for (int k = 0; k < K; ++k)
-          for (int l = 0; l < kLines; ++l) __builtin_prefetch(p[k] + off + pfo + 64 * l, 0, TUNE_HINT);
+          for (int l = 0; l < kLines; ++l) __builtin_prefetch(p[k] + off + pfo + 64 * l);
         acc.template load_update<DT>(p, off, atol, rtol, thr0);
       }
     } else {
@@ -499,7 +480,7 @@ void axis0(const Tensor2D* ws, int64_t cols, int64_t block, const int64_t* index
           const char* p[kMaxInputs];
           for (int64_t j = 0; j < nstrips; j += kFold) {
             for (int k = 0; k < c.k; ++k) p[k] = (const char*)ws[k].data + (off[k] + j * G) * es;
-            fn(StripArgs{p, st, kPrefetch0, std::min(kFold, nstrips - j), kPrefetch0 > 0}, c, &vt, nullptr, 0);
+            fn(StripArgs{p, st, 0, std::min(kFold, nstrips - j), false}, c, &vt, nullptr, 0);
           }
           if (nstrips * G < cols) tail_row(tot, ws, off, 1, nstrips * G, cols, c);
         } else {
@@ -561,12 +542,7 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
           fn(StripArgs{q, st, 0, r1 - r0, false}, c, nullptr, &tot, col);
         } else {
           // Prefetch kPrefetch bytes ahead in every row of the block, wrapping into the next block's rows.
-#ifdef TUNE_ENV
-          static const int64_t kPf = getenv("LPT_PF") ? atoi(getenv("LPT_PF")) : kPrefetch;
-#else
-          constexpr int64_t kPf = kPrefetch;
-#endif
-          int64_t pc = col + kPf / es, pr = 0;
+          int64_t pc = col + kPrefetch / es, pr = 0;
           if (pc >= full) pc = lo + (pc - full), pr = rb;
           for (int k = 0; k < c.k; ++k) q[k] = (const char*)ws[k].data + (r0 * ws[k].stride0 + col) * es;
           fn(StripArgs{q, st, (pr * ws[0].stride0 + pc - col) * es, r1 - r0, kPrefetch > 0}, c, nullptr, &tot, col);
