@@ -178,10 +178,24 @@ def _num_deltas(mode: str, k: int) -> int:
     return k if mode == "given" else k - 1
 
 
+def _run(op, impl, tensors, *args):
+    """Call ``impl(*args)`` directly in plain eager mode, else the custom op ``op`` (same function, registered).
+
+    In eager mode the dispatcher adds nothing but cost: its first call imports torch._dynamo (about 2 s) and every
+    call pays tens of microseconds, which per-slice callers (a live rollback, a hook) pay many times. Anything that
+    traces — torch.compile, make_fx, fake tensors, dispatch modes, functorch transforms — goes through the op.
+    """
+    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active()
+            or any(t is not None and type(t) is not torch.Tensor for t in tensors)):
+        return op(*args)
+    with torch.no_grad():
+        return impl(*args)
+
+
 # ---- unit_gram ---------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("lpt::unit_gram", mutates_args=())
-def _unit_gram_op(ws: List[torch.Tensor], axis: int, block: int, mode: str, index: Optional[torch.Tensor],
+def _unit_gram_impl(ws: List[torch.Tensor], axis: int, block: int, mode: str, index: Optional[torch.Tensor],
                   atol: float, rtol: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                     torch.Tensor, torch.Tensor]:
     if index is not None:
@@ -189,6 +203,9 @@ def _unit_gram_op(ws: List[torch.Tensor], axis: int, block: int, mode: str, inde
     trivial = ws[0].numel() == 0 or (index is not None and index.numel() == 0)
     impl = reference if trivial else _load(backend)  # nothing to stream: no kernel launch
     return tuple(impl.unit_gram(list(ws), axis, block, mode, index, atol, rtol))
+
+
+_unit_gram_op = torch.library.custom_op("lpt::unit_gram", _unit_gram_impl, mutates_args=())
 
 
 @_unit_gram_op.register_fake
@@ -241,7 +258,8 @@ def unit_gram(ws: Sequence[torch.Tensor], *, axis: int = 0, block: int = 1, mode
     atol = _check_float(atol, "atol", 0.0)
     rtol = _check_float(rtol, "rtol", 0.0)
     name = resolve_backend(backend, device)
-    return UnitGram(*_unit_gram_op(list(ws), axis, block, mode, idx, atol, rtol, name))
+    return UnitGram(*_run(_unit_gram_op, _unit_gram_impl, [*ws, idx], list(ws), axis, block, mode, idx, atol,
+                          rtol, name))
 
 
 # ---- masked_cosine -----------------------------------------------------------------------------------------------
@@ -251,8 +269,7 @@ def _cosine(dot: torch.Tensor, aa: torch.Tensor, bb: torch.Tensor) -> torch.Tens
     return torch.where(den > 0, dot.to(torch.float64) / torch.where(den > 0, den, 1.0), 0.0).to(torch.float32)
 
 
-@torch.library.custom_op("lpt::masked_cosine", mutates_args=())
-def _masked_cosine_op(ws: List[torch.Tensor], mode: str, a: int, b: int, index: torch.Tensor, axis: int, block: int,
+def _masked_cosine_impl(ws: List[torch.Tensor], mode: str, a: int, b: int, index: torch.Tensor, axis: int, block: int,
                       backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     _check_index_values(index, ws[0].shape[axis] // block)
     impl = reference if ws[0].numel() == 0 or index.numel() == 0 else _load(backend)
@@ -260,6 +277,9 @@ def _masked_cosine_op(ws: List[torch.Tensor], mode: str, a: int, b: int, index: 
     dot, aa, bb = g[:, a, b], g[:, a, a], g[:, b, b]
     pooled = _cosine(dot.to(torch.float64).sum(), aa.to(torch.float64).sum(), bb.to(torch.float64).sum())
     return pooled, _cosine(dot, aa, bb)
+
+
+_masked_cosine_op = torch.library.custom_op("lpt::masked_cosine", _masked_cosine_impl, mutates_args=())
 
 
 @_masked_cosine_op.register_fake
@@ -314,7 +334,7 @@ def masked_cosine(u: UpdateLike, v: UpdateLike, index, *, axis: int = 0, block: 
         raise ValueError("index: masked_cosine needs the unit ids to restrict to")
     idx = _as_index(index, device)
     name = resolve_backend(backend, device)
-    return _masked_cosine_op(ws, mode, a, b, idx, axis, block, name)
+    return _run(_masked_cosine_op, _masked_cosine_impl, [*ws, idx], ws, mode, a, b, idx, axis, block, name)
 
 
 # ---- act_stats_ ----------------------------------------------------------------------------------------------------
@@ -322,11 +342,13 @@ def masked_cosine(u: UpdateLike, v: UpdateLike, index, *, axis: int = 0, block: 
 ACT_STAT_ROWS = ("tokens", "abs_sum", "sq_sum", "abs_max", "active")
 
 
-@torch.library.custom_op("lpt::act_stats_", mutates_args=("stats",))
-def _act_stats_op(x: torch.Tensor, stats: torch.Tensor, token_mask: Optional[torch.Tensor], threshold: float,
+def _act_stats_impl(x: torch.Tensor, stats: torch.Tensor, token_mask: Optional[torch.Tensor], threshold: float,
                   backend: str) -> None:
     if x.shape[0]:
         _load(backend).act_stats_(x, stats, token_mask, threshold)
+
+
+_act_stats_op = torch.library.custom_op("lpt::act_stats_", _act_stats_impl, mutates_args=("stats",))
 
 
 @_act_stats_op.register_fake
@@ -375,14 +397,13 @@ def act_stats_(x: torch.Tensor, stats: torch.Tensor, *, token_mask: Optional[tor
         mask = token_mask.reshape(-1)
     threshold = _check_float(threshold, "threshold", float("-inf"))
     name = resolve_backend(backend, x.device)
-    _act_stats_op(x.reshape(-1, c), stats, mask, threshold, name)
+    _run(_act_stats_op, _act_stats_impl, [x, stats, mask], x.reshape(-1, c), stats, mask, threshold, name)
     return stats
 
 
 # ---- rollback_ -----------------------------------------------------------------------------------------------------
 
-@torch.library.custom_op("lpt::rollback_", mutates_args=("target",))
-def _rollback_op(target: torch.Tensor, source: torch.Tensor, index: torch.Tensor, axis: int, block: int,
+def _rollback_impl(target: torch.Tensor, source: torch.Tensor, index: torch.Tensor, axis: int, block: int,
                  alpha: float, compact: bool, backend: str) -> None:
     if compact:  # gathered by the caller, which checked and de-duplicated the ids
         _load(backend).rollback_(target, source, index, axis, block, alpha, True)
@@ -391,6 +412,9 @@ def _rollback_op(target: torch.Tensor, source: torch.Tensor, index: torch.Tensor
     index = torch.unique(index)  # sorted; duplicates applied once
     if index.numel() and target.numel():
         _load(backend).rollback_(target, source, index, axis, block, alpha, False)
+
+
+_rollback_op = torch.library.custom_op("lpt::rollback_", _rollback_impl, mutates_args=("target",))
 
 
 @_rollback_op.register_fake
@@ -422,8 +446,10 @@ def rollback_(target: torch.Tensor, source: torch.Tensor, index, *, axis: int = 
         _check_index_values(idx, n_units)
         idx = torch.unique(idx)
         pos = (idx[:, None] * block + torch.arange(block, device=idx.device)).reshape(-1)
-        _rollback_op(target, source.index_select(axis, pos).to(target.device), idx.to(target.device), axis, block,
-                     alpha, True, name)
+        src, idx = source.index_select(axis, pos).to(target.device), idx.to(target.device)
+        _run(_rollback_op, _rollback_impl, [target, src, idx], target, src, idx, axis, block, alpha, True, name)
     else:
-        _rollback_op(target, source, _as_index(index, target.device), axis, block, alpha, False, name)
+        idx = _as_index(index, target.device)
+        _run(_rollback_op, _rollback_impl, [target, source, idx], target, source, idx, axis, block, alpha, False,
+             name)
     return target

@@ -88,6 +88,35 @@ def test_sparsity_counts_are_exact(chain):
     assert 0.5 < prof.sparsity()["d1"] < 0.9  # the factory changes ~30% of rows
 
 
+@pytest.mark.parametrize("mode", ["consecutive", "base"])
+def test_histograms_match_brute_force(chain, mode):
+    """Every 7th row of every tensor, binned in float64 with explicit edges, summed over tensors."""
+    dirs, states = chain
+    prof = diff(dirs, mode=mode, hist_stride=7, progress=False)
+    names = [n for n in states[0] if n != "lm_head.weight"]
+    edges = torch.linspace(-12.0, 2.0, 141, dtype=torch.float64)
+    for m, d in enumerate(prof.deltas):
+        want = {"abs": torch.zeros(140, dtype=torch.float64), "rel": torch.zeros(140, dtype=torch.float64)}
+        zeros = {"abs": 0, "rel": 0}
+        for n in names:
+            assert states[0][n].numel() <= 7 * (1 << 15)  # small enough that the stride of 7 is not grown
+            pick = [states[i][n].reshape(-1, states[i][n].shape[-1])[::7].double() for i in range(len(states))]
+            ref = pick[m] if mode == "consecutive" else pick[0]
+            dw = (pick[m + 1] - ref).abs()
+            rel = torch.where(ref != 0, dw / ref.abs(), torch.zeros_like(dw))
+            for kind, v in (("abs", dw), ("rel", rel)):
+                zeros[kind] += int((v == 0).sum())
+                logs = torch.log10(v[v > 0]).clamp(max=2.0 - 1e-9)
+                want[kind] += torch.histogram(logs[logs >= -12], bins=edges).hist
+        for kind in ("abs", "rel"):
+            got = prof.hist[f"{d}/{kind}"]
+            assert got.sum() > 1000
+            # float32 log10 may move a value sitting on a bin edge by one bin
+            assert (got - want[kind]).abs().sum() <= 2e-3 * want[kind].sum(), (d, kind)
+            assert torch.allclose(got.cumsum(0), want[kind].cumsum(0), atol=2e-3 * want[kind].sum())
+            assert prof.hist[f"{d}/{kind}_zero"].item() == zeros[kind]
+
+
 def test_top_units_jaccard_and_shared_cosine(chain):
     dirs, states = chain
     prof = diff(dirs, progress=False)

@@ -100,3 +100,39 @@ print('ok')
 def test_isa_variants_listed():
     from lpt_kernels.backends import cpu
     assert cpu.isa() in ("base", "avx2", "avx512")
+
+
+def test_eager_calls_skip_the_dispatcher_and_tracing_sees_the_ops():
+    """Plain eager calls run the op's function directly (no torch._dynamo import, no dispatcher cost) with the op's
+    results; a dispatch mode (as make_fx/export/FakeTensor use) sees the registered op."""
+    code = ("import sys, torch, lpt_kernels as L\n"
+            "w = [torch.randn(6, 4) for _ in range(3)]\n"
+            "g = L.unit_gram(w); s = L.act_stats_(torch.randn(5, 4), L.new_act_stats(4))\n"
+            "L.rollback_(w[0], w[1], [1]); L.masked_cosine((w[0], w[1]), (w[1], w[2]), [0, 2])\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    w = [torch.randn(6, 4) for _ in range(3)]
+    t, t_op = w[0].clone(), w[0].clone()
+    with Seen() as seen:
+        traced = L.unit_gram(w, atol=1e-3)
+        L.rollback_(t_op, w[1], [1, 4], alpha=0.5)
+    assert "lpt.unit_gram.default" in seen.ops and "lpt.rollback_.default" in seen.ops
+    eager = L.unit_gram(w, atol=1e-3)
+    L.rollback_(t, w[1], [1, 4], alpha=0.5)
+    for a, b in zip(eager, traced):
+        assert torch.equal(a, b)
+    assert torch.equal(t, t_op)
+    assert not L.unit_gram([x.requires_grad_() for x in w]).gram.requires_grad

@@ -12,6 +12,9 @@
 //   strip into per-column fp32 sums (L2-resident, laid out group by group); those are folded into fp64 every
 //   kFoldRows rows. The block's row streams are prefetched in software.
 //
+// The near-zero test is specialised on the tolerances (NearZero): with atol = rtol = 0 it is the zero test and is not
+// computed twice; with rtol = 0 the bound is the constant atol; only rtol > 0 needs |w_ref| per element.
+//
 // Up to kStaticM deltas (K <= 5) the accumulators are sized at compile time and live in registers (StaticKern); more
 // deltas use runtime-sized accumulators in L1 (DynKern: the rare K > 5, kept generic to keep the build small). The
 // hot loop (strips<DT>) is instantiated per dtype, the drivers around it are dtype-free. Inputs of one dtype with
@@ -61,6 +64,11 @@ struct Ctx {
 };
 
 constexpr int num_inputs(int mode, int m) { return mode == kGiven ? m : m + 1; }
+
+// How the vector kernels count near zeros (|d| <= atol + rtol * |w_ref|): kNzZero when atol = rtol = 0 (the same
+// count as the exact zeros, for any d including NaN and -0), kNzAbs when the bound is the constant atol (rtol = 0,
+// or given mode, whose reference is 0), kNzRel otherwise.
+enum NearZero : int { kNzZero = 0, kNzAbs = 1, kNzRel = 2 };
 
 // ---- scalar path (strip tails): lpt/element.h per element ---------------------------------------------------------
 
@@ -232,7 +240,7 @@ LPT_VINLINE void col_add(float* p, const vf& v) { store_vf(p, load_vf(p) + v); }
 LPT_VINLINE void col_max(float* p, const vf& v) { store_vf(p, vmax(v, load_vf(p))); }
 
 // Accumulators of one strip: U sets of kW lanes per statistic, sized by M at compile time.
-template <int M, int MODE, int U>
+template <int M, int MODE, int NZ, int U>
 struct VAcc {
   static constexpr int NG = M * (M + 1) / 2;
   static constexpr int K = num_inputs(MODE, M);
@@ -257,15 +265,15 @@ struct VAcc {
     for (int x = 0; x < M; ++x)
       for (int y = x; y < M; ++y, ++p) g[p][u] += d[x] * d[y];
     vf thr_base = {};
-    if (MODE == kBase) thr_base = atol + rtol * vabs(w[0]);
+    if (MODE == kBase && NZ == kNzRel) thr_base = atol + rtol * vabs(w[0]);
     for (int m = 0; m < M; ++m) {
       const vf a = vabs(d[m]);
       s[m][u] += a;
       mx[m][u] = vmax(a, mx[m][u]);
       z[m][u] = d[m] == zero ? z[m][u] + one : z[m][u];
-      if (MODE == kGiven) {
+      if (NZ == kNzAbs) {
         nz[m][u] = a <= thr0 ? nz[m][u] + one : nz[m][u];
-      } else {
+      } else if (NZ == kNzRel) {
         const vf thr = MODE == kBase ? thr_base : atol + rtol * vabs(w[m]);
         nz[m][u] = a <= thr ? nz[m][u] + one : nz[m][u];
       }
@@ -293,7 +301,7 @@ struct VAcc {
         t.s[m] += widen(s[m][u]);
         t.mx[m] = vmax(mx[m][u], t.mx[m]);
         t.z[m] += widen(z[m][u]);
-        t.nz[m] += widen(nz[m][u]);
+        t.nz[m] += widen(NZ == kNzZero ? z[m][u] : nz[m][u]);
       }
     }
   }
@@ -312,7 +320,8 @@ struct VAcc {
     for (int m = 0; m < M; ++m) {
       add(NG + m, s[m][0], s[m][U - 1]);
       add(NG + M + m, __builtin_convertvector(z[m][0], vf), __builtin_convertvector(z[m][U - 1], vf));
-      add(NG + 2 * M + m, __builtin_convertvector(nz[m][0], vf), __builtin_convertvector(nz[m][U - 1], vf));
+      const vi* n = NZ == kNzZero ? z[m] : nz[m];
+      add(NG + 2 * M + m, __builtin_convertvector(n[0], vf), __builtin_convertvector(n[U - 1], vf));
       vf x = mx[m][0], y = mx[m][U - 1];
       if (U == 2) pair_order<DT>(x, y), col_max(c2 + (NG + 3 * M + m) * kW, y);
       col_max(c + (NG + 3 * M + m) * kW, x);
@@ -393,9 +402,9 @@ struct StripArgs {
 
 // Registers, M <= kStaticM. Two sets of accumulators when they (and the inputs) fit the registers: then a strip is
 // a pair of vectors (load_pair), else one vector.
-template <int M, int MODE>
+template <int M, int MODE, int NZ>
 struct StaticKern {
-  static constexpr int U = 2 * (M * (M + 1) / 2 + 4 * M) + 5 <= kVRegs ? 2 : 1;
+  static constexpr int U = 2 * (M * (M + 1) / 2 + (NZ == kNzZero ? 3 : 4) * M) + 5 <= kVRegs ? 2 : 1;
   static constexpr int64_t G = kW * U;  // strip width
   static_assert(G <= kMaxStrip, "tails and gather buffers hold one strip");
   using Tot = VTot<M>;
@@ -404,7 +413,7 @@ struct StaticKern {
   static void strips(const StripArgs& a, const Ctx& c, Tot* vt, ColTotals* ct, int64_t col) {
     constexpr int K = num_inputs(MODE, M);
     constexpr int kLines = (G * (DT == kF32 ? 4 : 2) + 63) / 64;
-    VAcc<M, MODE, U> acc;
+    VAcc<M, MODE, NZ, U> acc;
     acc.clear();
     const char* p[K];
     for (int k = 0; k < K; ++k) p[k] = a.q[k];
@@ -587,15 +596,26 @@ void run(const Tensor2D* ws, int64_t rows, int64_t cols, int axis, int64_t block
   if (axis == 1) axis1<Kern>(ws, rows, block, index, n_units, c, out, threads, index || !one_stride ? nullptr : fn, es);
 }
 
+template <int MODE, int NZ>
+void run_nz(const Tensor2D* ws, int64_t rows, int64_t cols, int axis, int64_t block, const int64_t* index,
+            int64_t n_units, const Ctx& c, const GramOut& out, int threads, bool direct) {
+  switch (c.m) {
+    case 1: return run<StaticKern<1, MODE, NZ>>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
+    case 2: return run<StaticKern<2, MODE, NZ>>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
+    case 3: return run<StaticKern<3, MODE, NZ>>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
+    case 4: return run<StaticKern<4, MODE, NZ>>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
+  }
+}
+
 template <int MODE>
 void run_mode(const Tensor2D* ws, int64_t rows, int64_t cols, int axis, int64_t block, const int64_t* index,
               int64_t n_units, const Ctx& c, const GramOut& out, int threads, bool direct) {
-  switch (c.m) {
-    case 1: return run<StaticKern<1, MODE>>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
-    case 2: return run<StaticKern<2, MODE>>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
-    case 3: return run<StaticKern<3, MODE>>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
-    case 4: return run<StaticKern<4, MODE>>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
-  }
+  if (c.atol == 0.0f && c.rtol == 0.0f) return run_nz<MODE, kNzZero>(ws, rows, cols, axis, block, index, n_units, c,
+                                                                      out, threads, direct);
+  // given mode's reference is 0: its bound is atol whatever rtol
+  constexpr int kNz = MODE == kGiven ? kNzAbs : kNzRel;
+  if (c.rtol == 0.0f) return run_nz<MODE, kNzAbs>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
+  run_nz<MODE, kNz>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
 }
 
 }  // namespace
