@@ -737,3 +737,22 @@ def test_stale_temp_of_live_process_is_kept(chain, tmp_path):
     (dead / "junk").write_bytes(b"x")
     st = rollback_checkpoint(tgt, src, full_selection(tgt), tmp_path / "out")
     assert st["stale_removed"] == [str(dead)] and live.exists() and not dead.exists()
+
+
+def test_copier_publishes_a_file_only_once_it_has_its_full_length(tmp_path, monkeypatch):
+    """A patcher waits for offset 0 of a file before mapping it: that must mean the file exists at full length
+    (regression: the first file counted as published before the copy thread had created it)."""
+    src, dst = tmp_path / "a.bin", tmp_path / "b.bin"
+    src.write_bytes(os.urandom(1 << 20))
+
+    def slow_reflink(src_fd, dst_fd):
+        time.sleep(0.3)  # the window between creating the file and sizing it
+        return False
+    monkeypatch.setattr(A, "_try_reflink", slow_reflink)
+    copier = A._Copier([(str(src), str(dst))])
+    copier.start()
+    copier.wait_for(0, 0)
+    assert os.path.getsize(dst) == 1 << 20
+    copier.wait_for(0, None)
+    copier.join()
+    assert dst.read_bytes() == src.read_bytes()

@@ -497,7 +497,9 @@ class _Copier(threading.Thread):
         super().__init__(name="lpt-rollback-copy", daemon=True)
         self.jobs = jobs
         self.cond = threading.Condition()
-        self.file, self.offset = 0, 0  # the copy front: file index, bytes done in it
+        # The copy front: file index, bytes done in it. File i is published (at offset 0) only once it exists at its
+        # full length: before that a patcher must not open or map it.
+        self.file, self.offset = -1, 0
         self.error: Optional[BaseException] = None
         self.stopped = False
         self.reflinked = 0

@@ -231,7 +231,7 @@ def diff(checkpoints: Sequence[Union[str, Checkpoint]], mode: str = "consecutive
         layout: None (detected from names and config.json), a layout spec (dict or JSON path) or a Layout.
         intersect: analyse the tensors common to all checkpoints instead of failing on a mismatch.
         hist_stride: histograms of |dW| and |dW|/|W| use every ``hist_stride``-th row of each tensor (sparser
-            for large tensors: about 32k elements a tensor at most; 0: no histograms).
+            for large tensors: about 16k elements a tensor at most; 0: no histograms).
         progress: show a tqdm bar (bytes read).
     """
     if mode not in ("consecutive", "base"):
@@ -263,18 +263,7 @@ def _diff(ckpts, mode, groups, atol, rtol, layout, intersect, labels, hist_strid
     deltas = delta_names(labels, mode)
     m_count = len(deltas)
     n_layers = lay.num_layers
-    arrays: Dict[str, torch.Tensor] = {}
-    for g in groups:
-        if g not in lay.groups:
-            continue
-        u = lay.units[g]
-        for d in deltas:
-            for s in STATS:
-                dt = torch.int64 if s in ("zeros", "near_zeros") else torch.float64
-                arrays[f"{d}/{g}/{s}"] = torch.zeros(n_layers, u, dtype=dt)
-        for i in range(m_count):
-            for j in range(i + 1, m_count):
-                arrays[f"{deltas[i]}|{deltas[j]}/{g}/dot"] = torch.zeros(n_layers, u, dtype=torch.float64)
+    acc = {g: _GroupTotals(n_layers, lay.units[g], m_count) for g in groups if g in lay.groups}
     tensors: Dict[str, dict] = {}
     hist: Dict[str, torch.Tensor] = {}
     nonfinite: Dict[str, List[int]] = {}
@@ -295,7 +284,7 @@ def _diff(ckpts, mode, groups, atol, rtol, layout, intersect, labels, hist_strid
     gc_was_enabled = gc.isenabled()
     gc.disable()  # the pass allocates many small objects and frees them at once: collections only cost time
     try:
-        _pass(ckpts, names, lay, groups, mode, atol, rtol, backend, deltas, arrays, tensors, hist, nonfinite,
+        _pass(ckpts, names, lay, groups, mode, atol, rtol, backend, acc, deltas, tensors, hist, nonfinite,
               hist_stride, bar)
     finally:
         if gc_was_enabled:
@@ -313,11 +302,13 @@ def _diff(ckpts, mode, groups, atol, rtol, layout, intersect, labels, hist_strid
         "dtypes": dtypes, "mixed_dtypes": sorted(al.mixed_dtypes), "skipped": skipped, "nonfinite": nonfinite,
         "hist_stride": hist_stride, "hist_edges_log10": [HIST_LO, HIST_HI, HIST_BINS],
     }
-    return Profile(meta=meta, arrays={k: (v.float() if v.is_floating_point() else v) for k, v in arrays.items()},
-                   tensors=tensors, hist=hist)
+    arrays: Dict[str, torch.Tensor] = {}
+    for g, t in acc.items():
+        arrays.update(t.arrays(g, deltas))
+    return Profile(meta=meta, arrays=arrays, tensors=tensors, hist=hist)
 
 
-def _pass(ckpts, names, lay, groups, mode, atol, rtol, backend, deltas, arrays, tensors, hist, nonfinite,
+def _pass(ckpts, names, lay, groups, mode, atol, rtol, backend, acc, deltas, tensors, hist, nonfinite,
           hist_stride, bar) -> None:
     """The streaming loop: one unit_gram call per (tensor, member) with all K versions."""
     for name, ws in stream(ckpts, names):
@@ -335,14 +326,14 @@ def _pass(ckpts, names, lay, groups, mode, atol, rtol, backend, deltas, arrays, 
                 if g not in groups:
                     continue
                 r = unit_gram(ws, axis=mem.axis, block=mem.block, mode=mode, atol=atol, rtol=rtol, backend=backend)
-                _add_unit_stats(arrays, deltas, g, layer, r)
+                acc[g].add(layer, r)
                 totals = r
         if totals is None:  # not profiled per unit: rows as units keep the pass parallel; summed below
             totals = unit_gram(ws, axis=0, block=1, mode=mode, atol=atol, rtol=rtol, backend=backend)
         gdiag = torch.diagonal(totals.gram, dim1=1, dim2=2).double().sum(0)
         entry.update(zeros=totals.zeros.sum(0).tolist(), near_zeros=totals.near_zeros.sum(0).tolist(),
                      sq_norm=gdiag.tolist(), abs_max=totals.abs_max.amax(0).tolist())
-        if not (torch.isfinite(totals.gram).all() and torch.isfinite(totals.abs_sum).all()):
+        if not torch.isfinite(totals.abs_sum.sum() + totals.gram.sum()):  # any NaN/inf makes a sum non-finite
             counts = [int((~torch.isfinite(w)).sum()) for w in ws]
             nonfinite[name] = counts
             entry["nonfinite"] = counts
@@ -353,23 +344,41 @@ def _pass(ckpts, names, lay, groups, mode, atol, rtol, backend, deltas, arrays, 
             bar.update(sum(c.info(name).end - c.info(name).start for c in ckpts))
 
 
-def _add_unit_stats(arrays, deltas, group, layer, r) -> None:
-    m_count = len(deltas)
-    for m, d in enumerate(deltas):
-        arrays[f"{d}/{group}/sq_norm"][layer] += r.gram[:, m, m].double()
-        arrays[f"{d}/{group}/abs_sum"][layer] += r.abs_sum[:, m].double()
-        torch.maximum(arrays[f"{d}/{group}/abs_max"][layer], r.abs_max[:, m].double(),
-                      out=arrays[f"{d}/{group}/abs_max"][layer])
-        arrays[f"{d}/{group}/zeros"][layer] += r.zeros[:, m]
-        arrays[f"{d}/{group}/near_zeros"][layer] += r.near_zeros[:, m]
-        for j in range(m + 1, m_count):
-            arrays[f"{d}|{deltas[j]}/{group}/dot"][layer] += r.gram[:, m, j].double()
+class _GroupTotals:
+    """Running per-unit totals of one group, all deltas stacked (a few tensor ops per kernel call)."""
+
+    def __init__(self, n_layers: int, n_units: int, m: int):
+        self.gram = torch.zeros(n_layers, n_units, m, m, dtype=torch.float64)
+        self.abs_sum = torch.zeros(n_layers, n_units, m, dtype=torch.float64)
+        self.abs_max = torch.zeros(n_layers, n_units, m, dtype=torch.float32)
+        self.zeros = torch.zeros(n_layers, n_units, m, dtype=torch.int64)
+        self.near_zeros = torch.zeros(n_layers, n_units, m, dtype=torch.int64)
+
+    def add(self, layer: int, r) -> None:
+        self.gram[layer] += r.gram
+        self.abs_sum[layer] += r.abs_sum
+        torch.maximum(self.abs_max[layer], r.abs_max, out=self.abs_max[layer])
+        self.zeros[layer] += r.zeros
+        self.near_zeros[layer] += r.near_zeros
+
+    def arrays(self, group: str, deltas: Sequence[str]) -> Dict[str, torch.Tensor]:
+        """The profile's named [layers, units] arrays: STATS per delta and the dot product of every pair."""
+        out = {}
+        for m, d in enumerate(deltas):
+            out[f"{d}/{group}/sq_norm"] = self.gram[:, :, m, m].float()
+            out[f"{d}/{group}/abs_sum"] = self.abs_sum[:, :, m].float()
+            out[f"{d}/{group}/abs_max"] = self.abs_max[:, :, m].clone()
+            out[f"{d}/{group}/zeros"] = self.zeros[:, :, m].clone()
+            out[f"{d}/{group}/near_zeros"] = self.near_zeros[:, :, m].clone()
+            for j in range(m + 1, len(deltas)):
+                out[f"{d}|{deltas[j]}/{group}/dot"] = self.gram[:, :, m, j].float()
+        return out
 
 
 HIST_BINS, HIST_LO, HIST_HI = 140, -12.0, 2.0  # log10 bins of width 0.1 over [1e-12, 100); larger values: top bin
 
 
-def _hist_sample(hist, deltas, mode, ws, stride, max_elems=1 << 15) -> None:
+def _hist_sample(hist, deltas, mode, ws, stride, max_elems=1 << 14) -> None:
     """Add log10-binned counts of |dW| and |dW|/|W| over every ``step``-th row of the tensor.
 
     ``step >= stride``, grown for large tensors (at most ~max_elems elements a tensor): whole rows keep the sample's
