@@ -12,7 +12,7 @@ inputs in a cache. For every case the table gives
 - ours GB/s = bytes / median time of the public op (validation and dispatch included, backend "cpu");
 - ceiling GB/s: the machine's ceiling measured in the same run, interleaved call by call with the op, with the same
   threads, on other buffers of the same rotation: read ceiling = ``lpt_kernels._C_cpu.stream_read`` (sums every 64-bit
-  word of equally many bytes); copy ceiling (rollback) = torch ``dst.copy_(src)`` of a contiguous block of as many
+  word of equally many bytes; for a column gather, of the 64-byte lines it touches); copy ceiling (rollback) = torch ``dst.copy_(src)`` of a contiguous block of as many
   rows as the op touches, counted as 3x the block bytes like the op;
 - ratio = ours / ceiling;
 - torch eager and torch.compile (mode default, warmed up first) of the same statistics computed the obvious way, and
@@ -213,7 +213,8 @@ def build_cases(pools, backend: str, device: str, gen: torch.Generator, cpu_ceil
         ceiling=read_ceiling(lambda s: s), check=ug_check(1, 2)))
 
     # masked_cosine of u = (w0, w1) and v = (w1, w2) (a chain: 3 tensors read) over 10% of the units. Disjoint
-    # triples x 10 disjoint index sets in rotation. Ceiling: as many bytes read contiguously from each tensor.
+    # triples x 10 disjoint index sets in rotation. Ceiling: the bytes the gather must bring in, read contiguously
+    # from each tensor (rows: as many bytes; columns: the cache lines touched).
     def mc_case(axis, chains, label):
         n_units = chains[0][0].shape[axis]
         u = max(1, round(0.10 * n_units))
@@ -224,15 +225,24 @@ def build_cases(pools, backend: str, device: str, gen: torch.Generator, cpu_ceil
             for t in triples:
                 sets.append((*t, idxs[r], r))
         line = chains[0][0].shape[1 - axis]
-        per_tensor = u * line * chains[0][0].element_size()
+        es = chains[0][0].element_size()
+        per_tensor = u * line * es
+        # What the ceiling reads per tensor: for rows, the listed rows' bytes; for columns, the 64-byte lines the
+        # listed columns fall in, in every row (a load cannot bring in less than a line, and 10% of the columns
+        # of a bf16 row touch most of its lines).
+        if axis == 0:
+            ceil_bytes = [per_tensor] * len(idxs)
+        else:
+            ceil_bytes = [len(set((idx.cpu() * es // 64).tolist())) * 64 * line for idx in idxs]
 
         def ceil_tensors(s):
             r = s[4]
             out = []
             for w in s[:3]:
                 flat = w.view(-1)
-                off = (r * per_tensor // w.element_size()) % (flat.numel() - per_tensor // w.element_size() + 1)
-                out.append(flat[off:off + per_tensor // w.element_size()])
+                n = min(ceil_bytes[r] // w.element_size(), flat.numel())
+                off = (r * n) % (flat.numel() - n + 1)
+                out.append(flat[off:off + n])
             return out
         peer = masked_cosine_peer(axis)
 
@@ -485,8 +495,9 @@ def cpu_section(args):
         print(f"  done: {notes[-1]}", flush=True)
     print()
     print_table(rows)
-    print("ceiling: read = lpt_kernels._C_cpu.stream_read of as many bytes (same threads); copy = torch "
-          "dst.copy_(src) of a contiguous block of the touched rows, counted 3x like rollback_.")
+    print("ceiling: read = lpt_kernels._C_cpu.stream_read of as many bytes (same threads; for a column gather, of the "
+          "64-byte lines it touches); copy = torch dst.copy_(src) of a contiguous block of the touched rows, counted "
+          "3x like rollback_.")
     print(f"at the end: {load_note()}")
     for r in rows:
         if r["check"] != "ok":

@@ -154,15 +154,35 @@ def _as_index(index, device: torch.device, name: str = "index") -> torch.Tensor:
     return idx.to(device=device, dtype=torch.int64)
 
 
+def _index_order(idx: torch.Tensor, n_units: int) -> Optional[int]:
+    """For CPU ids, one C++ scan: -1 if one is out of [0, n_units), 1 if strictly increasing, else 0; None where
+    that scan is not available (other devices, no CPU extension)."""
+    if idx.device.type != "cpu" or not idx.is_contiguous():
+        return None
+    from lpt_kernels.backends import cpu
+    return cpu.index_order(idx, n_units) if cpu.AVAILABLE else None
+
+
 def _check_index_values(idx: torch.Tensor, n_units: int, name: str = "index") -> None:
     """Range check of unit ids. Runs inside the custom ops (eagerly, also under torch.compile, where the values are
     not known while tracing), always before a kernel touches memory."""
-    if idx.numel():
+    if idx.numel() and _index_order(idx, n_units) in (None, -1):
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0:
             raise ValueError(f"{name}: negative unit id {lo}")
         if hi >= n_units:
             raise ValueError(f"{name}: unit id {hi} out of range (there are {n_units} units)")
+
+
+def _unique_index(idx: torch.Tensor, n_units: int, name: str = "index") -> torch.Tensor:
+    """The unit ids range-checked, sorted and without duplicates. Ids already strictly increasing (the usual
+    selection) come back as they are after one scan on the CPU, skipping a sort and two reductions."""
+    order = _index_order(idx, n_units) if idx.numel() else 1
+    if order == 1:
+        return idx
+    if order != 0:
+        _check_index_values(idx, n_units, name)
+    return torch.unique(idx)
 
 
 def _check_float(x, name: str, lo: float, hi: float = float("inf")) -> float:
@@ -273,10 +293,15 @@ def _masked_cosine_impl(ws: List[torch.Tensor], mode: str, a: int, b: int, index
                       backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     _check_index_values(index, ws[0].shape[axis] // block)
     impl = reference if ws[0].numel() == 0 or index.numel() == 0 else _load(backend)
+    if hasattr(impl, "masked_cosine"):  # a backend's own finish (see lpt_kernels.backends)
+        return impl.masked_cosine(list(ws), mode, a, b, index, axis, block)
     g = impl.unit_gram(list(ws), axis, block, mode, index, 0.0, 0.0)[0]
-    dot, aa, bb = g[:, a, b], g[:, a, a], g[:, b, b]
-    pooled = _cosine(dot.to(torch.float64).sum(), aa.to(torch.float64).sum(), bb.to(torch.float64).sum())
-    return pooled, _cosine(dot, aa, bb)
+    # rows: the listed units, then their total; columns: <u, v>, |u|^2, |v|^2 (few ops: the units are thousands)
+    x = g[:, [a, a, b], [b, a, b]].to(torch.float64)
+    x = torch.cat([x, x.sum(0, keepdim=True)])
+    den = (x[:, 1] * x[:, 2]).sqrt_()
+    cos = torch.where(den > 0, x[:, 0] / den, 0.0).to(torch.float32)
+    return cos[-1].clone(), cos[:-1]
 
 
 _masked_cosine_op = torch.library.custom_op("lpt::masked_cosine", _masked_cosine_impl, mutates_args=())
@@ -408,8 +433,7 @@ def _rollback_impl(target: torch.Tensor, source: torch.Tensor, index: torch.Tens
     if compact:  # gathered by the caller, which checked and de-duplicated the ids
         _load(backend).rollback_(target, source, index, axis, block, alpha, True)
         return
-    _check_index_values(index, target.shape[axis] // block)
-    index = torch.unique(index)  # sorted; duplicates applied once
+    index = _unique_index(index, target.shape[axis] // block)  # sorted; duplicates applied once
     if index.numel() and target.numel():
         _load(backend).rollback_(target, source, index, axis, block, alpha, False)
 
@@ -442,9 +466,7 @@ def rollback_(target: torch.Tensor, source: torch.Tensor, index, *, axis: int = 
     name = resolve_backend(backend, target.device)
     if source.device != target.device:
         # Read only the listed units on the source's device, then move just those.
-        idx = _as_index(index, source.device)
-        _check_index_values(idx, n_units)
-        idx = torch.unique(idx)
+        idx = _unique_index(_as_index(index, source.device), n_units)
         pos = (idx[:, None] * block + torch.arange(block, device=idx.device)).reshape(-1)
         src, idx = source.index_select(axis, pos).to(target.device), idx.to(target.device)
         _run(_rollback_op, _rollback_impl, [target, src, idx], target, src, idx, axis, block, alpha, True, name)

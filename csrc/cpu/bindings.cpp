@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <cmath>
 #include <cstdlib>
 #include <stdexcept>
 #include <string>
@@ -118,6 +119,40 @@ void rollback(uintptr_t target, int tdtype, int64_t ts0, int64_t ts1, uintptr_t 
                alpha, compact, threads < 1 ? 1 : threads);
 }
 
+// masked_cosine's finish on the CPU: from a unit_gram Gram [n, m, m] (float32, contiguous), per-unit cosines of
+// deltas a and b into out [n] and the pooled cosine over all n units (returned), in fp64; 0 where a norm is 0.
+// One pass instead of a dozen small torch ops, which cost more than the kernel for a few thousand units.
+float gram_cosines(uintptr_t gram, int64_t n, int64_t m, int64_t a, int64_t b, uintptr_t out) {
+  const float* g = (const float*)gram;
+  float* o = (float*)out;
+  if (n > 0 && (!g || !o)) throw std::invalid_argument("gram_cosines: null pointer");
+  auto cosine = [](double dot, double aa, double bb) {
+    const double den = std::sqrt(aa * bb);
+    return den > 0.0 ? (float)(dot / den) : 0.0f;
+  };
+  double sd = 0.0, sa = 0.0, sb = 0.0;
+  for (int64_t u = 0; u < n; ++u) {
+    const float* x = g + u * m * m;
+    const double dot = x[a * m + b], aa = x[a * m + a], bb = x[b * m + b];
+    o[u] = cosine(dot, aa, bb);
+    sd += dot, sa += aa, sb += bb;
+  }
+  return cosine(sd, sa, sb);
+}
+
+// One scan of n int64 unit ids: -1 if one is negative or >= n_units, 1 if they strictly increase (already sorted
+// and duplicate-free, as selections usually are), else 0. Saves ops.py a sort and two reductions per call.
+int index_order(uintptr_t index, int64_t n, int64_t n_units) {
+  const int64_t* p = (const int64_t*)index;
+  if (n > 0 && !p) throw std::invalid_argument("index_order: null index pointer");
+  bool increasing = true;
+  for (int64_t i = 0; i < n; ++i) {
+    if (p[i] < 0 || p[i] >= n_units) return -1;
+    increasing = increasing && (i == 0 || p[i] > p[i - 1]);
+  }
+  return increasing ? 1 : 0;
+}
+
 // The read ceiling of the benchmarks: sum every 64-bit word of the given buffers with the same threads the kernels
 // use. A plain loop the compiler vectorises for any ISA; it only has to keep up with memory.
 uint64_t stream_read(const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& nbytes, int threads) {
@@ -144,6 +179,8 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("rollback", &rollback);
   m.def("set_isa", &set_isa, "Force an instruction-set variant: auto, base, avx2 or avx512.");
   m.def("isa", []() { return std::string(isa_name(g_isa)); }, "The instruction-set variant in use.");
+  m.def("gram_cosines", &gram_cosines, "Per-unit and pooled cosines of deltas a, b from a Gram [n, m, m].");
+  m.def("index_order", &index_order, "Unit ids: -1 out of range, 1 strictly increasing, 0 otherwise.");
   m.def("stream_read", &stream_read, "Benchmark read ceiling: sum the 64-bit words of the buffers.");
   m.def("best_isa", []() { return std::string(isa_name(g_best)); });
 }

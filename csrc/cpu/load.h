@@ -147,6 +147,46 @@ LPT_VINLINE void pair_order(vi& a, vi& b) {
   b = (vi)y;
 }
 
+// kW elements p[i .. i+kW) of dtype DT from fp32 lanes: lpt/element.h's store_from_f32<DT> lane-wise (the same
+// bit operations: round to nearest even, NaN quieted, fp16 overflow to inf and subnormals).
+template <int DT>
+LPT_VINLINE void store_vec(void* p, int64_t i, vf v) {
+  if (DT == kF32) {
+    memcpy((float*)p + i, &v, sizeof v);
+    return;
+  }
+  const vu x = (vu)v, k0 = vu{};
+  vu r;
+  if (DT == kBF16) {
+    const vu rounded = (x + 0x7fffu + ((x >> 16) & 1u)) >> 16;
+    r = (x & 0x7fffffffu) > 0x7f800000u ? (x >> 16) | 0x40u : rounded;
+  } else {
+    const vu ax = x & 0x7fffffffu;
+    const vu sub = (vu)((vf)ax + 0.5f) - 0x3f000000u;
+    const vu normal = (ax + 0xc8000000u + 0xfffu + ((ax >> 13) & 1u)) >> 13;
+    const vu special = ax > 0x7f800000u ? k0 + 0x7e00u : k0 + 0x7c00u;
+    r = ax < 0x38800000u ? sub : normal;
+    r = ax >= 0x477ff000u ? special : r;
+    r |= (x >> 16) & 0x8000u;
+  }
+  const vh h = __builtin_convertvector(r, vh);
+  memcpy((uint16_t*)p + i, &h, sizeof h);
+}
+
+// a * b + c rounded once, lane-wise: lpt/element.h's fused lerp. Hardware FMA where the ISA has it; the baseline
+// (no vector FMA) does it lane by lane with the same fused operation.
+LPT_VINLINE vf vfma(vf a, vf b, vf c) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__FMA__)
+  return (vf)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  vf r;
+  for (int l = 0; l < kW; ++l) r[l] = __builtin_fmaf(a[l], b[l], c[l]);
+  return r;
+#endif
+}
+
 // |x| with the sign bit cleared. Observably the same as lpt/element.h's x < 0 ? -x : x in every statistic here:
 // the two differ only on -0 (gives +0: same sums, maxima and comparisons) and on the sign of a NaN (still NaN).
 LPT_VINLINE vf vabs(vf x) { return (vf)((vu)x & 0x7fffffffu); }

@@ -1,8 +1,8 @@
 // rollback_ on the CPU: target += alpha * (source - target) on the listed units only, in place.
 //
 // Templated on the (target, source) dtype pair so each element is one load of each, one fma and one rounding store
-// (lpt/element.h). Runs with unit stride on both sides (whole rows for axis 0, a unit's columns for axis 1) are
-// vectorised; with alpha == 1 and equal dtypes the bytes are copied, so the copy is exact even for
+// (lpt/element.h, lane-wise in load.h's vectors). Runs with unit stride on both sides (whole rows for axis 0, a
+// unit's columns for axis 1) are vectorised; with alpha == 1 and equal dtypes the bytes are copied, so the copy is exact even for
 // NaN payloads. Other strides go element by element.
 #include <omp.h>
 
@@ -15,7 +15,7 @@ namespace cpu {
 namespace LPT_ISA {
 namespace {
 
-constexpr int64_t kChunk = 256;  // elements widened into L1 buffers (and prefetched in the next row) at a time
+constexpr int64_t kChunk = 256;  // elements updated (and prefetched in the next row) at a time
 
 // Prefetch the bytes [b0, b1) of the row at p (the next row a thread will update: consecutive listed rows are
 // scattered, so the hardware prefetchers would start every row cold).
@@ -28,12 +28,12 @@ inline void prefetch_bytes(const void* p, int64_t b0, int64_t b1, bool write) {
 }
 
 // n elements: t[i] = round(lerp(t[i], s[i], alpha)), unit strides, a chunk at a time; while a chunk is updated, the
-// same chunk of the next rows (nt, ns; may be null) is prefetched. The loads are widened with whole vectors
-// (load_run_t), the fma and the rounding store are a plain loop the compiler vectorises.
+// same chunk of the next rows (nt, ns; may be null) is prefetched. Whole vectors load, lerp (one fused multiply-add)
+// and round (store_vec) in registers; the last elements of a run use the scalar functions.
 template <int TD, int SD>
 void update_run(void* t, const void* s, int64_t n, float alpha, const void* nt = nullptr, const void* ns = nullptr) {
   constexpr int64_t TE = TD == kF32 ? 4 : 2, SE = SD == kF32 ? 4 : 2;
-  alignas(64) float sb[kChunk], tb[kChunk];
+  const vf va = vf{} + alpha;
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t m = n - c0 < kChunk ? n - c0 : kChunk;
     prefetch_bytes(ns, c0 * SE, (c0 + m) * SE, false);
@@ -42,13 +42,16 @@ void update_run(void* t, const void* s, int64_t n, float alpha, const void* nt =
       std::memcpy((char*)t + c0 * TE, (const char*)s + c0 * SE, m * TE);
       continue;
     }
-    load_run_t<SD>(s, c0, 1, m, sb);
+    int64_t i = c0;
     if (alpha == 1.0f) {  // lerp(t, s, 1) == s: the target is not read
-      for (int64_t i = 0; i < m; ++i) store_from_f32<TD>(t, c0 + i, sb[i]);
+      for (; i + kW <= c0 + m; i += kW) store_vec<TD>(t, i, load_vec<SD>(s, i));
     } else {
-      load_run_t<TD>(t, c0, 1, m, tb);
-      for (int64_t i = 0; i < m; ++i) store_from_f32<TD>(t, c0 + i, lerp(tb[i], sb[i], alpha));
+      for (; i + kW <= c0 + m; i += kW) {
+        const vf tv = load_vec<TD>(t, i);
+        store_vec<TD>(t, i, vfma(va, load_vec<SD>(s, i) - tv, tv));
+      }
     }
+    for (; i < c0 + m; ++i) store_from_f32<TD>(t, i, lerp(load_f32<TD>(t, i), load_f32<SD>(s, i), alpha));
   }
 }
 

@@ -6,7 +6,8 @@
 // row, and folded into fp64 at a bounded rate, so the fp32 rounding error is that of a few hundred terms at most.
 //
 // - axis 0 (a unit is `block` rows): each thread streams whole rows of the K inputs side by side, strip after strip,
-//   with the accumulators in registers, and folds them into fp64 lanes every kFold strips.
+//   with the accumulators in registers, and folds them into fp64 lanes every kFold strips. Listed (gathered) units
+//   prefetch the next unit's row in software while the last row of a unit is read.
 // - axis 1 (a unit is `block` columns): each thread owns a range of columns. For a block of row_block() rows it walks
 //   its columns strip by strip, running down the block's rows with the accumulators in registers, then adds the
 //   strip into per-column fp32 sums (L2-resident, laid out group by group); those are folded into fp64 every
@@ -468,6 +469,8 @@ void axis0(const Tensor2D* ws, int64_t cols, int64_t block, const int64_t* index
   const bool buffered = fn == nullptr;
   if (buffered) fn = &Kern::template strips<kF32>, es = 4;
   const int64_t nstrips = cols / G;
+  bool pf_rows = index != nullptr && !buffered;
+  for (int k = 0; k < c.k; ++k) pf_rows = pf_rows && ws[k].stride0 == ws[0].stride0;
 #pragma omp parallel num_threads(threads)
   {
     std::vector<float> storage(buffered ? kMaxInputs * kRun : 0);
@@ -486,10 +489,15 @@ void axis0(const Tensor2D* ws, int64_t cols, int64_t block, const int64_t* index
         int64_t off[kMaxInputs];
         for (int k = 0; k < c.k; ++k) off[k] = r * ws[k].stride0;
         if (!buffered) {
+          // Listed rows are scattered, so the hardware prefetchers would start each one cold: stream the next
+          // listed row in alongside (one row stride for all inputs, as direct axis 1 requires too).
+          int64_t pfo = 0;
+          if (pf_rows && r + 1 == (unit + 1) * block && u + 1 < n_units)
+            pfo = (index[u + 1] * block - r) * ws[0].stride0 * es;
           const char* p[kMaxInputs];
           for (int64_t j = 0; j < nstrips; j += kFold) {
             for (int k = 0; k < c.k; ++k) p[k] = (const char*)ws[k].data + (off[k] + j * G) * es;
-            fn(StripArgs{p, st, 0, std::min(kFold, nstrips - j), false}, c, &vt, nullptr, 0);
+            fn(StripArgs{p, st, pfo, std::min(kFold, nstrips - j), pfo != 0}, c, &vt, nullptr, 0);
           }
           if (nstrips * G < cols) tail_row(tot, ws, off, 1, nstrips * G, cols, c);
         } else {

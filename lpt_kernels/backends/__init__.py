@@ -1,4 +1,4 @@
-"""Backends: one module per backend, each implementing the same three kernel entry points.
+"""Backends: one module per backend, each implementing the same kernel entry points (one of them optional).
 
 `lpt_kernels.ops` validates every argument (shapes, dtypes, devices, index ranges, block divisibility) before it
 calls a backend, so a backend may assume:
@@ -13,6 +13,11 @@ calls a backend, so a backend may assume:
     Returns new tensors on the inputs' device: gram [U, M, M] float32 (full symmetric matrix), abs_sum [U, M]
     float32, abs_max [U, M] float32, zeros [U, M] int64 (d == 0 exactly), near_zeros [U, M] int64
     (|d| <= atol + rtol * |ref|). Values are loaded, widened to fp32, then differenced (exact for bf16/fp16).
+
+``masked_cosine(ws, mode, a, b, index, axis, block) -> (pooled [] float32, per_unit [U] float32)`` (optional)
+    The cosines of deltas a and b over the listed units, as ``unit_gram`` with atol = rtol = 0 followed by
+    ``G[a,b] / sqrt(G[a,a] G[b,b])`` in fp64 (0 where the denominator is 0), per unit and over the units' summed Gram.
+    Backends without it get that finish from ``lpt_kernels.ops`` in torch ops.
 
 ``act_stats_(x, stats, token_mask, threshold) -> None``
     ``x`` [T, C] (any float dtype above, any strides, T may be 0), ``stats`` [5, C] float64 on x's device, any

@@ -33,6 +33,11 @@ def set_isa(name: str) -> None:
     _ext().set_isa(name)
 
 
+def index_order(index, n_units) -> int:
+    """One scan of contiguous int64 unit ids: -1 if one is out of [0, n_units), 1 if strictly increasing, else 0."""
+    return _ext().index_order(index.data_ptr(), index.numel(), n_units)
+
+
 def unit_gram(ws, axis, block, mode, index, atol, rtol):
     C = _ext()
     rows, cols = ws[0].shape
@@ -50,6 +55,13 @@ def unit_gram(ws, axis, block, mode, index, atol, rtol):
                 index.data_ptr() if index is not None else 0, n_units, atol, rtol, gram.data_ptr(),
                 abs_sum.data_ptr(), abs_max.data_ptr(), zeros.data_ptr(), near.data_ptr(), torch.get_num_threads())
     return gram, abs_sum, abs_max, zeros, near
+
+
+def masked_cosine(ws, mode, a, b, index, axis, block):
+    gram = unit_gram(ws, axis, block, mode, index, 0.0, 0.0)[0]
+    per_unit = torch.empty(gram.shape[0], dtype=torch.float32)
+    pooled = _ext().gram_cosines(gram.data_ptr(), gram.shape[0], gram.shape[1], a, b, per_unit.data_ptr())
+    return torch.tensor(pooled, dtype=torch.float32), per_unit
 
 
 def act_stats_(x, stats, token_mask, threshold):
