@@ -99,7 +99,7 @@ def test_histograms_match_brute_force(chain, mode):
         want = {"abs": torch.zeros(140, dtype=torch.float64), "rel": torch.zeros(140, dtype=torch.float64)}
         zeros = {"abs": 0, "rel": 0}
         for n in names:
-            assert states[0][n].numel() <= 7 * (1 << 14)  # small enough that the stride of 7 is not grown
+            assert states[0][n].numel() <= 7 * (1 << 13)  # small enough that the stride of 7 is not grown
             pick = [states[i][n].reshape(-1, states[i][n].shape[-1])[::7].double() for i in range(len(states))]
             ref = pick[m] if mode == "consecutive" else pick[0]
             dw = (pick[m + 1] - ref).abs()

@@ -231,7 +231,7 @@ def diff(checkpoints: Sequence[Union[str, Checkpoint]], mode: str = "consecutive
         layout: None (detected from names and config.json), a layout spec (dict or JSON path) or a Layout.
         intersect: analyse the tensors common to all checkpoints instead of failing on a mismatch.
         hist_stride: histograms of |dW| and |dW|/|W| use every ``hist_stride``-th row of each tensor (sparser
-            for large tensors: about 16k elements a tensor at most; 0: no histograms).
+            for large tensors: about 8k elements a tensor at most; 0: no histograms).
         progress: show a tqdm bar (bytes read).
     """
     if mode not in ("consecutive", "base"):
@@ -378,7 +378,7 @@ class _GroupTotals:
 HIST_BINS, HIST_LO, HIST_HI = 140, -12.0, 2.0  # log10 bins of width 0.1 over [1e-12, 100); larger values: top bin
 
 
-def _hist_sample(hist, deltas, mode, ws, stride, max_elems=1 << 14) -> None:
+def _hist_sample(hist, deltas, mode, ws, stride, max_elems=1 << 13) -> None:
     """Add log10-binned counts of |dW| and |dW|/|W| over every ``step``-th row of the tensor.
 
     ``step >= stride``, grown for large tensors (at most ~max_elems elements a tensor): whole rows keep the sample's
