@@ -15,6 +15,7 @@ namespace cpu {
 namespace LPT_ISA {
 namespace {
 
+constexpr int64_t kAhead = 4;    // single listed columns: rows prefetched ahead
 constexpr int64_t kChunk = 256;  // elements updated (and prefetched in the next row) at a time
 
 // Prefetch the bytes [b0, b1) of the row at p (the next row a thread will update: consecutive listed rows are
@@ -92,6 +93,31 @@ void run(void* target, int64_t ts0, int64_t ts1, const Tensor2D& src, int64_t ro
         } else {
           update_strided<TD, SD>(target_row(q), ts1, source_row(q), src.stride1, cols, alpha);
         }
+      }
+    }
+  } else if (block == 1) {
+    // Single listed columns (a neuron's down_proj column): one element per unit and row, each in its own cache
+    // line, so a row's listed elements are fetched kAhead rows before they are updated (the hardware cannot
+    // predict them). Parallel over rows.
+    threads = threads_for(rows * n_index, threads);
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < rows; ++r) {
+      if (r + kAhead < rows) {
+        const char* tn = t + (r + kAhead) * ts0 * TE;
+        const char* sn = s + (r + kAhead) * src.stride0 * SE;
+        for (int64_t i = 0; i < n_index; ++i) {
+          __builtin_prefetch(tn + index[i] * ts1 * TE, 1);
+          if (!compact) __builtin_prefetch(sn + index[i] * src.stride1 * SE, 0);
+        }
+      }
+      char* tr = t + r * ts0 * TE;
+      const char* sr = s + r * src.stride0 * SE;
+      for (int64_t i = 0; i < n_index; ++i) {
+        const int64_t tc = index[i] * ts1, sc = (compact ? i : index[i]) * src.stride1;
+        if (TD == SD && alpha == 1.0f)
+          std::memcpy(tr + tc * TE, sr + sc * SE, TE);
+        else
+          store_from_f32<TD>(tr, tc, lerp(load_f32<TD>(tr, tc), load_f32<SD>(sr, sc), alpha));
       }
     }
   } else {
