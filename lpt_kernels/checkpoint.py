@@ -14,8 +14,6 @@ This module depends on torch and the standard library only (DESIGN.md section 2:
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import json
 import mmap
 import operator
@@ -197,30 +195,22 @@ def _readahead_chunk(file: str) -> int:
 _HAS_FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_WILLNEED")
 
 
-def _libc_mincore():
-    try:
-        f = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).mincore
-    except (OSError, AttributeError):
-        return None
-    f.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
-    f.restype = ctypes.c_int
-    return f
+_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 
 
-_mincore = _libc_mincore()
-
-
-def _looks_resident(addr: int, length: int, samples: int = 8) -> bool:
-    """Whether `samples` pages spread over [addr, addr + length) of a mapping are all in the page cache (mincore(2)
-    per page; ctypes drops the GIL). Lets the read-ahead thread skip a warm cache, where advice only costs CPU that
-    the kernels need; a wrong guess costs only the advice (the kernel still reads ahead on faults)."""
-    if _mincore is None or addr <= 0 or length <= 0:
+def _looks_cached(fd: int, start: int, end: int, samples: int = 8) -> bool:
+    """Whether `samples` bytes spread over [start, end) of a file are all in the page cache: a one-byte preadv with
+    RWF_NOWAIT fails rather than wait for the disk. Lets read-ahead threads skip a warm cache, where their advice
+    only costs CPU the kernels need; a wrong guess costs only the advice (faults still read ahead)."""
+    if _RWF_NOWAIT is None or end <= start:
         return False
-    vec = (ctypes.c_ubyte * 1)()
-    last = samples - 1
+    buf = bytearray(1)
     for i in range(samples):
-        a = addr + (length - 1) * i // max(last, 1)
-        if _mincore(a - a % _PAGE, _PAGE, vec) != 0 or not vec[0] & 1:
+        off = start + (end - 1 - start) * i // max(samples - 1, 1)
+        try:
+            if os.preadv(fd, [buf], off, _RWF_NOWAIT) != 1:
+                return False
+        except OSError:  # EAGAIN: not cached; EOPNOTSUPP: cannot tell
             return False
     return True
 
@@ -469,13 +459,6 @@ class Checkpoint:
     def _mapping(self, file: str) -> Optional[mmap.mmap]:
         return self._maps.get(file)
 
-    def _address(self, file: str, offset: int) -> int:
-        """The address of byte `offset` of the file's mapping (0 if unknown)."""
-        view = self._views.get(file)
-        if view is None or offset >= len(view):
-            return 0
-        return torch.frombuffer(view, dtype=torch.uint8, count=1, offset=offset).data_ptr()
-
     def _handle(self, file: str):
         return self._fhs.get(file)
 
@@ -579,7 +562,7 @@ class _Prefetcher(threading.Thread):
 
     def __init__(self, jobs, sizes, budget):
         super().__init__(name="lpt-checkpoint-prefetch", daemon=True)
-        self.jobs = jobs          # per tensor: [(file object, mmap, start, end, chunk, address of start)] per ckpt
+        self.jobs = jobs          # per tensor: [(file object, mmap, start, end, chunk)] over checkpoints
         self.prefix = [0]
         for s in sizes:
             self.prefix.append(self.prefix[-1] + s)
@@ -619,7 +602,7 @@ class _Prefetcher(threading.Thread):
                 # consumed tensors: hint that their pages go first
                 while cooled < cur:
                     if self.cold_ok:
-                        for fh, mm, s, e, chunk, _ in self.jobs[cooled]:
+                        for fh, mm, s, e, chunk in self.jobs[cooled]:
                             try:
                                 _advise(fh, mm, s, e, mmap.MADV_COLD, max(chunk, e - s))
                             except OSError:
@@ -630,8 +613,8 @@ class _Prefetcher(threading.Thread):
                 if not self._wanted(nxt):
                     continue
                 stale = lambda k=nxt: self.stopped or self.cur > k  # noqa: E731
-                for fh, mm, s, e, chunk, addr in self.jobs[nxt]:
-                    if not _looks_resident(addr, e - s):
+                for fh, mm, s, e, chunk in self.jobs[nxt]:
+                    if fh is None or not _looks_cached(fh.fileno(), s, e):
                         _advise(fh, mm, s, e, mmap.MADV_WILLNEED, chunk, stale)
                 nxt += 1
         except (ValueError, OSError):
@@ -670,7 +653,7 @@ def _stream(ckpts, names, prefetch_bytes, progress):
                 i = c.info(n)
                 mm = c._mapping(i.file)
                 if mm is not None and i.end > i.start:
-                    row.append((c._handle(i.file), mm, i.start, i.end, c._chunk(i.file), c._address(i.file, i.start)))
+                    row.append((c._handle(i.file), mm, i.start, i.end, c._chunk(i.file)))
             jobs.append(row)
         pre = _Prefetcher(jobs, sizes, int(prefetch_bytes))
         pre.start()

@@ -442,7 +442,7 @@ def test_stream_yields_right_tensors_in_order(tiny_qwen3, tmp_path, monkeypatch)
             calls.append((fh.name, start, end))
         return real(fh, mm, start, end, advice, chunk, stop)
     monkeypatch.setattr(ckmod, "_advise", spy)
-    monkeypatch.setattr(ckmod, "_looks_resident", lambda addr, length: False)  # as if the cache were cold
+    monkeypatch.setattr(ckmod, "_looks_cached", lambda fd, start, end: False)  # as if the cache were cold
     done, seen = [], []
     for k, (name, ts) in enumerate(stream(cks, names, prefetch_bytes=1 << 30, progress=done.append)):
         seen.append(name)
@@ -465,15 +465,15 @@ def test_stream_yields_right_tensors_in_order(tiny_qwen3, tmp_path, monkeypatch)
 
 
 def test_read_ahead_skips_a_warm_cache(tmp_path, monkeypatch):
-    """mincore samples: pages just read are resident, pages dropped from the cache are not; the read-ahead thread
-    gives no advice for resident tensors."""
+    """The RWF_NOWAIT probe: bytes just read are cached, bytes dropped from the cache are not; the read-ahead thread
+    gives no advice for cached tensors and advises the others."""
     ts = {f"t{i}": torch.randn(256, 256) for i in range(4)}  # 256 KiB each
     d = _ckpt_dir(tmp_path, "warm", ts)
     ck = Checkpoint(d)
     info = ck.info("t1")
-    addr = ck._address(info.file, info.start)
-    assert addr and ck.tensor("t1").sum().isfinite()  # touch: resident
-    assert ckmod._looks_resident(addr, info.end - info.start)
+    with open(info.file, "rb") as fh:
+        fh.read()
+        assert ckmod._looks_cached(fh.fileno(), info.start, info.end)
     calls = []
     real = ckmod._advise
     monkeypatch.setattr(ckmod, "_advise", lambda *a, **k: (calls.append(a[4]), real(*a, **k)))
@@ -485,13 +485,13 @@ def test_read_ahead_skips_a_warm_cache(tmp_path, monkeypatch):
     with open(info.file, "rb") as fh:  # written and synced pages can be dropped from the cache
         os.fsync(fh.fileno())
         os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert not ckmod._looks_cached(fh.fileno(), info.start, info.end)
     ck = Checkpoint(d)
-    info = ck.info("t1")
-    assert not ckmod._looks_resident(ck._address(info.file, info.start), info.end - info.start)
     calls.clear()
     for name, _ in stream([ck], list(ck.names), prefetch_bytes=1 << 30):
         pass
     assert mmap.MADV_WILLNEED in calls
+    del _
     ck.close()
 
 
