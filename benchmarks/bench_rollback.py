@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import ctypes.util
-import importlib
 import json
 import mmap
 import os
@@ -261,8 +260,6 @@ def worker(args):
         pass
     sel = Selection.load(args["sel"])
     if mode == "file":
-        if args.get("preimport"):
-            importlib.import_module("torch._dynamo")  # as in a process that already called a custom op
         st = rollback_checkpoint(args["target"], args["source"], sel, args["out"])
         st.pop("stale_removed", None)
         st["peak_anon"] = peak.get("RssAnon", 0)
@@ -361,9 +358,6 @@ def main(argv=None):
         torch.set_num_threads(a.threads)
     if not a.data_dir:
         ap.error("DATA_DIR is required")
-    t = time.perf_counter()
-    importlib.import_module("torch._dynamo")  # the one-time import of the first custom-op call, out of the timings
-    t_dynamo = time.perf_counter() - t
     target, source = os.path.join(a.data_dir, a.target), os.path.join(a.data_dir, a.source)
     work = a.work or os.path.join(a.data_dir, "_bench_out")
     os.makedirs(work, exist_ok=True)
@@ -382,7 +376,7 @@ def main(argv=None):
     res = {"layers": n_layers, "dtype": str(tdtype), "checkpoint_bytes": ck_bytes, "frac": a.frac,
            "units_per_layer": len(next(iter(sel.units["mlp"].values()))), "touched_bytes": T,
            "touched_rows_bytes": t_rows, "touched_cols_bytes": t_cols, "source_page_span_bytes": span_bytes,
-           "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "dynamo_import_seconds": t_dynamo,
+           "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
            "loadavg_start": os.getloadavg()[0]}
     print(f"{n_layers} layers, {tdtype}, checkpoint {ck_bytes / GB:.2f} GB; {a.frac:.0%} of MLP units "
           f"({res['units_per_layer']}/layer): touched T = {T / 1e6:.1f} MB (rows {t_rows / 1e6:.1f}, columns "
@@ -396,7 +390,7 @@ def main(argv=None):
           f" cold disk read {res['disk_read_gbs']:.2f} GB/s", flush=True)
 
     if not a.skip_file:
-        cps, runs = [], {"cold": [], "warm": [], "warm_pre": []}
+        cps, runs = [], {"cold": [], "warm": []}
         for r in range(a.reps):
             cps.append(time_cp(target, os.path.join(work, "cp")))
             print(f"  cp -r: {cps[-1][0]:.1f} s, + fsync: {cps[-1][1]:.1f} s", flush=True)
@@ -407,7 +401,7 @@ def main(argv=None):
                 out = os.path.join(work, f"out-{kind}")
                 try:
                     st, rss = run_worker({"mode": "file", "target": target, "source": source, "sel": sel_path,
-                                          "out": out, "preimport": kind == "warm_pre", "threads": a.threads})
+                                          "out": out, "threads": a.threads})
                 finally:
                     if pin is not None:
                         pin.close()
@@ -513,9 +507,6 @@ def report(r):
     print(f"- memory copy bandwidth (T-byte block): {r['mem_copy_gbs']:.1f} GB/s (read + write); cold disk read "
           f"{r['disk_read_gbs']:.2f} GB/s; load average {r['loadavg_start']:.1f} at the start, "
           f"{r['loadavg_end']:.1f} at the end ({r['cpus']} CPUs)")
-    print(f"- one-time import of torch._dynamo by the first custom-op call of a process: "
-          f"{r['dynamo_import_seconds']:.1f} s (outside the live timings; inside the file rollback's subprocess, "
-          f"overlapped with the copy)")
     if "file_cold" in r:  # noqa: SIM102
         cp, cpf = r["cp_seconds"], r["cp_fsync_seconds"]
         print()
@@ -524,10 +515,8 @@ def report(r):
         print("|---|---|---|---|---|---|---|---|")
         print(f"| cp -r (no fsync) | {cp:.1f} | | | | | | |")
         print(f"| cp -r + fsync | {cpf:.1f} | | | | | | |")
-        labels = {"warm_pre": "source warm, torch._dynamo already imported", "warm": "source warm, fresh process",
-                  "cold": "source cold, fresh process"}
-        for kind, tt in (("warm_pre", r["touched_rw_mem_seconds"]), ("warm", r["touched_rw_mem_seconds"]),
-                         ("cold", r["touched_rw_disk_seconds"])):
+        labels = {"warm": "source warm, fresh process", "cold": "source cold, fresh process"}
+        for kind, tt in (("warm", r["touched_rw_mem_seconds"]), ("cold", r["touched_rw_disk_seconds"])):
             s = r[f"file_{kind}"]
             budget = cpf + 1.2 * tt
             print(f"| rollback_checkpoint, {labels[kind]} | {s['seconds']:.1f} | {s['copy_seconds']:.1f} | "

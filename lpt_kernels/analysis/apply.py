@@ -723,24 +723,6 @@ def _check_match(tc: Checkpoint, sc: Checkpoint) -> None:
                             + "; ".join(problems[:3]) + more)
 
 
-def _warm_op_dispatch() -> None:
-    """The first call of any torch.library custom op in a process imports torch._dynamo (seconds of CPU). The file
-    rollback starts that import in a background thread so it overlaps the copy (I/O) instead of delaying the first
-    patch; the import lock makes the first kernel call wait for it if it is not done by then."""
-    import sys
-
-    if "torch._dynamo" in sys.modules:
-        return
-
-    def load():
-        try:
-            import torch._dynamo  # noqa: F401
-        except Exception:
-            pass  # the op call imports it again and reports any real problem
-
-    threading.Thread(target=load, name="lpt-warm-dynamo", daemon=True).start()
-
-
 class _Signals:
     """While the write runs (main thread only): SIGTERM and SIGHUP raise KeyboardInterrupt (so the temp dir is
     removed, as for Ctrl-C), and SIGXFSZ is ignored, so that a write past RLIMIT_FSIZE fails with EFBIG and is
@@ -861,7 +843,6 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
         stats["stale_removed"] = _remove_stale(parent, name)
         tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
         bar = _progress_bar(total, progress, f"rollback -> {name}")
-        _warm_op_dispatch()
         ra = None
         copier = None
         current = None
