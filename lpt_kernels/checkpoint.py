@@ -198,7 +198,7 @@ _HAS_FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_WILLNEED
 _RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
 
 
-def _looks_cached(fd: int, start: int, end: int, samples: int = 8) -> bool:
+def looks_cached(fd: int, start: int, end: int, samples: int = 8) -> bool:
     """Whether `samples` bytes spread over [start, end) of a file are all in the page cache: a one-byte preadv with
     RWF_NOWAIT fails rather than wait for the disk. Lets read-ahead threads skip a warm cache, where their advice
     only costs CPU the kernels need; a wrong guess costs only the advice (faults still read ahead)."""
@@ -614,7 +614,7 @@ class _Prefetcher(threading.Thread):
                     continue
                 stale = lambda k=nxt: self.stopped or self.cur > k  # noqa: E731
                 for fh, mm, s, e, chunk in self.jobs[nxt]:
-                    if fh is None or not _looks_cached(fh.fileno(), s, e):
+                    if fh is None or not looks_cached(fh.fileno(), s, e):
                         _advise(fh, mm, s, e, mmap.MADV_WILLNEED, chunk, stale)
                 nxt += 1
         except (ValueError, OSError):

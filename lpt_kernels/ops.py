@@ -198,6 +198,9 @@ def _num_deltas(mode: str, k: int) -> int:
     return k if mode == "given" else k - 1
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # a Parameter is a plain tensor to torch's dispatch
+
+
 def _run(op, impl, tensors, *args):
     """Call ``impl(*args)`` directly in plain eager mode, else the custom op ``op`` (same function, registered).
 
@@ -207,7 +210,7 @@ def _run(op, impl, tensors, *args):
     """
     if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
             or torch._C._are_functorch_transforms_active()
-            or any(t is not None and type(t) is not torch.Tensor for t in tensors)):
+            or any(t is not None and type(t) not in _PLAIN for t in tensors)):
         return op(*args)
     with torch.no_grad():
         return impl(*args)
@@ -216,8 +219,8 @@ def _run(op, impl, tensors, *args):
 # ---- unit_gram ---------------------------------------------------------------------------------------------------
 
 def _unit_gram_impl(ws: List[torch.Tensor], axis: int, block: int, mode: str, index: Optional[torch.Tensor],
-                  atol: float, rtol: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
-                                                                    torch.Tensor, torch.Tensor]:
+                    atol: float, rtol: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor, torch.Tensor]:
     if index is not None:
         _check_index_values(index, ws[0].shape[axis] // block)
     trivial = ws[0].numel() == 0 or (index is not None and index.numel() == 0)
@@ -289,8 +292,8 @@ def _cosine(dot: torch.Tensor, aa: torch.Tensor, bb: torch.Tensor) -> torch.Tens
     return torch.where(den > 0, dot.to(torch.float64) / torch.where(den > 0, den, 1.0), 0.0).to(torch.float32)
 
 
-def _masked_cosine_impl(ws: List[torch.Tensor], mode: str, a: int, b: int, index: torch.Tensor, axis: int, block: int,
-                      backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
+def _masked_cosine_impl(ws: List[torch.Tensor], mode: str, a: int, b: int, index: torch.Tensor, axis: int,
+                        block: int, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
     _check_index_values(index, ws[0].shape[axis] // block)
     impl = reference if ws[0].numel() == 0 or index.numel() == 0 else _load(backend)
     if hasattr(impl, "masked_cosine"):  # a backend's own finish (see lpt_kernels.backends)
@@ -368,7 +371,7 @@ ACT_STAT_ROWS = ("tokens", "abs_sum", "sq_sum", "abs_max", "active")
 
 
 def _act_stats_impl(x: torch.Tensor, stats: torch.Tensor, token_mask: Optional[torch.Tensor], threshold: float,
-                  backend: str) -> None:
+                    backend: str) -> None:
     if x.shape[0]:
         _load(backend).act_stats_(x, stats, token_mask, threshold)
 
@@ -429,7 +432,7 @@ def act_stats_(x: torch.Tensor, stats: torch.Tensor, *, token_mask: Optional[tor
 # ---- rollback_ -----------------------------------------------------------------------------------------------------
 
 def _rollback_impl(target: torch.Tensor, source: torch.Tensor, index: torch.Tensor, axis: int, block: int,
-                 alpha: float, compact: bool, backend: str) -> None:
+                   alpha: float, compact: bool, backend: str) -> None:
     if compact:  # gathered by the caller, which checked and de-duplicated the ids
         _load(backend).rollback_(target, source, index, axis, block, alpha, True)
         return

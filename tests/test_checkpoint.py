@@ -442,7 +442,7 @@ def test_stream_yields_right_tensors_in_order(tiny_qwen3, tmp_path, monkeypatch)
             calls.append((fh.name, start, end))
         return real(fh, mm, start, end, advice, chunk, stop)
     monkeypatch.setattr(ckmod, "_advise", spy)
-    monkeypatch.setattr(ckmod, "_looks_cached", lambda fd, start, end: False)  # as if the cache were cold
+    monkeypatch.setattr(ckmod, "looks_cached", lambda fd, start, end: False)  # as if the cache were cold
     done, seen = [], []
     for k, (name, ts) in enumerate(stream(cks, names, prefetch_bytes=1 << 30, progress=done.append)):
         seen.append(name)
@@ -473,7 +473,7 @@ def test_read_ahead_skips_a_warm_cache(tmp_path, monkeypatch):
     info = ck.info("t1")
     with open(info.file, "rb") as fh:
         fh.read()
-        assert ckmod._looks_cached(fh.fileno(), info.start, info.end)
+        assert ckmod.looks_cached(fh.fileno(), info.start, info.end)
     calls = []
     real = ckmod._advise
     monkeypatch.setattr(ckmod, "_advise", lambda *a, **k: (calls.append(a[4]), real(*a, **k)))
@@ -485,7 +485,7 @@ def test_read_ahead_skips_a_warm_cache(tmp_path, monkeypatch):
     with open(info.file, "rb") as fh:  # written and synced pages can be dropped from the cache
         os.fsync(fh.fileno())
         os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        assert not ckmod._looks_cached(fh.fileno(), info.start, info.end)
+        assert not ckmod.looks_cached(fh.fileno(), info.start, info.end)
     ck = Checkpoint(d)
     calls.clear()
     for name, _ in stream([ck], list(ck.names), prefetch_bytes=1 << 30):

@@ -109,6 +109,7 @@ def test_eager_calls_skip_the_dispatcher_and_tracing_sees_the_ops():
             "w = [torch.randn(6, 4) for _ in range(3)]\n"
             "g = L.unit_gram(w); s = L.act_stats_(torch.randn(5, 4), L.new_act_stats(4))\n"
             "L.rollback_(w[0], w[1], [1]); L.masked_cosine((w[0], w[1]), (w[1], w[2]), [0, 2])\n"
+            "p = torch.nn.Parameter(torch.randn(6, 4), requires_grad=False); L.rollback_(p, w[1], [2])\n"
             "print('torch._dynamo' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

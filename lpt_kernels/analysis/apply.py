@@ -38,7 +38,7 @@ import torch
 
 from lpt_kernels import ops
 from lpt_kernels.analysis.selection import Selection
-from lpt_kernels.checkpoint import Checkpoint, _looks_cached
+from lpt_kernels.checkpoint import Checkpoint, looks_cached
 
 __all__ = ["RollbackError", "rollback_model_", "rollback_checkpoint", "touched_elements"]
 
@@ -297,7 +297,7 @@ class _ReadAhead(threading.Thread):
                 if fd is None:
                     fd = self.fds[f] = os.open(f, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
                 probe = starts[:: max(1, len(starts) // 8)].tolist()  # a warm source needs no advice
-                if probe and all(_looks_cached(fd, a, a + 1, samples=1) for a in probe):
+                if probe and all(looks_cached(fd, a, a + 1, samples=1) for a in probe):
                     nxt += 1
                     continue
                 for a, b in zip(starts.tolist(), ends.tolist()):
