@@ -199,6 +199,9 @@ def _num_deltas(mode: str, k: int) -> int:
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)  # a Parameter is a plain tensor to torch's dispatch
+# Tracing state (private torch APIs, present since torch 2.1; without them every call takes the op path).
+_dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
+_functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
 def _run(op, impl, tensors, *args):
@@ -208,8 +211,7 @@ def _run(op, impl, tensors, *args):
     call pays tens of microseconds, which per-slice callers (a live rollback, a hook) pay many times. Anything that
     traces — torch.compile, make_fx, fake tensors, dispatch modes, functorch transforms — goes through the op.
     """
-    if (torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active()
+    if (torch.compiler.is_compiling() or _dispatch_modes() or _functorch_active()
             or any(t is not None and type(t) not in _PLAIN for t in tensors)):
         return op(*args)
     with torch.no_grad():
