@@ -13,6 +13,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 
 from lpt_kernels.analysis.select import Scores, recovery, select
+from lpt_kernels.checkpoint import Checkpoint
 
 
 def sweep(model: torch.nn.Module, source, scores: Scores, layout, evaluate: Callable[[torch.nn.Module], Dict[str, float]],
@@ -49,23 +50,29 @@ def sweep(model: torch.nn.Module, source, scores: Scores, layout, evaluate: Call
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(todo), desc="lpt sweep", leave=False)
-    for sel_name, beta in todo:
-        selection = select(scores, layout, sel_name, beta, groups, allocation, seed=seed)
-        rollback_model_(model, source, selection)
-        try:
-            res = evaluate(model)
-        finally:
-            rollback_model_(model, snapshot, selection)
-        row = {"selector": sel_name, "budget": beta, "units": selection.count(),
-               "recovery": recovery(before[earlier], damaged[earlier], res[earlier])}
-        for d in sorted(res):
-            row[f"score/{d}"] = res[d]
-            row[f"collateral/{d}"] = res[d] - damaged.get(d, float("nan"))
-        rows.append(row)
+    # A checkpoint directory is opened (mapped) once for all points, not once per point.
+    own = Checkpoint(source) if isinstance(source, (str, os.PathLike)) else None
+    try:
+        for sel_name, beta in todo:
+            selection = select(scores, layout, sel_name, beta, groups, allocation, seed=seed)
+            rollback_model_(model, own or source, selection)
+            try:
+                res = evaluate(model)
+            finally:
+                rollback_model_(model, snapshot, selection)
+            row = {"selector": sel_name, "budget": beta, "units": selection.count(),
+                   "recovery": recovery(before[earlier], damaged[earlier], res[earlier])}
+            for d in sorted(res):
+                row[f"score/{d}"] = res[d]
+                row[f"collateral/{d}"] = res[d] - damaged.get(d, float("nan"))
+            rows.append(row)
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if own is not None:
+            own.close()
         if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
+            bar.close()
     if out_dir:
         write_sweep(rows, out_dir, earlier)
     return rows
