@@ -265,7 +265,7 @@ def _diff(ckpts, mode, groups, atol, rtol, layout, intersect, labels, hist_strid
     n_layers = lay.num_layers
     acc = {g: _GroupTotals(n_layers, lay.units[g], m_count) for g in groups if g in lay.groups}
     tensors: Dict[str, dict] = {}
-    hist: Dict[str, torch.Tensor] = {}
+    hist = _HistTotals(deltas)
     nonfinite: Dict[str, List[int]] = {}
     skipped = dict(al.skipped)
 
@@ -305,7 +305,7 @@ def _diff(ckpts, mode, groups, atol, rtol, layout, intersect, labels, hist_strid
     arrays: Dict[str, torch.Tensor] = {}
     for g, t in acc.items():
         arrays.update(t.arrays(g, deltas))
-    return Profile(meta=meta, arrays=arrays, tensors=tensors, hist=hist)
+    return Profile(meta=meta, arrays=arrays, tensors=tensors, hist=hist.as_dict() if hist.samples else {})
 
 
 def _pass(ckpts, names, lay, groups, mode, atol, rtol, backend, acc, deltas, tensors, hist, nonfinite,
@@ -338,7 +338,7 @@ def _pass(ckpts, names, lay, groups, mode, atol, rtol, backend, acc, deltas, ten
             nonfinite[name] = counts
             entry["nonfinite"] = counts
         if hist_stride > 0 and not entry.get("tied_to"):
-            _hist_sample(hist, deltas, mode, ws, hist_stride)
+            hist.add(ws, mode, hist_stride)
         tensors[name] = entry
         if bar is not None:
             bar.update(sum(c.info(name).end - c.info(name).start for c in ckpts))
@@ -378,28 +378,43 @@ class _GroupTotals:
 HIST_BINS, HIST_LO, HIST_HI = 140, -12.0, 2.0  # log10 bins of width 0.1 over [1e-12, 100); larger values: top bin
 
 
-def _hist_sample(hist, deltas, mode, ws, stride, max_elems=1 << 13) -> None:
-    """Add log10-binned counts of |dW| and |dW|/|W| over every ``step``-th row of the tensor.
+class _HistTotals:
+    """Log10-binned counts of |dW| and |dW|/|W| for every delta: rows 0..M-1 abs, M..2M-1 rel, all stacked."""
 
-    ``step >= stride``, grown for large tensors (at most ~max_elems elements a tensor): whole rows keep the sample's
-    reads contiguous. All deltas and both kinds are binned by one bincount, so the histograms cost a small fraction
-    of the pass. Exact zeros (and a relative change against a zero weight) are counted apart in ``<key>_zero``; NaN
-    and values below 1e-12 are not counted; values from 100 up go to the top bin.
-    """
-    n_rows, n_cols = ws[0].shape
-    rows = torch.arange(0, n_rows, max(stride, -(-n_rows * n_cols // max_elems)))
-    w = torch.stack([x.index_select(0, rows).float() for x in ws]).view(len(ws), -1)  # [K, S]
-    ref = w[:-1] if mode == "consecutive" else w[:1]
-    dw = (w[1:] - ref).abs_()
-    v = torch.cat([dw, (dw / ref.abs()).nan_to_num_(nan=0.0, posinf=0.0)])  # [2M, S]: abs rows, then rel rows
-    zeros = (v == 0).sum(1)
-    # bin b of row i goes to slot i * (BINS + 1) + b + 1; slot 0 of each row collects what is not counted
-    # zeros (counted above) are moved under the range first: log10(0) takes a slow path, ~10x the cost
-    b = torch.log10(v.clamp_min(1e-30)).sub_(HIST_LO).mul_(HIST_BINS / (HIST_HI - HIST_LO)).floor_()
-    b = b.nan_to_num_(nan=-1.0, neginf=-1.0, posinf=HIST_BINS - 1).clamp_(-1, HIST_BINS - 1).add_(1).long()
-    b += torch.arange(v.shape[0])[:, None] * (HIST_BINS + 1)
-    counts = torch.bincount(b.view(-1), minlength=v.shape[0] * (HIST_BINS + 1)).view(v.shape[0], HIST_BINS + 1)
-    counts = counts[:, 1:].double()
-    for i, key in enumerate([f"{d}/abs" for d in deltas] + [f"{d}/rel" for d in deltas]):
-        hist[key] = hist.get(key, 0) + counts[i]
-        hist[key + "_zero"] = hist.get(key + "_zero", 0) + zeros[i:i + 1].double()
+    def __init__(self, deltas: Sequence[str]):
+        self.keys = [f"{d}/abs" for d in deltas] + [f"{d}/rel" for d in deltas]
+        self.counts = torch.zeros(len(self.keys), HIST_BINS, dtype=torch.float64)
+        self.zeros = torch.zeros(len(self.keys), dtype=torch.float64)
+        self.samples = 0
+
+    def add(self, ws, mode: str, stride: int, max_elems: int = 1 << 13) -> None:
+        """Bin every ``step``-th row of the tensor (K versions ``ws``).
+
+        ``step >= stride``, grown for large tensors (at most ~max_elems elements a tensor): whole rows keep the
+        sample's reads contiguous. All deltas and both kinds are binned by one bincount, so the histograms cost a
+        small fraction of the pass. Exact zeros (and a relative change against a zero weight) are counted apart;
+        NaN and values below 1e-12 are not counted; values from 100 up go to the top bin.
+        """
+        n_rows, n_cols = ws[0].shape
+        rows = torch.arange(0, n_rows, max(stride, -(-n_rows * n_cols // max_elems)))
+        w = torch.stack([x.index_select(0, rows).float() for x in ws]).view(len(ws), -1)  # [K, S]
+        ref = w[:-1] if mode == "consecutive" else w[:1]
+        dw = (w[1:] - ref).abs_()
+        v = torch.cat([dw, (dw / ref.abs()).nan_to_num_(nan=0.0, posinf=0.0)])  # [2M, S]: abs rows, then rel rows
+        self.zeros += (v == 0).sum(1)
+        # bin b of row i goes to slot i * (BINS + 1) + b + 1; slot 0 of each row collects what is not counted
+        # zeros (counted above) are moved under the range first: log10(0) takes a slow path, ~10x the cost
+        b = torch.log10(v.clamp_min(1e-30)).sub_(HIST_LO).mul_(HIST_BINS / (HIST_HI - HIST_LO)).floor_()
+        b = b.nan_to_num_(nan=-1.0, neginf=-1.0, posinf=HIST_BINS - 1).clamp_(-1, HIST_BINS - 1).add_(1).long()
+        b += torch.arange(v.shape[0])[:, None] * (HIST_BINS + 1)
+        counts = torch.bincount(b.view(-1), minlength=v.shape[0] * (HIST_BINS + 1)).view(v.shape[0], HIST_BINS + 1)
+        self.counts += counts[:, 1:]
+        self.samples += 1
+
+    def as_dict(self) -> Dict[str, torch.Tensor]:
+        """The profile's ``hist`` entries: ``<delta>/abs``, ``<delta>/rel`` [BINS] and their ``_zero`` counts [1]."""
+        out = {}
+        for i, key in enumerate(self.keys):
+            out[key] = self.counts[i].clone()
+            out[key + "_zero"] = self.zeros[i:i + 1].clone()
+        return out
