@@ -451,6 +451,13 @@ def _(target, source, index, axis, block, alpha, compact, backend):
     return None
 
 
+def _rollback_compact_(target, source, index, axis: int, block: int, alpha: float, backend: str) -> None:
+    """rollback_ from a compact source (the i-th listed unit at position i along `axis`), for callers that checked,
+    sorted and de-duplicated the ids and gathered the source themselves; `backend` a resolved name."""
+    _run(_rollback_op, _rollback_impl, [target, source, index], target, source, index, axis, block, alpha, True,
+         backend)
+
+
 def rollback_(target: torch.Tensor, source: torch.Tensor, index, *, axis: int = 0, block: int = 1,
               alpha: float = 1.0, backend: Optional[str] = None) -> torch.Tensor:
     """In place on the listed units: ``target += alpha * (source - target)``; returns ``target``.
@@ -473,8 +480,8 @@ def rollback_(target: torch.Tensor, source: torch.Tensor, index, *, axis: int = 
         # Read only the listed units on the source's device, then move just those.
         idx = _unique_index(_as_index(index, source.device), n_units)
         pos = (idx[:, None] * block + torch.arange(block, device=idx.device)).reshape(-1)
-        src, idx = source.index_select(axis, pos).to(target.device), idx.to(target.device)
-        _run(_rollback_op, _rollback_impl, [target, src, idx], target, src, idx, axis, block, alpha, True, name)
+        _rollback_compact_(target, source.index_select(axis, pos).to(target.device), idx.to(target.device), axis,
+                           block, alpha, name)
     else:
         idx = _as_index(index, target.device)
         _run(_rollback_op, _rollback_impl, [target, source, idx], target, source, idx, axis, block, alpha, False,

@@ -28,6 +28,17 @@ inline void prefetch_bytes(const void* p, int64_t b0, int64_t b1, bool write) {
   }
 }
 
+// Element ti of t from element si of s (in elements): the bytes themselves when the dtypes match and alpha is 1
+// (exact even for NaN payloads), else round(lerp(t, s, alpha)).
+template <int TD, int SD>
+inline void update_elem(void* t, int64_t ti, const void* s, int64_t si, float alpha) {
+  constexpr int64_t TE = TD == kF32 ? 4 : 2;
+  if (TD == SD && alpha == 1.0f)
+    std::memcpy((char*)t + ti * TE, (const char*)s + si * TE, TE);
+  else
+    store_from_f32<TD>(t, ti, lerp(load_f32<TD>(t, ti), load_f32<SD>(s, si), alpha));
+}
+
 // n elements: t[i] = round(lerp(t[i], s[i], alpha)), unit strides, a chunk at a time; while a chunk is updated, the
 // same chunk of the next rows (nt, ns; may be null) is prefetched. Whole vectors load, lerp (one fused multiply-add)
 // and round (store_vec) in registers; the last elements of a run use the scalar functions.
@@ -52,20 +63,14 @@ void update_run(void* t, const void* s, int64_t n, float alpha, const void* nt =
         store_vec<TD>(t, i, vfma(va, load_vec<SD>(s, i) - tv, tv));
       }
     }
-    for (; i < c0 + m; ++i) store_from_f32<TD>(t, i, lerp(load_f32<TD>(t, i), load_f32<SD>(s, i), alpha));
+    for (; i < c0 + m; ++i) update_elem<TD, SD>(t, i, s, i, alpha);
   }
 }
 
 // n elements with strides (in elements) ts, ss.
 template <int TD, int SD>
 void update_strided(void* t, int64_t ts, const void* s, int64_t ss, int64_t n, float alpha) {
-  const int64_t esize = TD == kF32 ? 4 : 2;
-  for (int64_t i = 0; i < n; ++i) {
-    if (TD == SD && alpha == 1.0f)
-      std::memcpy((char*)t + i * ts * esize, (const char*)s + i * ss * esize, esize);
-    else
-      store_from_f32<TD>(t, i * ts, lerp(load_f32<TD>(t, i * ts), load_f32<SD>(s, i * ss), alpha));
-  }
+  for (int64_t i = 0; i < n; ++i) update_elem<TD, SD>(t, i * ts, s, i * ss, alpha);
 }
 
 template <int TD, int SD>
@@ -112,13 +117,8 @@ void run(void* target, int64_t ts0, int64_t ts1, const Tensor2D& src, int64_t ro
       }
       char* tr = t + r * ts0 * TE;
       const char* sr = s + r * src.stride0 * SE;
-      for (int64_t i = 0; i < n_index; ++i) {
-        const int64_t tc = index[i] * ts1, sc = (compact ? i : index[i]) * src.stride1;
-        if (TD == SD && alpha == 1.0f)
-          std::memcpy(tr + tc * TE, sr + sc * SE, TE);
-        else
-          store_from_f32<TD>(tr, tc, lerp(load_f32<TD>(tr, tc), load_f32<SD>(sr, sc), alpha));
-      }
+      for (int64_t i = 0; i < n_index; ++i)
+        update_elem<TD, SD>(tr, index[i] * ts1, sr, (compact ? i : index[i]) * src.stride1, alpha);
     }
   } else {
     // Unit i is `block` columns of every row: parallel over rows.

@@ -205,8 +205,8 @@ def _apply_tensor(target: torch.Tensor, source: torch.Tensor, axes: Dict[int, to
             s = source.index_select(1, cols.to(source.device)).to(device=target.device, dtype=torch.float32)
             r = rows.to(target.device)
             s[r] = target.index_select(1, cols.to(target.device))[r].float()
-            name = ops.resolve_backend(backend, target.device)
-            torch.ops.lpt.rollback_(target, s, cols.to(target.device), 1, 1, alpha, True, name)
+            ops._rollback_compact_(target, s, cols.to(target.device), 1, 1, alpha,
+                                   ops.resolve_backend(backend, target.device))
         else:
             ops.rollback_(target, source, cols.to(target.device), axis=1, block=1, alpha=alpha, backend=backend)
         read += cols.numel() * target.shape[0] * esize
