@@ -1,6 +1,8 @@
 """lpt_kernels.analysis.diff against a brute-force float64 computation on a real sharded transformers checkpoint."""
 import math
 
+import types
+
 import pytest
 import torch
 
@@ -88,9 +90,16 @@ def test_sparsity_counts_are_exact(chain):
     assert 0.5 < prof.sparsity()["d1"] < 0.9  # the factory changes ~30% of rows
 
 
+@pytest.mark.parametrize("binning", ["cpu", "torch"])
 @pytest.mark.parametrize("mode", ["consecutive", "base"])
-def test_histograms_match_brute_force(chain, mode):
-    """Every 7th row of every tensor, binned in float64 with explicit edges, summed over tensors."""
+def test_histograms_match_brute_force(chain, mode, binning, monkeypatch):
+    """Every 7th row of every tensor, binned in float64 with explicit edges, summed over tensors; by the C++ helper
+    and by the torch ops used where it is not available."""
+    import lpt_kernels.analysis.profile as profile_mod
+    if binning == "torch":
+        monkeypatch.setattr(profile_mod, "cpu", types.SimpleNamespace(AVAILABLE=False))
+    elif not profile_mod.cpu.AVAILABLE:
+        pytest.skip("the CPU extension is not built")
     dirs, states = chain
     prof = diff(dirs, mode=mode, hist_stride=7, progress=False)
     names = [n for n in states[0] if n != "lm_head.weight"]
@@ -111,10 +120,56 @@ def test_histograms_match_brute_force(chain, mode):
         for kind in ("abs", "rel"):
             got = prof.hist[f"{d}/{kind}"]
             assert got.sum() > 1000
-            # float32 log10 may move a value sitting on a bin edge by one bin
+            # float32 log10 (torch) may move a value sitting on a bin edge by one bin; the C++ helper compares with
+            # exact edges, so only its fp32 quotient (rel) can differ from the float64 one
             assert (got - want[kind]).abs().sum() <= 2e-3 * want[kind].sum(), (d, kind)
             assert torch.allclose(got.cumsum(0), want[kind].cumsum(0), atol=2e-3 * want[kind].sum())
             assert prof.hist[f"{d}/{kind}_zero"].item() == zeros[kind]
+
+
+@pytest.mark.parametrize("mode", ["consecutive", "base"])
+def test_log_hist_bins_exactly(mode):
+    """The C++ helper against float64 edges on the same fp32 values: every magnitude from 1e-14 to 1e4, values on
+    and next to the edges, zeros, zero weights, inf and NaN, mixed dtypes and a strided view, sampled rows only."""
+    import lpt_kernels.analysis.profile as P
+    if not P.cpu.AVAILABLE:
+        pytest.skip("the CPU extension is not built")
+    g = torch.Generator().manual_seed(7)
+    rows, cols = 40, 67
+    edges = torch.tensor([10.0 ** (P.HIST_LO + (P.HIST_HI - P.HIST_LO) * b / P.HIST_BINS)
+                          for b in range(P.HIST_BINS + 1)], dtype=torch.float64)
+    base = torch.randn(rows, cols, generator=g)
+    base[3, :5] = 0.0  # zero weights: relative change counted as zero
+    ws = [base]
+    for m in range(3):
+        mag = 10.0 ** (torch.rand(rows, cols, generator=g) * 18 - 14)
+        mag[6 + m, :10] = torch.nextafter(edges[50:60].float(), torch.tensor(0.0))  # next to the edges
+        d = mag * torch.randn(rows, cols, generator=g).sign()
+        d[torch.rand(rows, cols, generator=g) < 0.2] = 0.0
+        ws.append(ws[0] + d if mode == "base" else ws[-1] + d)
+    ws[0][12, :5], ws[1][12, :5] = 0.0, torch.tensor([1.0, 10.0, 100.0, 0.99999994, 1e-12])  # on the edges
+    ws[2][9, 4] = float("inf")
+    ws[3][10, 2] = float("nan")
+    ws = [ws[0].to(torch.bfloat16), ws[1], ws[2].t().contiguous().t(), ws[3].half().float()]
+    pick = torch.arange(0, rows, 3)
+    counts = torch.zeros(6, P.HIST_BINS, dtype=torch.float64)
+    zeros = torch.zeros(6, dtype=torch.float64)
+    P.cpu.log_hist(ws, pick, mode, counts, zeros, P.HIST_BINS, P.HIST_LO, P.HIST_HI)
+    w = [x.float()[pick] for x in ws]
+    for m in range(3):
+        ref = w[m] if mode == "consecutive" else w[0]
+        d = (w[m + 1] - ref).abs()
+        rel = d / ref.abs()
+        rel = torch.where(torch.isfinite(rel), rel, torch.zeros_like(rel))
+        for row, v in ((m, d), (3 + m, rel)):
+            v = v.double().flatten()
+            assert zeros[row] == (v == 0).sum()
+            keep = v[(v >= edges[0]) & ~v.isnan()]
+            want = torch.bincount((torch.searchsorted(edges, keep, right=True) - 1).clamp(max=P.HIST_BINS - 1),
+                                  minlength=P.HIST_BINS).double()
+            assert torch.equal(counts[row], want), (m, row)
+    with pytest.raises(ValueError, match="row index out of range"):
+        P.cpu.log_hist(ws, torch.tensor([rows]), mode, counts, zeros, P.HIST_BINS, P.HIST_LO, P.HIST_HI)
 
 
 def test_top_units_jaccard_and_shared_cosine(chain):

@@ -154,6 +154,76 @@ int index_order(uintptr_t index, int64_t n, int64_t n_units) {
   return increasing ? 1 : 0;
 }
 
+// lpt diff's histograms over a row sample: for each listed row of K inputs [rows, cols] (consecutive or base mode),
+// the log10 bin of |d_m| goes to counts[m] and that of |d_m| / |w_ref| to counts[M + m] (counts: float64 [2M, bins],
+// zeros: float64 [2M], both added to). Bin b holds [10^(lo + b w), 10^(lo + (b+1) w)), w = (hi - lo) / bins, with
+// exact edges; values from 10^hi up (inf too) go to the top bin; values below 10^lo and NaN are not counted. Exact
+// zeros are counted in zeros, and so is a relative change against a zero weight or a non-finite one. The arithmetic
+// is the kernels' fp32. One call per tensor instead of a dozen torch ops, which cost more than the sample.
+void log_hist(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes, const std::vector<int64_t>& s0,
+              const std::vector<int64_t>& s1, int64_t total_rows, int64_t cols, uintptr_t rows, int64_t n_rows,
+              int mode, int bins, double lo, double hi, uintptr_t counts, uintptr_t zeros) {
+  const int k = (int)ptrs.size();
+  if (k < 2 || k > 8 || dtypes.size() != ptrs.size() || s0.size() != ptrs.size() || s1.size() != ptrs.size())
+    throw std::invalid_argument("log_hist: 2 to 8 inputs with one dtype and two strides each");
+  if (mode != lpt::kConsecutive && mode != lpt::kBase) throw std::invalid_argument("log_hist: bad mode");
+  if (bins < 1 || !(hi > lo)) throw std::invalid_argument("log_hist: bad bins");
+  if ((n_rows > 0 && !rows) || !counts || !zeros) throw std::invalid_argument("log_hist: null pointer");
+  std::vector<Tensor2D> ws;
+  for (int i = 0; i < k; ++i) ws.push_back(tensor(ptrs[i], dtypes[i], s0[i], s1[i], "log_hist input"));
+  const int m_count = k - 1;
+  std::vector<double> edge(bins + 1);
+  for (int b = 0; b <= bins; ++b) edge[b] = std::pow(10.0, lo + (hi - lo) * b / bins);
+  const double scale = bins / (hi - lo);
+  double* cnt = (double*)counts;
+  double* zer = (double*)zeros;
+  std::vector<float> w((size_t)k * cols);
+  std::vector<int64_t> local((size_t)2 * m_count * bins, 0), local_zero(2 * m_count, 0);
+  // A first guess from the exponent and the mantissa's linear part (within a third of a bin), then exact edges.
+  auto add = [&](float v, int row) {
+    if (v == 0.0f) return (void)++local_zero[row];
+    if (!(v >= edge[0])) return;  // below the range, or NaN
+    int b = bins - 1;
+    if (v < edge[bins]) {
+      const uint32_t x = lpt::f32_to_bits(v);
+      const float mant = lpt::bits_to_f32((x & 0x7fffffu) | 0x3f800000u);
+      const double l10 = ((int)(x >> 23) - 127 + (mant - 1.0f)) * 0.30102999566398120;
+      b = std::min(bins - 1, std::max(0, (int)std::floor((l10 - lo) * scale)));
+      while (b > 0 && v < edge[b]) --b;
+      while (b < bins - 1 && v >= edge[b + 1]) ++b;
+    }
+    ++local[(size_t)row * bins + b];
+  };
+  const int64_t* ri = (const int64_t*)rows;
+  for (int64_t i = 0; i < n_rows; ++i)
+    if (ri[i] < 0 || ri[i] >= total_rows) throw std::invalid_argument("log_hist: row index out of range");
+  py::gil_scoped_release nogil;
+  for (int64_t i = 0; i < n_rows; ++i) {
+    for (int j = 0; j < k; ++j) {
+      const Tensor2D& t = ws[j];
+      const int64_t off = ri[i] * t.stride0;
+      float* out = w.data() + (size_t)j * cols;
+      for (int64_t c = 0; c < cols; ++c) {
+        const int64_t e = off + c * t.stride1;
+        out[c] = t.dtype == lpt::kF32 ? lpt::load_f32<lpt::kF32>(t.data, e)
+                 : t.dtype == lpt::kBF16 ? lpt::load_f32<lpt::kBF16>(t.data, e) : lpt::load_f32<lpt::kF16>(t.data, e);
+      }
+    }
+    for (int m = 0; m < m_count; ++m) {
+      const float* ref = w.data() + (size_t)(mode == lpt::kConsecutive ? m : 0) * cols;
+      const float* cur = w.data() + (size_t)(m + 1) * cols;
+      for (int64_t c = 0; c < cols; ++c) {
+        const float d = std::fabs(cur[c] - ref[c]);
+        const float rel = d / std::fabs(ref[c]);
+        add(d, m);
+        add(std::isfinite(rel) ? rel : 0.0f, m_count + m);
+      }
+    }
+  }
+  for (size_t i = 0; i < local.size(); ++i) cnt[i] += (double)local[i];
+  for (int i = 0; i < 2 * m_count; ++i) zer[i] += (double)local_zero[i];
+}
+
 // The read ceiling of the benchmarks: sum every 64-bit word of the given buffers with the same threads the kernels
 // use. Each thread reads one contiguous range with four independent sums and prefetches 1 KiB ahead in software, as
 // the kernels do; it only has to keep up with memory.
@@ -197,6 +267,7 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("isa", []() { return std::string(isa_name(g_isa)); }, "The instruction-set variant in use.");
   m.def("gram_cosines", &gram_cosines, "Per-unit and pooled cosines of deltas a, b from a Gram [n, m, m].");
   m.def("index_order", &index_order, "Unit ids: -1 out of range, 1 strictly increasing, 0 otherwise.");
+  m.def("log_hist", &log_hist, "lpt diff's log10 histograms of |d| and |d|/|w_ref| over listed rows.");
   m.def("stream_read", &stream_read, "Benchmark read ceiling: sum the 64-bit words of the buffers.");
   m.def("best_isa", []() { return std::string(isa_name(g_best)); });
 }

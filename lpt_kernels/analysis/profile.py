@@ -21,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 
 from lpt_kernels import __version__, unit_gram
+from lpt_kernels.backends import cpu
 from lpt_kernels.checkpoint import Checkpoint, align, stream
 from lpt_kernels.layout import Layout, load_layout
 
@@ -391,12 +392,17 @@ class _HistTotals:
         """Bin every ``step``-th row of the tensor (K versions ``ws``).
 
         ``step >= stride``, grown for large tensors (at most ~max_elems elements a tensor): whole rows keep the
-        sample's reads contiguous. All deltas and both kinds are binned by one bincount, so the histograms cost a
-        small fraction of the pass. Exact zeros (and a relative change against a zero weight) are counted apart;
-        NaN and values below 1e-12 are not counted; values from 100 up go to the top bin.
+        sample's reads contiguous. Bin b holds [10^(LO + b/10), 10^(LO + (b+1)/10)); values from 100 up go to the
+        top bin; NaN and values below 1e-12 are not counted; exact zeros (and a relative change against a zero
+        weight) are counted apart. On the CPU one C++ call bins the sample with exact edges (``cpu.log_hist``);
+        elsewhere torch ops bin it by the float32 log10 (a value on an edge may land one bin off).
         """
         n_rows, n_cols = ws[0].shape
         rows = torch.arange(0, n_rows, max(stride, -(-n_rows * n_cols // max_elems)))
+        self.samples += 1
+        if cpu.AVAILABLE and ws[0].device.type == "cpu":
+            cpu.log_hist(ws, rows, mode, self.counts, self.zeros, HIST_BINS, HIST_LO, HIST_HI)
+            return
         w = torch.stack([x.index_select(0, rows).float() for x in ws]).view(len(ws), -1)  # [K, S]
         ref = w[:-1] if mode == "consecutive" else w[:1]
         dw = (w[1:] - ref).abs_()
@@ -409,7 +415,6 @@ class _HistTotals:
         b += torch.arange(v.shape[0])[:, None] * (HIST_BINS + 1)
         counts = torch.bincount(b.view(-1), minlength=v.shape[0] * (HIST_BINS + 1)).view(v.shape[0], HIST_BINS + 1)
         self.counts += counts[:, 1:]
-        self.samples += 1
 
     def as_dict(self) -> Dict[str, torch.Tensor]:
         """The profile's ``hist`` entries: ``<delta>/abs``, ``<delta>/rel`` [BINS] and their ``_zero`` counts [1]."""

@@ -64,6 +64,14 @@ def masked_cosine(ws, mode, a, b, index, axis, block):
     return torch.tensor(pooled, dtype=torch.float32), per_unit
 
 
+def log_hist(ws, rows, mode, counts, zeros, bins, lo, hi):
+    """lpt diff's histograms: add the log10 bins of |d| and |d|/|w_ref| over the listed rows into counts, zeros."""
+    rows = rows.contiguous()
+    _ext().log_hist([w.data_ptr() for w in ws], [DTYPE_CODES[w.dtype] for w in ws], [w.stride(0) for w in ws],
+                    [w.stride(1) for w in ws], ws[0].shape[0], ws[0].shape[1], rows.data_ptr(), rows.numel(),
+                    MODE_CODES[mode], bins, lo, hi, counts.data_ptr(), zeros.data_ptr())
+
+
 def act_stats_(x, stats, token_mask, threshold):
     C = _ext()
     mask = token_mask.contiguous() if token_mask is not None else None
