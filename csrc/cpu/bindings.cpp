@@ -167,32 +167,39 @@ void log_hist(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes
   if (k < 2 || k > 8 || dtypes.size() != ptrs.size() || s0.size() != ptrs.size() || s1.size() != ptrs.size())
     throw std::invalid_argument("log_hist: 2 to 8 inputs with one dtype and two strides each");
   if (mode != lpt::kConsecutive && mode != lpt::kBase) throw std::invalid_argument("log_hist: bad mode");
-  if (bins < 1 || !(hi > lo)) throw std::invalid_argument("log_hist: bad bins");
   if ((n_rows > 0 && !rows) || !counts || !zeros) throw std::invalid_argument("log_hist: null pointer");
   std::vector<Tensor2D> ws;
   for (int i = 0; i < k; ++i) ws.push_back(tensor(ptrs[i], dtypes[i], s0[i], s1[i], "log_hist input"));
+  if (bins < 1 || bins > 32000 || !(hi > lo)) throw std::invalid_argument("log_hist: bad bins");
   const int m_count = k - 1;
-  std::vector<double> edge(bins + 1);
-  for (int b = 0; b <= bins; ++b) edge[b] = std::pow(10.0, lo + (hi - lo) * b / bins);
-  const double scale = bins / (hi - lo);
-  double* cnt = (double*)counts;
-  double* zer = (double*)zeros;
+  // Edges as the smallest float >= the exact (double) edge: for a float v, v >= edge exactly when v >= that float.
+  std::vector<float> edge(bins + 1);
+  for (int b = 0; b <= bins; ++b) {
+    const double e = std::pow(10.0, lo + (hi - lo) * b / bins);
+    float f = (float)e;
+    edge[b] = (double)f < e ? std::nextafter(f, INFINITY) : f;
+  }
+  if (!(edge[0] > 0.0f) || !std::isfinite(edge[bins]) || (hi - lo) / bins < 0.004)
+    throw std::invalid_argument("log_hist: bins out of the supported range");
+  // Positive floats in buckets of their top 16 bits (exponent and 7 mantissa bits, 1/128 of a binade, under a
+  // tenth of a decade): first[i] is the bin of bucket i's smallest value, so a value's bin is first[i] or the next.
+  const uint32_t b0 = lpt::f32_to_bits(edge[0]) >> 16, b1 = lpt::f32_to_bits(edge[bins]) >> 16;
+  std::vector<int16_t> first(b1 - b0 + 1);
+  for (uint32_t i = b0, b = 0; i <= b1; ++i) {
+    const float v = lpt::bits_to_f32(i << 16);
+    while (b + 1 < (uint32_t)bins && v >= edge[b + 1]) ++b;
+    first[i - b0] = (int16_t)b;
+  }
+  const float* fe = edge.data();
+  const int16_t* ft = first.data();
   std::vector<float> w((size_t)k * cols);
   std::vector<int64_t> local((size_t)2 * m_count * bins, 0), local_zero(2 * m_count, 0);
-  // A first guess from the exponent and the mantissa's linear part (within a third of a bin), then exact edges.
-  auto add = [&](float v, int row) {
-    if (v == 0.0f) return (void)++local_zero[row];
-    if (!(v >= edge[0])) return;  // below the range, or NaN
-    int b = bins - 1;
-    if (v < edge[bins]) {
-      const uint32_t x = lpt::f32_to_bits(v);
-      const float mant = lpt::bits_to_f32((x & 0x7fffffu) | 0x3f800000u);
-      const double l10 = ((int)(x >> 23) - 127 + (mant - 1.0f)) * 0.30102999566398120;
-      b = std::min(bins - 1, std::max(0, (int)std::floor((l10 - lo) * scale)));
-      while (b > 0 && v < edge[b]) --b;
-      while (b < bins - 1 && v >= edge[b + 1]) ++b;
-    }
-    ++local[(size_t)row * bins + b];
+  auto add = [&](float v, int64_t* c, int64_t& z) {
+    if (v == 0.0f) return (void)++z;
+    if (!(v >= fe[0])) return;  // below the range, or NaN
+    if (v >= fe[bins]) return (void)++c[bins - 1];
+    const int b = ft[(lpt::f32_to_bits(v) >> 16) - b0];
+    ++c[b + (v >= fe[b + 1])];
   };
   const int64_t* ri = (const int64_t*)rows;
   for (int64_t i = 0; i < n_rows; ++i)
@@ -201,25 +208,30 @@ void log_hist(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes
   for (int64_t i = 0; i < n_rows; ++i) {
     for (int j = 0; j < k; ++j) {
       const Tensor2D& t = ws[j];
-      const int64_t off = ri[i] * t.stride0;
+      const int64_t off = ri[i] * t.stride0, st = t.stride1;
       float* out = w.data() + (size_t)j * cols;
-      for (int64_t c = 0; c < cols; ++c) {
-        const int64_t e = off + c * t.stride1;
-        out[c] = t.dtype == lpt::kF32 ? lpt::load_f32<lpt::kF32>(t.data, e)
-                 : t.dtype == lpt::kBF16 ? lpt::load_f32<lpt::kBF16>(t.data, e) : lpt::load_f32<lpt::kF16>(t.data, e);
-      }
+      if (t.dtype == lpt::kF32)
+        for (int64_t c = 0; c < cols; ++c) out[c] = lpt::load_f32<lpt::kF32>(t.data, off + c * st);
+      else if (t.dtype == lpt::kBF16)
+        for (int64_t c = 0; c < cols; ++c) out[c] = lpt::load_f32<lpt::kBF16>(t.data, off + c * st);
+      else
+        for (int64_t c = 0; c < cols; ++c) out[c] = lpt::load_f32<lpt::kF16>(t.data, off + c * st);
     }
     for (int m = 0; m < m_count; ++m) {
       const float* ref = w.data() + (size_t)(mode == lpt::kConsecutive ? m : 0) * cols;
       const float* cur = w.data() + (size_t)(m + 1) * cols;
+      int64_t* ca = local.data() + (size_t)m * bins;
+      int64_t* cr = local.data() + (size_t)(m_count + m) * bins;
       for (int64_t c = 0; c < cols; ++c) {
         const float d = std::fabs(cur[c] - ref[c]);
         const float rel = d / std::fabs(ref[c]);
-        add(d, m);
-        add(std::isfinite(rel) ? rel : 0.0f, m_count + m);
+        add(d, ca, local_zero[m]);
+        add(std::isfinite(rel) ? rel : 0.0f, cr, local_zero[m_count + m]);
       }
     }
   }
+  double* cnt = (double*)counts;
+  double* zer = (double*)zeros;
   for (size_t i = 0; i < local.size(); ++i) cnt[i] += (double)local[i];
   for (int i = 0; i < 2 * m_count; ++i) zer[i] += (double)local_zero[i];
 }
