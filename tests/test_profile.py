@@ -17,6 +17,18 @@ def chain(tmp_path_factory):
     return dirs, states
 
 
+@pytest.fixture(params=["cpu", "torch"])
+def helpers(request, monkeypatch):
+    """diff's bookkeeping by the C++ helpers (cpu.fold_unit_gram, cpu.log_hist) or by the torch ops used where the
+    extension is missing."""
+    import lpt_kernels.analysis.profile as profile_mod
+    if request.param == "torch":
+        monkeypatch.setattr(profile_mod, "cpu", types.SimpleNamespace(AVAILABLE=False))
+    elif not profile_mod.cpu.AVAILABLE:
+        pytest.skip("the CPU extension is not built")
+    return request.param
+
+
 def _brute_mlp(states, layer, mode="consecutive"):
     """[M, units] squared update norm of every MLP neuron (gate row + up row + down column), float64."""
     out = []
@@ -41,7 +53,7 @@ def _brute_heads(states, layer, names, axes, head_dim, m):
 
 
 @pytest.mark.parametrize("mode", ["consecutive", "base"])
-def test_unit_norms_and_gram_match_brute_force(chain, mode):
+def test_unit_norms_and_gram_match_brute_force(chain, mode, helpers):
     dirs, states = chain
     prof = diff(dirs, mode=mode, progress=False)
     assert prof.deltas == ["d1", "d2", "d3"] and prof.meta["num_layers"] == 3
@@ -63,7 +75,7 @@ def test_unit_norms_and_gram_match_brute_force(chain, mode):
     assert torch.allclose(prof.cosine("d1", "d3", "mlp")[1], want, atol=1e-5)
 
 
-def test_attention_and_kv_heads(chain):
+def test_attention_and_kv_heads(chain, helpers):
     dirs, states = chain
     prof = diff(dirs, progress=False)
     for layer in range(3):
@@ -77,7 +89,7 @@ def test_attention_and_kv_heads(chain):
     assert prof.stat("d1", "kv", "sq_norm").shape == (3, 2)
 
 
-def test_sparsity_counts_are_exact(chain):
+def test_sparsity_counts_are_exact(chain, helpers):
     dirs, states = chain
     prof = diff(dirs, atol=1e-3, progress=False)
     names = [n for n in states[0] if n != "lm_head.weight"]  # tied to embed_tokens: counted once
@@ -90,16 +102,9 @@ def test_sparsity_counts_are_exact(chain):
     assert 0.5 < prof.sparsity()["d1"] < 0.9  # the factory changes ~30% of rows
 
 
-@pytest.mark.parametrize("binning", ["cpu", "torch"])
 @pytest.mark.parametrize("mode", ["consecutive", "base"])
-def test_histograms_match_brute_force(chain, mode, binning, monkeypatch):
-    """Every 7th row of every tensor, binned in float64 with explicit edges, summed over tensors; by the C++ helper
-    and by the torch ops used where it is not available."""
-    import lpt_kernels.analysis.profile as profile_mod
-    if binning == "torch":
-        monkeypatch.setattr(profile_mod, "cpu", types.SimpleNamespace(AVAILABLE=False))
-    elif not profile_mod.cpu.AVAILABLE:
-        pytest.skip("the CPU extension is not built")
+def test_histograms_match_brute_force(chain, mode, helpers):
+    """Every 7th row of every tensor, binned in float64 with explicit edges, summed over tensors."""
     dirs, states = chain
     prof = diff(dirs, mode=mode, hist_stride=7, progress=False)
     names = [n for n in states[0] if n != "lm_head.weight"]
@@ -208,7 +213,7 @@ def test_save_load_roundtrip(chain, tmp_path):
         Profile.load(str(tmp_path))
 
 
-def test_mixed_dtypes_and_nonfinite(tmp_path):
+def test_mixed_dtypes_and_nonfinite(tmp_path, helpers):
     dirs, states = save_chain(str(tmp_path / "a"), n_domains=1)
     # the same update stored as fp32 master weights
     dirs32, _ = save_chain(str(tmp_path / "b"), n_domains=1, dtype=torch.float32)
@@ -225,3 +230,5 @@ def test_mixed_dtypes_and_nonfinite(tmp_path):
     with pytest.warns(RuntimeWarning, match="non-finite"):
         prof = diff(dirs, progress=False)
     assert prof.meta["nonfinite"][name] == [0, 1]
+    entry = prof.tensors[name]
+    assert math.isinf(entry["abs_max"][0]) and not math.isfinite(entry["sq_norm"][0])

@@ -327,14 +327,12 @@ def _pass(ckpts, names, lay, groups, mode, atol, rtol, backend, acc, deltas, ten
                 if g not in groups:
                     continue
                 r = unit_gram(ws, axis=mem.axis, block=mem.block, mode=mode, atol=atol, rtol=rtol, backend=backend)
-                acc[g].add(layer, r)
-                totals = r
+                totals = acc[g].add(layer, r)
         if totals is None:  # not profiled per unit: rows as units keep the pass parallel; summed below
-            totals = unit_gram(ws, axis=0, block=1, mode=mode, atol=atol, rtol=rtol, backend=backend)
-        gdiag = torch.diagonal(totals.gram, dim1=1, dim2=2).double().sum(0)
-        entry.update(zeros=totals.zeros.sum(0).tolist(), near_zeros=totals.near_zeros.sum(0).tolist(),
-                     sq_norm=gdiag.tolist(), abs_max=totals.abs_max.amax(0).tolist())
-        if not torch.isfinite(totals.abs_sum.sum() + totals.gram.sum()):  # any NaN/inf makes a sum non-finite
+            totals = _fold(unit_gram(ws, axis=0, block=1, mode=mode, atol=atol, rtol=rtol, backend=backend))
+        zeros, near_zeros, sq_norm, abs_max, finite = totals
+        entry.update(zeros=zeros, near_zeros=near_zeros, sq_norm=sq_norm, abs_max=abs_max)
+        if not finite:
             counts = [int((~torch.isfinite(w)).sum()) for w in ws]
             nonfinite[name] = counts
             entry["nonfinite"] = counts
@@ -355,12 +353,10 @@ class _GroupTotals:
         self.zeros = torch.zeros(n_layers, n_units, m, dtype=torch.int64)
         self.near_zeros = torch.zeros(n_layers, n_units, m, dtype=torch.int64)
 
-    def add(self, layer: int, r) -> None:
-        self.gram[layer] += r.gram
-        self.abs_sum[layer] += r.abs_sum
-        torch.maximum(self.abs_max[layer], r.abs_max, out=self.abs_max[layer])
-        self.zeros[layer] += r.zeros
-        self.near_zeros[layer] += r.near_zeros
+    def add(self, layer: int, r) -> tuple:
+        """Add a unit_gram result into ``layer``'s totals; return its own totals (see :func:`_fold`)."""
+        return _fold(r, (self.gram[layer], self.abs_sum[layer], self.abs_max[layer], self.zeros[layer],
+                         self.near_zeros[layer]))
 
     def arrays(self, group: str, deltas: Sequence[str]) -> Dict[str, torch.Tensor]:
         """The profile's named [layers, units] arrays: STATS per delta and the dot product of every pair."""
@@ -374,6 +370,24 @@ class _GroupTotals:
             for j in range(m + 1, len(deltas)):
                 out[f"{d}|{deltas[j]}/{group}/dot"] = self.gram[:, :, m, j].float()
         return out
+
+
+def _fold(r, into=None) -> tuple:
+    """A unit_gram result's totals per delta: (zeros, near_zeros, sq_norm, abs_max) lists and whether its sums are
+    all finite (a NaN or inf anywhere makes them not); with ``into`` (a group layer's gram, abs_sum, abs_max, zeros,
+    near_zeros), r is also added into those. One C++ call on the CPU, torch ops elsewhere."""
+    if cpu.AVAILABLE and r.gram.device.type == "cpu":
+        return cpu.fold_unit_gram(r, into)
+    if into is not None:
+        gram, abs_sum, abs_max, zeros, near_zeros = into
+        gram += r.gram
+        abs_sum += r.abs_sum
+        torch.maximum(abs_max, r.abs_max, out=abs_max)
+        zeros += r.zeros
+        near_zeros += r.near_zeros
+    gdiag = torch.diagonal(r.gram, dim1=1, dim2=2).double().sum(0)
+    return (r.zeros.sum(0).tolist(), r.near_zeros.sum(0).tolist(), gdiag.tolist(), r.abs_max.amax(0).tolist(),
+            bool(torch.isfinite(r.abs_sum.sum() + r.gram.sum())))
 
 
 HIST_BINS, HIST_LO, HIST_HI = 140, -12.0, 2.0  # log10 bins of width 0.1 over [1e-12, 100); larger values: top bin

@@ -72,6 +72,21 @@ def log_hist(ws, rows, mode, counts, zeros, bins, lo, hi):
                     MODE_CODES[mode], bins, lo, hi, counts.data_ptr(), zeros.data_ptr())
 
 
+def fold_unit_gram(r, acc=None):
+    """lpt diff's bookkeeping of a unit_gram result ``r``: its per-delta totals (zeros, near_zeros, sq_norm, abs_max
+    lists and whether its sums are finite), and with ``acc`` (gram, abs_sum, abs_max, zeros, near_zeros of a group's
+    layer: float64, float64, float32, int64, int64, contiguous) r added into those."""
+    r = [x.contiguous() for x in r]
+    want = (torch.float32, torch.float32, torch.float32, torch.int64, torch.int64)
+    if [x.dtype for x in r] != list(want) or (acc is not None and [a.dtype for a in acc] != [
+            torch.float64, torch.float64, torch.float32, torch.int64, torch.int64]):
+        raise TypeError("fold_unit_gram: unexpected dtypes")
+    if acc is not None and not all(a.is_contiguous() and a.shape == x.shape for a, x in zip(acc, r)):
+        raise ValueError("fold_unit_gram: totals must be contiguous and shaped like the result")
+    ptrs = [a.data_ptr() for a in acc] if acc is not None else [0] * 5
+    return _ext().fold_unit_gram(*(x.data_ptr() for x in r), r[1].shape[0], r[1].shape[1], *ptrs)
+
+
 def act_stats_(x, stats, token_mask, threshold):
     C = _ext()
     mask = token_mask.contiguous() if token_mask is not None else None
