@@ -50,7 +50,8 @@ class BuildExt(build_ext):
 
 
 ext_modules = [
-    Pybind11Extension("lpt_kernels._C_cpu", ["csrc/cpu/bindings.cpp"], include_dirs=["csrc/include", "csrc/cpu"],
+    Pybind11Extension("lpt_kernels._C_cpu", ["csrc/cpu/bindings.cpp", "csrc/cpu/diff_helpers.cpp"],
+                      include_dirs=["csrc/include", "csrc/cpu"],
                       extra_compile_args=COMMON_FLAGS, extra_link_args=["-fopenmp"], cxx_std=17),
 ]
 if os.environ.get("LPT_BUILD_CUDA", "0") == "1":

@@ -11,7 +11,9 @@
 #include <string>
 #include <vector>
 
+#include "diff_helpers.h"
 #include "kernels.h"
+#include "pyargs.h"
 #include "lpt/element.h"
 
 namespace py = pybind11;
@@ -63,17 +65,6 @@ void set_isa(const std::string& name) {
 #else
 #define LPT_DISPATCH(fn, ...) lpt::cpu::base::fn(__VA_ARGS__)
 #endif
-
-void check_dtype(int d, const char* what) {
-  if (d != lpt::kF32 && d != lpt::kBF16 && d != lpt::kF16)
-    throw std::invalid_argument(std::string(what) + ": unsupported dtype code " + std::to_string(d));
-}
-
-Tensor2D tensor(uintptr_t ptr, int dtype, int64_t s0, int64_t s1, const char* what) {
-  check_dtype(dtype, what);
-  if (!ptr) throw std::invalid_argument(std::string(what) + ": null data pointer");
-  return Tensor2D{(const void*)ptr, dtype, s0, s1};
-}
 
 void unit_gram(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes, const std::vector<int64_t>& s0,
                const std::vector<int64_t>& s1, int64_t rows, int64_t cols, int axis, int64_t block, int mode,
@@ -154,139 +145,6 @@ int index_order(uintptr_t index, int64_t n, int64_t n_units) {
   return increasing ? 1 : 0;
 }
 
-// lpt diff's histograms over a row sample: for each listed row of K inputs [rows, cols] (consecutive or base mode),
-// the log10 bin of |d_m| goes to counts[m] and that of |d_m| / |w_ref| to counts[M + m] (counts: float64 [2M, bins],
-// zeros: float64 [2M], both added to). Bin b holds [10^(lo + b w), 10^(lo + (b+1) w)), w = (hi - lo) / bins, with
-// exact edges; values from 10^hi up (inf too) go to the top bin; values below 10^lo and NaN are not counted. Exact
-// zeros are counted in zeros, and so is a relative change against a zero weight or a non-finite one. The arithmetic
-// is the kernels' fp32. One call per tensor instead of a dozen torch ops, which cost more than the sample.
-void log_hist(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes, const std::vector<int64_t>& s0,
-              const std::vector<int64_t>& s1, int64_t total_rows, int64_t cols, uintptr_t rows, int64_t n_rows,
-              int mode, int bins, double lo, double hi, uintptr_t counts, uintptr_t zeros) {
-  const int k = (int)ptrs.size();
-  if (k < 2 || k > 8 || dtypes.size() != ptrs.size() || s0.size() != ptrs.size() || s1.size() != ptrs.size())
-    throw std::invalid_argument("log_hist: 2 to 8 inputs with one dtype and two strides each");
-  if (mode != lpt::kConsecutive && mode != lpt::kBase) throw std::invalid_argument("log_hist: bad mode");
-  if ((n_rows > 0 && !rows) || !counts || !zeros) throw std::invalid_argument("log_hist: null pointer");
-  std::vector<Tensor2D> ws;
-  for (int i = 0; i < k; ++i) ws.push_back(tensor(ptrs[i], dtypes[i], s0[i], s1[i], "log_hist input"));
-  if (bins < 1 || bins > 32000 || !(hi > lo)) throw std::invalid_argument("log_hist: bad bins");
-  const int m_count = k - 1;
-  // Edges as the smallest float >= the exact (double) edge: for a float v, v >= edge exactly when v >= that float.
-  std::vector<float> edge(bins + 1);
-  for (int b = 0; b <= bins; ++b) {
-    const double e = std::pow(10.0, lo + (hi - lo) * b / bins);
-    float f = (float)e;
-    edge[b] = (double)f < e ? std::nextafter(f, INFINITY) : f;
-  }
-  if (!(edge[0] > 0.0f) || !std::isfinite(edge[bins]) || (hi - lo) / bins < 0.004)
-    throw std::invalid_argument("log_hist: bins out of the supported range");
-  // Positive floats in buckets of their top 16 bits (exponent and 7 mantissa bits, 1/128 of a binade, under a
-  // tenth of a decade): first[i] is the bin of bucket i's smallest value, so a value's bin is first[i] or the next.
-  const uint32_t b0 = lpt::f32_to_bits(edge[0]) >> 16, b1 = lpt::f32_to_bits(edge[bins]) >> 16;
-  std::vector<int16_t> first(b1 - b0 + 1);
-  for (uint32_t i = b0, b = 0; i <= b1; ++i) {
-    const float v = lpt::bits_to_f32(i << 16);
-    while (b + 1 < (uint32_t)bins && v >= edge[b + 1]) ++b;
-    first[i - b0] = (int16_t)b;
-  }
-  const float* fe = edge.data();
-  const int16_t* ft = first.data();
-  std::vector<float> w((size_t)k * cols);
-  std::vector<int64_t> local((size_t)2 * m_count * bins, 0), local_zero(2 * m_count, 0);
-  auto add = [&](float v, int64_t* c, int64_t& z) {
-    if (v == 0.0f) return (void)++z;
-    if (!(v >= fe[0])) return;  // below the range, or NaN
-    if (v >= fe[bins]) return (void)++c[bins - 1];
-    const int b = ft[(lpt::f32_to_bits(v) >> 16) - b0];
-    ++c[b + (v >= fe[b + 1])];
-  };
-  const int64_t* ri = (const int64_t*)rows;
-  for (int64_t i = 0; i < n_rows; ++i)
-    if (ri[i] < 0 || ri[i] >= total_rows) throw std::invalid_argument("log_hist: row index out of range");
-  py::gil_scoped_release nogil;
-  for (int64_t i = 0; i < n_rows; ++i) {
-    for (int j = 0; j < k; ++j) {
-      const Tensor2D& t = ws[j];
-      const int64_t off = ri[i] * t.stride0, st = t.stride1;
-      float* out = w.data() + (size_t)j * cols;
-      if (t.dtype == lpt::kF32)
-        for (int64_t c = 0; c < cols; ++c) out[c] = lpt::load_f32<lpt::kF32>(t.data, off + c * st);
-      else if (t.dtype == lpt::kBF16)
-        for (int64_t c = 0; c < cols; ++c) out[c] = lpt::load_f32<lpt::kBF16>(t.data, off + c * st);
-      else
-        for (int64_t c = 0; c < cols; ++c) out[c] = lpt::load_f32<lpt::kF16>(t.data, off + c * st);
-    }
-    for (int m = 0; m < m_count; ++m) {
-      const float* ref = w.data() + (size_t)(mode == lpt::kConsecutive ? m : 0) * cols;
-      const float* cur = w.data() + (size_t)(m + 1) * cols;
-      int64_t* ca = local.data() + (size_t)m * bins;
-      int64_t* cr = local.data() + (size_t)(m_count + m) * bins;
-      for (int64_t c = 0; c < cols; ++c) {
-        const float d = std::fabs(cur[c] - ref[c]);
-        const float rel = d / std::fabs(ref[c]);
-        add(d, ca, local_zero[m]);
-        add(std::isfinite(rel) ? rel : 0.0f, cr, local_zero[m_count + m]);
-      }
-    }
-  }
-  double* cnt = (double*)counts;
-  double* zer = (double*)zeros;
-  for (size_t i = 0; i < local.size(); ++i) cnt[i] += (double)local[i];
-  for (int i = 0; i < 2 * m_count; ++i) zer[i] += (double)local_zero[i];
-}
-
-// lpt diff's bookkeeping of one unit_gram result (n units, m deltas, contiguous: gram float32 [n, m, m], abs_sum and
-// abs_max float32 [n, m], zeros and near int64 [n, m]): adds it into a group's running totals of the same layout
-// (gram and abs_sum float64, abs_max by maximum, counts int64; all null to skip) and returns the tensor's totals per
-// delta: zeros, near zeros, squared norm (the Gram diagonal, summed in fp64), abs max, and whether the Gram and abs
-// sums are all finite. Maxima propagate NaN, as torch.maximum does. One call instead of a dozen small torch ops.
-py::tuple fold_unit_gram(uintptr_t gram, uintptr_t abs_sum, uintptr_t abs_max, uintptr_t zeros, uintptr_t near,
-                         int64_t n, int64_t m, uintptr_t a_gram, uintptr_t a_abs_sum, uintptr_t a_abs_max,
-                         uintptr_t a_zeros, uintptr_t a_near) {
-  if (n < 0 || m < 1 || m > 8) throw std::invalid_argument("fold_unit_gram: bad shape");
-  if (n > 0 && !(gram && abs_sum && abs_max && zeros && near)) throw std::invalid_argument("fold_unit_gram: null input");
-  if (a_gram && !(a_abs_sum && a_abs_max && a_zeros && a_near)) throw std::invalid_argument("fold_unit_gram: null total");
-  const float *g = (const float*)gram, *s = (const float*)abs_sum, *mx = (const float*)abs_max;
-  const int64_t *z = (const int64_t*)zeros, *nz = (const int64_t*)near;
-  auto nan_max = [](float a, float b) { return std::isnan(b) || b > a ? b : a; };
-  std::vector<int64_t> tz(m, 0), tnz(m, 0);
-  std::vector<double> tsq(m, 0.0);
-  std::vector<float> tmx(m, 0.0f);
-  // Not finite: all exponent bits set. An OR of bits (unlike a float sum) vectorises.
-  uint32_t bad = 0;
-  auto check = [&bad](const float* x, int64_t len) {
-    const uint32_t* b = (const uint32_t*)x;
-    for (int64_t i = 0; i < len; ++i) bad |= ((b[i] & 0x7f800000u) == 0x7f800000u);
-  };
-  check(g, n * m * m);
-  check(s, n * m);
-  for (int64_t a = 0; a < m; ++a) {
-    int64_t sz = 0, snz = 0;
-    double sq = 0.0;
-    float smx = 0.0f;
-    for (int64_t u = 0; u < n; ++u) {
-      const int64_t i = u * m + a;
-      sz += z[i], snz += nz[i], sq += g[i * m + a], smx = nan_max(smx, mx[i]);
-    }
-    tz[a] = sz, tnz[a] = snz, tsq[a] = sq, tmx[a] = smx;
-  }
-  if (a_gram) {
-    double* __restrict ag = (double*)a_gram;
-    double* __restrict as = (double*)a_abs_sum;
-    float* __restrict amx = (float*)a_abs_max;
-    int64_t* __restrict az = (int64_t*)a_zeros;
-    int64_t* __restrict anz = (int64_t*)a_near;
-    for (int64_t i = 0; i < n * m * m; ++i) ag[i] += g[i];
-    for (int64_t i = 0; i < n * m; ++i) as[i] += s[i];
-    for (int64_t i = 0; i < n * m; ++i) az[i] += z[i];
-    for (int64_t i = 0; i < n * m; ++i) anz[i] += nz[i];
-    for (int64_t i = 0; i < n * m; ++i) amx[i] = nan_max(amx[i], mx[i]);
-  }
-  const bool finite = bad == 0;
-  return py::make_tuple(tz, tnz, tsq, tmx, finite);
-}
-
 // The read ceiling of the benchmarks: sum every 64-bit word of the given buffers with the same threads the kernels
 // use. Each thread reads one contiguous range with four independent sums and prefetches 1 KiB ahead in software, as
 // the kernels do; it only has to keep up with memory.
@@ -330,8 +188,7 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("isa", []() { return std::string(isa_name(g_isa)); }, "The instruction-set variant in use.");
   m.def("gram_cosines", &gram_cosines, "Per-unit and pooled cosines of deltas a, b from a Gram [n, m, m].");
   m.def("index_order", &index_order, "Unit ids: -1 out of range, 1 strictly increasing, 0 otherwise.");
-  m.def("log_hist", &log_hist, "lpt diff's log10 histograms of |d| and |d|/|w_ref| over listed rows.");
-  m.def("fold_unit_gram", &fold_unit_gram, "lpt diff: add a unit_gram result into group totals; its totals.");
+  add_diff_helpers(m);
   m.def("stream_read", &stream_read, "Benchmark read ceiling: sum the 64-bit words of the buffers.");
   m.def("best_isa", []() { return std::string(isa_name(g_best)); });
 }
