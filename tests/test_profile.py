@@ -232,3 +232,33 @@ def test_mixed_dtypes_and_nonfinite(tmp_path, helpers):
     assert prof.meta["nonfinite"][name] == [0, 1]
     entry = prof.tensors[name]
     assert math.isinf(entry["abs_max"][0]) and not math.isfinite(entry["sq_norm"][0])
+
+
+def test_bookkeeping_helpers_reject_bad_arguments():
+    """The C++ helpers raise, never touch memory they were not given."""
+    import lpt_kernels.analysis.profile as P
+    from lpt_kernels.ops import UnitGram
+    if not P.cpu.AVAILABLE:
+        pytest.skip("the CPU extension is not built")
+    n, m = 5, 2
+    r = UnitGram(torch.rand(n, m, m), torch.rand(n, m), torch.rand(n, m), torch.zeros(n, m, dtype=torch.int64),
+                 torch.zeros(n, m, dtype=torch.int64))
+    acc = (torch.zeros(n, m, m, dtype=torch.float64), torch.zeros(n, m, dtype=torch.float64), torch.zeros(n, m),
+           torch.zeros(n, m, dtype=torch.int64), torch.zeros(n, m, dtype=torch.int64))
+    zeros, near, sq, mx, finite = P.cpu.fold_unit_gram(r, acc)
+    assert sq == pytest.approx(torch.diagonal(r.gram, dim1=1, dim2=2).double().sum(0).tolist()) and finite
+    assert torch.equal(acc[0], r.gram.double()) and mx == r.abs_max.amax(0).tolist()
+    with pytest.raises(TypeError, match="dtypes"):
+        P.cpu.fold_unit_gram(r._replace(gram=r.gram.double()))
+    with pytest.raises(ValueError, match="shaped like"):
+        P.cpu.fold_unit_gram(r, (acc[0][:2],) + acc[1:])
+    r.gram[1, 0, 1] = float("nan")
+    assert P.cpu.fold_unit_gram(r)[4] is False
+    w = [torch.rand(4, 8), torch.rand(4, 8)]
+    counts, z = torch.zeros(2, P.HIST_BINS, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(ValueError, match="2 to 8 inputs"):
+        P.cpu.log_hist(w[:1], torch.arange(2), "consecutive", counts, z, P.HIST_BINS, P.HIST_LO, P.HIST_HI)
+    with pytest.raises(ValueError, match="bad mode"):
+        P.cpu.log_hist(w, torch.arange(2), "given", counts, z, P.HIST_BINS, P.HIST_LO, P.HIST_HI)
+    with pytest.raises(ValueError, match="bins"):
+        P.cpu.log_hist(w, torch.arange(2), "base", counts, z, 0, P.HIST_LO, P.HIST_HI)
