@@ -257,8 +257,15 @@ def test_bookkeeping_helpers_reject_bad_arguments():
     w = [torch.rand(4, 8), torch.rand(4, 8)]
     counts, z = torch.zeros(2, P.HIST_BINS, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
     with pytest.raises(ValueError, match="2 to 8 inputs"):
-        P.cpu.log_hist(w[:1], torch.arange(2), "consecutive", counts, z, P.HIST_BINS, P.HIST_LO, P.HIST_HI)
+        P.cpu.log_hist(w[:1], torch.arange(2), "consecutive", counts[:0], z[:0], P.HIST_BINS, P.HIST_LO, P.HIST_HI)
     with pytest.raises(ValueError, match="bad mode"):
         P.cpu.log_hist(w, torch.arange(2), "given", counts, z, P.HIST_BINS, P.HIST_LO, P.HIST_HI)
     with pytest.raises(ValueError, match="bins"):
-        P.cpu.log_hist(w, torch.arange(2), "base", counts, z, 0, P.HIST_LO, P.HIST_HI)
+        P.cpu.log_hist(w, torch.arange(2), "base", torch.zeros(2, 0, dtype=torch.float64), z, 0, P.HIST_LO,
+                       P.HIST_HI)
+    with pytest.raises(ValueError, match="one shape"):
+        P.cpu.log_hist([w[0], w[1][:2]], torch.arange(2), "base", counts, z, P.HIST_BINS, P.HIST_LO, P.HIST_HI)
+    with pytest.raises(ValueError, match="counts must be"):
+        P.cpu.log_hist(w, torch.arange(2), "base", counts.float(), z, P.HIST_BINS, P.HIST_LO, P.HIST_HI)
+    with pytest.raises(ValueError, match="gram"):
+        P.cpu.fold_unit_gram(r._replace(gram=r.gram[:, :1]))

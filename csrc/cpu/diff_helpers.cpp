@@ -31,10 +31,10 @@ void log_hist(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes
   if (k < 2 || k > 8 || dtypes.size() != ptrs.size() || s0.size() != ptrs.size() || s1.size() != ptrs.size())
     throw std::invalid_argument("log_hist: 2 to 8 inputs with one dtype and two strides each");
   if (mode != lpt::kConsecutive && mode != lpt::kBase) throw std::invalid_argument("log_hist: bad mode");
+  if (bins < 1 || bins > 32000 || !(hi > lo)) throw std::invalid_argument("log_hist: bad bins");
   if ((n_rows > 0 && !rows) || !counts || !zeros) throw std::invalid_argument("log_hist: null pointer");
   std::vector<Tensor2D> ws;
   for (int i = 0; i < k; ++i) ws.push_back(tensor(ptrs[i], dtypes[i], s0[i], s1[i], "log_hist input"));
-  if (bins < 1 || bins > 32000 || !(hi > lo)) throw std::invalid_argument("log_hist: bad bins");
   const int m_count = k - 1;
   // Edges as the smallest float >= the exact (double) edge: for a float v, v >= edge exactly when v >= that float.
   std::vector<float> edge(bins + 1);

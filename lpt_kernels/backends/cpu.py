@@ -66,6 +66,12 @@ def masked_cosine(ws, mode, a, b, index, axis, block):
 
 def log_hist(ws, rows, mode, counts, zeros, bins, lo, hi):
     """lpt diff's histograms: add the log10 bins of |d| and |d|/|w_ref| over the listed rows into counts, zeros."""
+    m = len(ws) - 1
+    if any(w.dim() != 2 or w.shape != ws[0].shape for w in ws) or rows.dtype != torch.int64:
+        raise ValueError("log_hist: inputs must be 2-D of one shape, rows int64")
+    if counts.dtype != torch.float64 or zeros.dtype != torch.float64 or counts.shape != (2 * m, bins) or \
+            zeros.shape != (2 * m,) or not (counts.is_contiguous() and zeros.is_contiguous()):
+        raise ValueError(f"log_hist: counts must be float64 [{2 * m}, {bins}] and zeros [{2 * m}], contiguous")
     rows = rows.contiguous()
     _ext().log_hist([w.data_ptr() for w in ws], [DTYPE_CODES[w.dtype] for w in ws], [w.stride(0) for w in ws],
                     [w.stride(1) for w in ws], ws[0].shape[0], ws[0].shape[1], rows.data_ptr(), rows.numel(),
@@ -81,10 +87,13 @@ def fold_unit_gram(r, acc=None):
     if [x.dtype for x in r] != list(want) or (acc is not None and [a.dtype for a in acc] != [
             torch.float64, torch.float64, torch.float32, torch.int64, torch.int64]):
         raise TypeError("fold_unit_gram: unexpected dtypes")
+    n, m = r[1].shape
+    if r[0].shape != (n, m, m) or any(x.shape != (n, m) for x in r[2:]):
+        raise ValueError("fold_unit_gram: a unit_gram result has gram [n, m, m] and the rest [n, m]")
     if acc is not None and not all(a.is_contiguous() and a.shape == x.shape for a, x in zip(acc, r)):
         raise ValueError("fold_unit_gram: totals must be contiguous and shaped like the result")
     ptrs = [a.data_ptr() for a in acc] if acc is not None else [0] * 5
-    return _ext().fold_unit_gram(*(x.data_ptr() for x in r), r[1].shape[0], r[1].shape[1], *ptrs)
+    return _ext().fold_unit_gram(*(x.data_ptr() for x in r), n, m, *ptrs)
 
 
 def act_stats_(x, stats, token_mask, threshold):
