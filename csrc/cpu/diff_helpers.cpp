@@ -5,7 +5,6 @@
 
 #include <pybind11/stl.h>
 
-#include <algorithm>
 #include <cmath>
 #include <vector>
 
@@ -109,8 +108,10 @@ py::tuple fold_unit_gram(uintptr_t gram, uintptr_t abs_sum, uintptr_t abs_max, u
                          int64_t n, int64_t m, uintptr_t a_gram, uintptr_t a_abs_sum, uintptr_t a_abs_max,
                          uintptr_t a_zeros, uintptr_t a_near) {
   if (n < 0 || m < 1 || m > 8) throw std::invalid_argument("fold_unit_gram: bad shape");
-  if (n > 0 && !(gram && abs_sum && abs_max && zeros && near)) throw std::invalid_argument("fold_unit_gram: null input");
-  if (a_gram && !(a_abs_sum && a_abs_max && a_zeros && a_near)) throw std::invalid_argument("fold_unit_gram: null total");
+  if (n > 0 && !(gram && abs_sum && abs_max && zeros && near))
+    throw std::invalid_argument("fold_unit_gram: null input");
+  if (a_gram && !(a_abs_sum && a_abs_max && a_zeros && a_near))
+    throw std::invalid_argument("fold_unit_gram: null total");
   const float *g = (const float*)gram, *s = (const float*)abs_sum, *mx = (const float*)abs_max;
   const int64_t *z = (const int64_t*)zeros, *nz = (const int64_t*)near;
   auto nan_max = [](float a, float b) { return std::isnan(b) || b > a ? b : a; };

@@ -2,8 +2,8 @@
 //
 // Templated on the (target, source) dtype pair so each element is one load of each, one fma and one rounding store
 // (lpt/element.h, lane-wise in load.h's vectors). Runs with unit stride on both sides (whole rows for axis 0, a
-// unit's columns for axis 1) are vectorised; with alpha == 1 and equal dtypes the bytes are copied, so the copy is exact even for
-// NaN payloads. Other strides go element by element.
+// unit's columns for axis 1) are vectorised; with alpha == 1 and equal dtypes the bytes are copied, so the copy is
+// exact even for NaN payloads. Other strides go element by element.
 #include <omp.h>
 
 #include <cstring>

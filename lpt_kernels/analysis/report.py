@@ -101,7 +101,8 @@ def plot_hist(p: Profile, kind: str, path: str) -> str:
         ax.set_xlim(centers[nz[0]].item() - 0.5, centers[nz[-1]].item() + 0.5)
     ax.set_xlabel("log10 |dW|" if kind == "abs" else "log10 |dW| / |W|")
     ax.set_ylabel("share of non-zero changes")
-    ax.set_title(f"{'Absolute' if kind == 'abs' else 'Relative'} changes (row sample, 1/{p.meta['hist_stride']} or sparser)")
+    kind_name = "Absolute" if kind == "abs" else "Relative"
+    ax.set_title(f"{kind_name} changes (row sample, 1/{p.meta['hist_stride']} or sparser)")
     ax.legend(fontsize=8)
     return _save(fig, path)
 
