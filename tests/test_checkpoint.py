@@ -465,8 +465,8 @@ def test_stream_yields_right_tensors_in_order(tiny_qwen3, tmp_path, monkeypatch)
 
 
 def test_read_ahead_skips_a_warm_cache(tmp_path, monkeypatch):
-    """The RWF_NOWAIT probe: bytes just read are cached, bytes dropped from the cache are not; the read-ahead thread
-    gives no advice for cached tensors and advises the others."""
+    """The RWF_NOWAIT probe finds bytes just read cached; the read-ahead thread gives no advice for cached tensors
+    and advises the tensors its probe finds missing."""
     ts = {f"t{i}": torch.randn(256, 256) for i in range(4)}  # 256 KiB each
     d = _ckpt_dir(tmp_path, "warm", ts)
     ck = Checkpoint(d)
@@ -478,18 +478,15 @@ def test_read_ahead_skips_a_warm_cache(tmp_path, monkeypatch):
     real = ckmod._advise
     monkeypatch.setattr(ckmod, "_advise", lambda *a, **k: (calls.append(a[4]), real(*a, **k)))
     for name, _ in stream([ck], list(ck.names), prefetch_bytes=1 << 30):
-        pass
+        time.sleep(0.05)  # a consumer that computes: the read-ahead thread gets to run
     assert mmap.MADV_WILLNEED not in calls
     del _
-    ck.close()  # unmapped: no tensor of it is alive
-    with open(info.file, "rb") as fh:  # written and synced pages can be dropped from the cache
-        os.fsync(fh.fileno())
-        os.posix_fadvise(fh.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        assert not ckmod.looks_cached(fh.fileno(), info.start, info.end)
-    ck = Checkpoint(d)
+    # A cold file: the probe cannot be made to miss reliably (on a miss, RWF_NOWAIT still starts the kernel's
+    # read-ahead, which a fast disk can finish before the next probe), so a miss is simulated.
+    monkeypatch.setattr(ckmod, "looks_cached", lambda *a, **k: False)
     calls.clear()
     for name, _ in stream([ck], list(ck.names), prefetch_bytes=1 << 30):
-        pass
+        time.sleep(0.05)  # a consumer that computes: the read-ahead thread gets to run
     assert mmap.MADV_WILLNEED in calls
     del _
     ck.close()
