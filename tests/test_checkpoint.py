@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lpt_kernels import checkpoint as ckmod
+from lpt_kernels.checkpoint import streaming as ckmod  # the read-ahead lives there
 from lpt_kernels.checkpoint import Alignment, Checkpoint, CheckpointError, TensorInfo, align, stream
 
 # --------------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ validated in full before the first byte is written) and one kernel (:func:`lpt_k
   A failure or an interrupt removes the temp directory; a SIGKILL leaves it behind (hidden), and the next
   ``rollback_checkpoint`` to the same OUT removes such leftovers whose process is gone.
 
-This module sits in the analysis layer: it composes checkpoint.py, layout/selection and ops.py.
+This module sits in the analysis layer: it composes the checkpoint package, layout/selection and ops.py.
 """
 from __future__ import annotations
 

@@ -1,16 +1,9 @@
-"""Streaming, zero-copy reads of (sharded) safetensors checkpoints.
+"""Safetensors checkpoints (a file, or a Hugging Face directory of shards with an index), read zero-copy.
 
 A :class:`Checkpoint` parses the safetensors headers itself (8-byte little-endian header length, JSON header),
 validates them against the file sizes, and maps every shard once, privately (copy-on-write): a tensor it returns is a
 view of that mapping, built with ``torch.frombuffer`` — no bytes are copied and none are read until they are touched,
 and a write into a returned tensor changes this process's private copy only, never the file.
-
-:func:`align` checks that several checkpoints hold the same tensors with the same shapes; :func:`stream` walks a list of
-tensor names over K checkpoints in lockstep while a background thread asks the kernel to read ahead
-(``POSIX_FADV_WILLNEED``, the kernel path of ``madvise(MADV_WILLNEED)`` on a file mapping, without holding the GIL)
-so that disk reads overlap the compute of the caller.
-
-This module depends on torch and the standard library only (DESIGN.md section 2: nothing above it).
 """
 from __future__ import annotations
 
@@ -20,70 +13,21 @@ import operator
 import os
 import platform
 import sys
-import threading
-from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-__all__ = ["CheckpointError", "TensorInfo", "Checkpoint", "Alignment", "align", "stream"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read or checkpoints do not match; the message is one line naming the file, the
-    tensor and the problem."""
-
-
-# safetensors dtype strings -> torch dtypes (those this torch has). Sub-byte formats (F4, F6_*) are listed with
-# dtype None: they can be named and aligned, but not materialised.
-_DTYPE_NAMES = {
-    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "F16": "float16",
-    "BF16": "bfloat16", "I32": "int32", "U32": "uint32", "F32": "float32", "F64": "float64", "I64": "int64",
-    "U64": "uint64", "C64": "complex64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-    "F8_E8M0": "float8_e8m0fnu",
-}
-DTYPES: Dict[str, torch.dtype] = {k: getattr(torch, v) for k, v in _DTYPE_NAMES.items() if hasattr(torch, v)}
-_DTYPE_STR = {v: k for k, v in DTYPES.items()}
+from lpt_kernels.checkpoint.base import (DTYPES, CheckpointError, TensorInfo, _dtype_name, _fmt_shape,  # noqa: F401
+                                         _read_json)
 
 _INDEX_NAME = "model.safetensors.index.json"
 _SINGLE_NAME = "model.safetensors"
-_PAGE = mmap.PAGESIZE
 _MIN_CHUNK = 128 << 10  # the smallest readahead window a Linux block device is configured with
 # mmap.MAP_NORESERVE exists from Python 3.12; its Linux value is 0x4000 except on a few architectures.
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0) or (
     0x4000 if sys.platform.startswith("linux") and platform.machine().lower() in (
         "x86_64", "amd64", "aarch64", "arm64", "riscv64", "s390x", "i386", "i686", "loongarch64") else 0)
 
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: `start`/`end` are absolute byte offsets in `file`. `dtype` is None for a dtype this
-    torch cannot represent (listed, not loadable)."""
-    name: str
-    dtype: Optional[torch.dtype]
-    shape: tuple
-    file: str
-    start: int
-    end: int
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-
-def _dtype_name(dtype) -> str:
-    return _DTYPE_STR.get(dtype, str(dtype))
-
-
-def _fmt_shape(shape) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
 def _parse_header(file: str) -> Tuple[List[TensorInfo], int]:
@@ -153,17 +97,6 @@ def _parse_header(file: str) -> Tuple[List[TensorInfo], int]:
     return infos, size
 
 
-def _read_json(file: str, what: str):
-    try:
-        with open(file, "rb") as f:
-            return json.loads(f.read().decode("utf-8"))
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot read {what}: {e.strerror or e}") from None
-    except (UnicodeDecodeError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{file}: corrupt {what} (invalid JSON: {msg})") from None
-
-
 def _map_private(fd: int) -> mmap.mmap:
     """The whole file, mapped private and writable (copy-on-write, like ACCESS_COPY): writes stay in this process.
     MAP_NORESERVE keeps the kernel from charging the mapping's size to the commit limit up front: only pages that
@@ -190,49 +123,6 @@ def _readahead_chunk(file: str) -> int:
         return min(max(kb << 10, _MIN_CHUNK), 64 << 20)
     except (OSError, ValueError, AttributeError):
         return _MIN_CHUNK
-
-
-_HAS_FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_WILLNEED")
-
-
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", None)
-
-
-def looks_cached(fd: int, start: int, end: int, samples: int = 8) -> bool:
-    """Whether `samples` bytes spread over [start, end) of a file are all in the page cache: a one-byte preadv with
-    RWF_NOWAIT fails rather than wait for the disk. Lets read-ahead threads skip a warm cache, where their advice
-    only costs CPU the kernels need; a wrong guess costs only the advice (faults still read ahead)."""
-    if _RWF_NOWAIT is None or end <= start:
-        return False
-    buf = bytearray(1)
-    for i in range(samples):
-        off = start + (end - 1 - start) * i // max(samples - 1, 1)
-        try:
-            if os.preadv(fd, [buf], off, _RWF_NOWAIT) != 1:
-                return False
-        except OSError:  # EAGAIN: not cached; EOPNOTSUPP: cannot tell
-            return False
-    return True
-
-
-def _advise(fh, mm: mmap.mmap, start: int, end: int, advice: int, chunk: int, stop=None) -> None:
-    """Advice over bytes [start, end) of one file, page-aligned, in chunks of `chunk` bytes; stops early when
-    `stop()` turns true. MADV_WILLNEED goes through posix_fadvise(POSIX_FADV_WILLNEED) on the file where the platform
-    has it: the kernel does the same thing for both (madvise on a file mapping calls the fadvise code), but Python's
-    mmap.madvise keeps the GIL while the kernel queues the reads (milliseconds per call on a cold disk) and
-    os.posix_fadvise releases it, so the consumer's thread never waits for the read-ahead thread. Other advice
-    (MADV_COLD) is about the mapping's pages and goes through mmap.madvise. (Module-level so tests can observe it.)"""
-    s = start - start % _PAGE
-    fadvise = advice == getattr(mmap, "MADV_WILLNEED", None) and _HAS_FADVISE and fh is not None
-    while s < end:
-        if stop is not None and stop():
-            return
-        n = min(chunk, end - s)
-        if fadvise:
-            os.posix_fadvise(fh.fileno(), s, n, os.POSIX_FADV_WILLNEED)
-        else:
-            mm.madvise(advice, s, n)
-        s += n
 
 
 class Checkpoint:
@@ -486,184 +376,3 @@ def _as_index(units, what: str) -> torch.Tensor:
     return t.reshape(-1).to(torch.int64)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# alignment of several checkpoints
-
-@dataclass
-class Alignment:
-    names: List[str]                                       # common tensors, in file order of the first checkpoint
-    skipped: Dict[str, str] = field(default_factory=dict)  # name -> reason (only with intersect=True)
-    mixed_dtypes: List[str] = field(default_factory=list)  # names whose (float) dtype differs between checkpoints
-
-
-def align(ckpts: Sequence[Checkpoint], intersect: bool = False) -> Alignment:
-    """The tensors that every checkpoint holds with the same shape.
-
-    Without `intersect` any difference (a tensor missing from some checkpoint, a shape difference, a dtype difference
-    other than between floating-point formats) raises :class:`CheckpointError` listing the first few. With it, those
-    tensors are left out and reported in `skipped`. Floating-point dtypes may differ (bf16 vs fp32 master weights):
-    such tensors are kept and listed in `mixed_dtypes`.
-    """
-    ckpts = list(ckpts)
-    if not ckpts:
-        raise CheckpointError("align: no checkpoints given")
-    order: List[str] = list(ckpts[0].names)
-    seen = set(order)
-    for c in ckpts[1:]:
-        for n in c.names:
-            if n not in seen:
-                seen.add(n)
-                order.append(n)
-    common, mixed, problems = [], [], {}
-    for n in order:
-        missing = [c.path for c in ckpts if n not in c]
-        if missing:
-            problems[n] = f"missing from {', '.join(missing)}"
-            continue
-        infos = [c.info(n) for c in ckpts]
-        ref = infos[0]
-        reason = None
-        for c, i in zip(ckpts[1:], infos[1:]):
-            if i.shape != ref.shape:
-                reason = (f"shape {_fmt_shape(ref.shape)} in {ckpts[0].path} but {_fmt_shape(i.shape)} "
-                          f"in {c.path}")
-                break
-        if reason is None:
-            dts = [i.dtype for i in infos]
-            if any(d != dts[0] for d in dts):
-                if all(d is not None and d.is_floating_point for d in dts):
-                    mixed.append(n)
-                else:
-                    c, i = next((c, i) for c, i in zip(ckpts[1:], infos[1:]) if i.dtype != ref.dtype)
-                    reason = (f"dtype {_dtype_name(ref.dtype)} in {ckpts[0].path} but {_dtype_name(i.dtype)} "
-                              f"in {c.path}")
-        if reason is not None:
-            problems[n] = reason
-            continue
-        common.append(n)
-    if problems and not intersect:
-        shown = [f"{n!r} {r}" for n, r in list(problems.items())[:3]]
-        more = len(problems) - len(shown)
-        msg = "checkpoints differ: " + "; ".join(shown)
-        if more:
-            msg += f"; ... ({more} more)"
-        msg += f"; use --intersect to analyse the {len(common)} common tensors"
-        raise CheckpointError(msg)
-    return Alignment(names=common, skipped=problems if intersect else {}, mixed_dtypes=mixed)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# streaming
-
-class _Prefetcher(threading.Thread):
-    """Issues MADV_WILLNEED on the byte ranges of the tensors after the one being consumed, up to `budget` bytes
-    (summed over checkpoints) ahead — always at least the next tensor — and MADV_COLD on consumed ones (a
-    non-destructive hint: those pages are reclaimed first, before the ones read ahead)."""
-
-    def __init__(self, jobs, sizes, budget):
-        super().__init__(name="lpt-checkpoint-prefetch", daemon=True)
-        self.jobs = jobs          # per tensor: [(file object, mmap, start, end, chunk)] over checkpoints
-        self.prefix = [0]
-        for s in sizes:
-            self.prefix.append(self.prefix[-1] + s)
-        self.budget = budget
-        self.cur = -1             # index of the tensor the consumer holds
-        self.stopped = False
-        self.cond = threading.Condition()
-        self.cold_ok = hasattr(mmap, "MADV_COLD")
-
-    def advance(self, k: int) -> None:
-        with self.cond:
-            self.cur = k
-            self.cond.notify()
-
-    def stop(self) -> None:
-        with self.cond:
-            self.stopped = True
-            self.cond.notify()
-        if self.is_alive() and threading.current_thread() is not self:
-            self.join(timeout=5)
-
-    def _wanted(self, nxt: int) -> bool:
-        if nxt >= len(self.jobs):
-            return False
-        return nxt <= self.cur + 1 or self.prefix[nxt + 1] - self.prefix[self.cur + 1] <= self.budget
-
-    def run(self) -> None:
-        nxt, cooled = 0, 0
-        try:
-            while True:
-                with self.cond:
-                    while not self.stopped and not self._wanted(max(nxt, self.cur)) and cooled >= self.cur:
-                        self.cond.wait()
-                    if self.stopped:
-                        return
-                    cur = self.cur
-                # consumed tensors: hint that their pages go first
-                while cooled < cur:
-                    if self.cold_ok:
-                        for fh, mm, s, e, chunk in self.jobs[cooled]:
-                            try:
-                                _advise(fh, mm, s, e, mmap.MADV_COLD, max(chunk, e - s))
-                            except OSError:
-                                self.cold_ok = False
-                                break
-                    cooled += 1
-                nxt = max(nxt, cur)
-                if not self._wanted(nxt):
-                    continue
-                stale = lambda k=nxt: self.stopped or self.cur > k  # noqa: E731
-                for fh, mm, s, e, chunk in self.jobs[nxt]:
-                    if fh is None or not looks_cached(fh.fileno(), s, e):
-                        _advise(fh, mm, s, e, mmap.MADV_WILLNEED, chunk, stale)
-                nxt += 1
-        except (ValueError, OSError):
-            return  # a mapping was closed under us, or the kernel refused: read-ahead is only advice
-
-
-def stream(ckpts: Sequence[Checkpoint], names: Sequence[str], prefetch_bytes: int = 256 << 20,
-           progress: Optional[Callable[[int], object]] = None) -> Iterator[Tuple[str, List[torch.Tensor]]]:
-    """Yield ``(name, [tensor from each checkpoint])`` for every name, in the order of `names`.
-
-    The tensors are zero-copy views of the mappings (see :meth:`Checkpoint.tensor`): resident anonymous memory does
-    not grow with the checkpoints. A background thread asks the kernel to read ahead the byte ranges of the
-    upcoming tensors of every checkpoint, up to `prefetch_bytes` (summed over checkpoints; at least the next tensor;
-    0 disables it), so that disk reads overlap the caller's compute. `progress`, if given, is called after each
-    tensor with the number of bytes just processed (summed over checkpoints) — e.g. ``tqdm(...).update``.
-    """
-    ckpts = list(ckpts)
-    names = list(names)
-    if not ckpts:
-        raise CheckpointError("stream: no checkpoints given")
-    for n in names:
-        for c in ckpts:
-            if n not in c:
-                raise CheckpointError(f"stream: tensor {n!r} missing from {c.path}")
-    return _stream(ckpts, names, prefetch_bytes, progress)
-
-
-def _stream(ckpts, names, prefetch_bytes, progress):
-    sizes = [sum(c.info(n).end - c.info(n).start for c in ckpts) for n in names]
-    pre = None
-    if prefetch_bytes and prefetch_bytes > 0 and hasattr(mmap, "MADV_WILLNEED") and names:
-        jobs = []
-        for n in names:
-            row = []
-            for c in ckpts:
-                i = c.info(n)
-                mm = c._mapping(i.file)
-                if mm is not None and i.end > i.start:
-                    row.append((c._handle(i.file), mm, i.start, i.end, c._chunk(i.file)))
-            jobs.append(row)
-        pre = _Prefetcher(jobs, sizes, int(prefetch_bytes))
-        pre.start()
-    try:
-        for k, n in enumerate(names):
-            if pre is not None:
-                pre.advance(k)
-            yield n, [c.tensor(n) for c in ckpts]
-            if progress is not None:
-                progress(sizes[k])
-    finally:
-        if pre is not None:
-            pre.stop()

@@ -1,0 +1,15 @@
+"""Checkpoint I/O: streaming, zero-copy reads of checkpoints on disk.
+
+- :mod:`~lpt_kernels.checkpoint.base` — :class:`CheckpointError`, :class:`TensorInfo`, dtype names (every format);
+- :mod:`~lpt_kernels.checkpoint.safetensors` — :class:`Checkpoint`: a safetensors file or a Hugging Face directory of
+  shards with an index, memory-mapped copy-on-write;
+- :mod:`~lpt_kernels.checkpoint.streaming` — :func:`align` (do K checkpoints hold the same tensors?) and :func:`stream`
+  (walk tensors over K checkpoints in lockstep, with read-ahead).
+
+One module per on-disk format; this package depends on torch and the standard library only.
+"""
+from lpt_kernels.checkpoint.base import DTYPES, CheckpointError, TensorInfo
+from lpt_kernels.checkpoint.safetensors import Checkpoint
+from lpt_kernels.checkpoint.streaming import Alignment, align, looks_cached, stream
+
+__all__ = ["CheckpointError", "TensorInfo", "DTYPES", "Checkpoint", "Alignment", "align", "stream", "looks_cached"]
