@@ -394,11 +394,12 @@ def _host(r: UnitGram) -> UnitGram:
     return r if r.gram.device.type == "cpu" else UnitGram(*(x.cpu() for x in r))
 
 
-def _hist_add(hist: _HistTotals, w0: torch.Tensor, w1: torch.Tensor, stride: int) -> None:
+def _hist_add(hist: _HistTotals, w0: torch.Tensor, w1: torch.Tensor, stride: int,
+              gather: Optional[bool] = None) -> None:
     """Histogram of w1 - w0 as ``lpt diff`` bins it. On the CPU the tensors go to the binning as they are; on another
-    device the rows diff would sample (every step-th, at most ~8k elements a tensor: the rule of _HistTotals.add)
-    are gathered there and binned on the host."""
-    if w0.device.type == "cpu":
+    device (``gather``) the rows diff would sample (every step-th, at most ~8k elements a tensor: the rule of
+    _HistTotals.add) are gathered there and binned on the host."""
+    if not (w0.device.type != "cpu" if gather is None else gather):
         hist.add([w0, w1], "consecutive", stride)
         return
     n_rows, n_cols = w0.shape
