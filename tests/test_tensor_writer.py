@@ -1,4 +1,4 @@
-"""lpt_kernels.checkpoint.writer: a safetensors file written tensor by tensor, read back by the safetensors library
+"""lpt_kernels.checkpoint.tensor_writer: a safetensors file written tensor by tensor, read back by the safetensors library
 and by Checkpoint; atomic on failure."""
 import os
 
