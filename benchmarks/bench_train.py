@@ -25,8 +25,10 @@ hidden 128, intermediate 384, 4 heads and 2 KV heads of 32, vocabulary 64, fp32)
 256 sequences of 12 tokens (the demo's 32 prompts x 8 samples; forward, backward, step: the demo's decoding, which
 makes its real steps longer, is left out, so the overhead shown is an upper bound). Variants, interleaved round by
 round (``--loop-rounds`` rounds of ``--loop-steps`` optimizer steps each): no tracker; ours (``DeltaTracker(every=10)``,
-``step()`` after each optimizer step); the py-tracker every 10 steps. Reported: the median over rounds of the
-per-round ratio of wall time and of process CPU time to the no-tracker run of the same round.
+``step()`` after each optimizer step); the py-tracker every 10 steps. Reported, as medians over rounds: the overhead
+(wall time spent inside the tracker's ``step()`` calls over the training time of the same run: the steadiest
+estimate on a shared machine), and the end-to-end ratios of wall and process CPU time to the no-tracker run of the
+same round (noisier: other processes' load moves them by more than the tracker costs).
 
 Memory bandwidth and the cores of a shared machine are noisy: the script prints the load average and the ratios are
 measured against runs interleaved with them.
@@ -219,7 +221,7 @@ def step_section(a, rows):
                 times["ceiling"].append(_median_time(lambda: _stream_read(read, a.threads), 1))
                 if k:
                     times["ceiling_floor"].append(_median_time(lambda: _stream_read(floor_read, a.threads), 1))
-            if py is not None and (k == 0 or not a.quick):
+            if py is not None and k == 0:  # (later domains: minutes a call; the first is enough to compare)
                 for _ in range(max(1, a.reps // 3)):
                     times["py"].append(_median_time(py.step, 1))
             med = {key: statistics.median(v) if v else float("nan") for key, v in times.items()}
@@ -266,39 +268,43 @@ def loop_section(a, rows):
         opt.zero_grad(set_to_none=True)
 
     def run(variant, n):
+        """(wall, process CPU, wall inside the tracker's step()) of n optimizer steps."""
+        inside = 0.0
         w0, c0 = time.perf_counter(), time.process_time()
         for _ in range(n):
             train_step()
-            if variant == "ours":
-                tracker.step()
-            elif variant == "py":
-                py.step()
-        return time.perf_counter() - w0, time.process_time() - c0
+            if variant != "none":
+                t = time.perf_counter()
+                (tracker if variant == "ours" else py).step()
+                inside += time.perf_counter() - t
+        return time.perf_counter() - w0, time.process_time() - c0, inside
 
     for v in ("none", "ours", "py"):  # warm up
         run(v, 10)
-    ratios = {"ours": ([], []), "py": ([], [])}
+    ratios = {v: {"wall": [], "cpu": [], "inside": []} for v in ("ours", "py")}
     base_wall = []
-    t_step = []
     for r in range(a.loop_rounds):
         res = {v: run(v, a.loop_steps) for v in ("none", "ours", "py")}
         base_wall.append(res["none"][0] / a.loop_steps)
         for v in ("ours", "py"):
-            ratios[v][0].append(res[v][0] / res["none"][0])
-            ratios[v][1].append(res[v][1] / res["none"][1])
+            wall, cpu, inside = res[v]
+            ratios[v]["wall"].append(wall / res["none"][0] - 1)
+            ratios[v]["cpu"].append(cpu / res["none"][1] - 1)
+            ratios[v]["inside"].append(inside / (wall - inside))  # the tracker's share, within the same run
+    step_ms = statistics.median(base_wall) * 1e3
+    t_step = []
     for _ in range(5):  # the tracked step alone
         tracker._steps = tracker.every - 1
         t_step.append(_median_time(tracker.step, 1))
-    step_ms = statistics.median(base_wall) * 1e3
     print(f"training step without tracker: {step_ms:.1f} ms (median); one tracked step() alone: "
           f"{statistics.median(t_step) * 1e3:.2f} ms; {load_note()}")
     for v, label in (("ours", "DeltaTracker(every=10)"), ("py", "py-tracker every 10")):
-        wall, cpu = statistics.median(ratios[v][0]), statistics.median(ratios[v][1])
-        rows.append(dict(part="loop", variant=label, step_ms=step_ms, wall_overhead=wall - 1, cpu_overhead=cpu - 1,
-                         load=load_note()))
-        print(f"{label:>24}: wall {100 * (wall - 1):+6.2f}%  cpu {100 * (cpu - 1):+6.2f}%  (median of "
-              f"{a.loop_rounds} rounds of {a.loop_steps} steps; per round: "
-              + ", ".join(f"{100 * (x - 1):+.1f}" for x in ratios[v][0]) + ")")
+        med = {k: statistics.median(x) for k, x in ratios[v].items()}
+        rows.append(dict(part="loop", variant=label, step_ms=step_ms, tracked_step_ms=statistics.median(t_step) * 1e3,
+                         overhead=med["inside"], wall_overhead=med["wall"], cpu_overhead=med["cpu"], load=load_note()))
+        print(f"{label:>24}: overhead {100 * med['inside']:6.2f}% (time inside step() / training time of the same "
+              f"run) | end to end: wall {100 * med['wall']:+6.2f}%, cpu {100 * med['cpu']:+6.2f}% (per round: "
+              + ", ".join(f"{100 * x:+.1f}" for x in ratios[v]["wall"]) + ")")
 
 
 def main(argv=None) -> int:

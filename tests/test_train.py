@@ -167,19 +167,21 @@ def test_step_metrics_equal_the_profile_at_that_point(tmp_path):
 def test_compare_limits_the_cosines_but_not_the_overlaps(tmp_path):
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    full, last = DeltaTracker(model), DeltaTracker(model, compare=1)
+    full, last, none = DeltaTracker(model), DeltaTracker(model, compare=1), DeltaTracker(model, compare=0)
     gen = torch.Generator().manual_seed(0)
     for i, d in enumerate(DOMAINS):
-        full.start_domain(d)
-        last.start_domain(d)
+        for t in (full, last, none):
+            t.start_domain(d)
         for _ in range(2):
             train_step(model, opt, i, gen)
-            a, b = full.step(), last.step()
-    assert "lpt/qa/mlp/shared_cosine/code" in a and "lpt/qa/mlp/shared_cosine/code" not in b
+            a, b, c = full.step(), last.step(), none.step()
+    assert "lpt/qa/mlp/shared_cosine/code" in a and "lpt/qa/mlp/shared_cosine/math" in a
     assert set(b) == {k for k in a if "shared_cosine/code" not in k}
+    assert set(c) == {k for k in a if "shared_cosine" not in k} and "lpt/qa/mlp/top10_jaccard/code" in c
     for k in b:
         assert (math.isnan(a[k]) and math.isnan(b[k])) or a[k] == pytest.approx(b[k], rel=1e-6), k
-    assert set(DeltaTracker(model, compare=0).__dict__) >= {"compare"}
+    for k in c:
+        assert a[k] == pytest.approx(c[k], rel=1e-6), k
 
 
 def test_every_and_start_domain_semantics():
