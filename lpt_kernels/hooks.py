@@ -627,8 +627,9 @@ class GradientGram:
     The hooks copy each gradient to the CPU as it is produced (a device-to-host copy per parameter per backward);
     ``device_buffer=True`` sums a block's (or an :meth:`accumulate` call's) gradients in float32 on the gradients'
     device instead (up to 1 x parameters x 4 bytes there, freed at the end of the block) and copies once at its end.
-    An exception inside a block keeps the gradients of the backward calls already made (without ``device_buffer``)
-    or drops the block's gradients (with it).
+    An exception inside a block keeps the gradients of the backward calls already made and counts the block in
+    ``batches`` if it captured any (without ``device_buffer``), or drops the block's gradients and does not count it
+    (with it).
 
     Args:
         model: the model (any ``nn.Module``; per-unit Grams need a layout).
@@ -683,6 +684,7 @@ class GradientGram:
         self._dev: Dict[str, torch.Tensor] = {}
         self._handles: list = []
         self._current: Optional[str] = None
+        self._captured = False
         self.batches = {d: 0 for d in domains}
 
     @staticmethod
@@ -747,10 +749,18 @@ class GradientGram:
             raise HookError(f"domain: already collecting {self._current!r} (blocks do not nest)")
         self._store(d)
         self._current = d
+        self._captured = False
         try:
             for n, p in self.params:
                 self._handles.append(p.register_hook(self._param_hook(d, n)))
-            yield self
+            try:
+                yield self
+            except BaseException:
+                # the gradients of the backward calls already made stay in the sum (without device_buffer): so
+                # does their batch, so that batches always counts the blocks whose gradients the sum holds
+                if self._captured and not self.device_buffer:
+                    self.batches[d] += 1
+                raise
             self._flush(d)
             self.batches[d] += 1
         finally:
@@ -763,6 +773,7 @@ class GradientGram:
     def _param_hook(self, d: str, name: str):
         def hook(grad):
             self._add(d, name, grad)
+            self._captured = True
             return None
         return hook
 
