@@ -20,7 +20,8 @@ from lpt_kernels.checkpoint.base import DTYPES, CheckpointError, TensorInfo, _fm
 # Every dtype the format names, with its size in bits (sub-byte formats are packed). Names torch lacks are listed
 # with dtype None by the reader: they can be named and aligned, not materialised.
 DTYPE_BITS = {
-    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
+    "BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8, "F8_E5M2FNUZ": 8,
+    "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6,
     "I16": 16, "U16": 16, "F16": 16, "BF16": 16, "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64,
     "U64": 64,
 }
@@ -45,6 +46,37 @@ def _no_duplicates(pairs):
 
 def _no_constant(name):
     raise ValueError(f"{name} is not JSON")
+
+
+def _parse_float(text):
+    v = float(text)
+    if v in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text} out of range")
+    return v
+
+
+def _parse_int(text):
+    return -0.0 if text == "-0" else int(text)  # JSON's -0 is a float to the library, not an unsigned int
+
+
+_MAX_DEPTH = 127  # serde_json's recursion limit, as the library applies it (the top object is level 1)
+
+
+def _check_values(x, depth=1):
+    """What the library's JSON parser refuses and Python's accepts: lone surrogates (escaped) in any string, and
+    nesting deeper than its recursion limit."""
+    if depth > _MAX_DEPTH and isinstance(x, (dict, list)):
+        raise ValueError(f"nesting deeper than {_MAX_DEPTH} levels")
+    if isinstance(x, str):
+        if _has_surrogate(x):
+            raise ValueError(f"lone surrogate in string {x!r}")
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            _check_values(k, depth)
+            _check_values(v, depth + 1)
+    elif isinstance(x, list):
+        for v in x:
+            _check_values(v, depth + 1)
 
 
 def _is_u64(x) -> bool:
@@ -80,7 +112,9 @@ def parse_header(file: str) -> Tuple[List[TensorInfo], int]:
     except UnicodeDecodeError as e:
         raise CheckpointError(f"{bad} (not UTF-8: byte {e.start} of the header)") from None
     try:
-        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+        header = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant,
+                            parse_float=_parse_float, parse_int=_parse_int)
+        _check_values(header)
     except _Duplicate as e:
         raise CheckpointError(f"{bad}: key {e.key!r} appears twice (the safetensors library keeps the last one; "
                               f"refusing to guess which is meant)") from None
@@ -93,11 +127,8 @@ def parse_header(file: str) -> Tuple[List[TensorInfo], int]:
     data_size = size - base
     infos = []
     for name, entry in header.items():
-        if _has_surrogate(name):
-            raise CheckpointError(f"{bad}: tensor name {name!r} is not valid Unicode (a lone surrogate)")
         if name == "__metadata__":
-            if entry is not None and not (isinstance(entry, dict) and all(
-                    isinstance(v, str) and not _has_surrogate(k) and not _has_surrogate(v) for k, v in entry.items())):
+            if entry is not None and not (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values())):
                 raise CheckpointError(f"{bad}: '__metadata__' must map strings to strings")
             continue
         where = f"{bad}: tensor {name!r}"
