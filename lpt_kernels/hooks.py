@@ -385,6 +385,8 @@ class ActivationStats:
             x = args[0] if args else kwargs.get("input", None)
             if not isinstance(x, torch.Tensor) or not x.is_floating_point():
                 return None
+            if x.numel() == 0:  # no token (or no channel): nothing to count
+                return None
             x = x.detach()
             if x.dtype not in FLOAT_DTYPES:
                 x = x.float()
@@ -579,13 +581,15 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(1, 1)
     if t.dim() == 1:
         return t.reshape(1, -1)
-    return t.reshape(t.shape[0], -1)
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))  # explicit: -1 is ambiguous when a dimension is 0
 
 
 def _unit_grams(ws: List[torch.Tensor], axis: int, block: int, backend: Optional[str]) -> torch.Tensor:
     """``[U, n, n]`` float64 per-unit Gram of the n given tensors (any n): one unit_gram pass when n <= 8, else over
     pairs of chunks of 4."""
     n = len(ws)
+    if ws[0].numel() == 0:  # a zero-size dimension: every unit's Gram is 0 (no element)
+        return torch.zeros(ws[0].shape[axis] // block, n, n, dtype=torch.float64)
     if n <= MAX_INPUTS:
         return unit_gram(ws, axis=axis, block=block, mode="given", backend=backend).gram.double()
     step = MAX_INPUTS // 2
