@@ -38,7 +38,7 @@ import torch
 
 from lpt_kernels import ops
 from lpt_kernels.analysis.selection import Selection
-from lpt_kernels.checkpoint import Checkpoint, looks_cached
+from lpt_kernels.checkpoint import Checkpoint, CheckpointError, looks_cached
 from lpt_kernels.checkpoint.quantized import FP8_BLOCK, FP8_DTYPES, scale_name
 from lpt_kernels.checkpoint.streaming import tied_head_absence
 
@@ -175,7 +175,10 @@ def _check_slice(s: _Slice, tshape, tdtype, sshape, sdtype, tgt_where: str, src_
 def _source_dtype(ckpt: Checkpoint, name: str):
     """The dtype a checkpoint source is read in: a block-scaled FP8 weight is read dequantized (float32); a
     quantized or non-float weight that cannot be read correctly raises (CheckpointError, naming it)."""
-    return torch.float32 if ckpt.kind(name) == FP8_BLOCK else ckpt.info(name).dtype
+    try:
+        return torch.float32 if ckpt.kind(name) == FP8_BLOCK else ckpt.info(name).dtype
+    except CheckpointError as e:
+        raise RollbackError(str(e)) from None
 
 
 def _source_tensor(ckpt: Checkpoint, name: str) -> Tuple[torch.Tensor, Optional[int]]:

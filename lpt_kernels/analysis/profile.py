@@ -280,6 +280,9 @@ def diff(checkpoints: Sequence[Union[str, Checkpoint]], mode: str = "consecutive
 
 
 def _diff(ckpts, mode, groups, atol, rtol, layout, intersect, labels, hist_stride, progress, backend) -> Profile:
+    # what each tensor is (float weight, FP8 weight read through its scales, scale, non-float buffer); a quantized
+    # or non-float weight that cannot be read correctly is refused here, before any work, wherever it is
+    kinds = [{n: c.kind(n) for n in c.names} for c in ckpts]
     al = align(ckpts, intersect=intersect)
     first = ckpts[0]
     shapes = {n: tuple(first.info(n).shape) for n in al.names}
@@ -303,13 +306,11 @@ def _diff(ckpts, mode, groups, atol, rtol, layout, intersect, labels, hist_strid
     skipped = dict(al.skipped)
     skipped.update(al.tied_heads)
 
-    # what each tensor is: a float weight, an FP8 weight read through its scales, a non-float buffer (left out);
-    # a quantized or non-float weight that cannot be read correctly is refused here, before any work
     names = []
     for n in al.names:
-        kinds = [c.kind(n) for c in ckpts]
-        if "buffer" in kinds:
-            skipped[n] = f"dtype {_dtype_str(ckpts[kinds.index('buffer')].info(n).dtype)} is not a float weight"
+        buf = [c for c, k in zip(ckpts, kinds) if k[n] == "buffer"]
+        if buf:
+            skipped[n] = f"dtype {_dtype_str(buf[0].info(n).dtype)} is not a float weight"
         else:
             names.append(n)
 

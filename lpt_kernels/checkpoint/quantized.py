@@ -23,7 +23,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from lpt_kernels.checkpoint.base import CheckpointError, _dtype_name, _fmt_shape
+from lpt_kernels.checkpoint.base import CheckpointError, _fmt_shape
 
 SCALE_SUFFIX = "_scale_inv"
 FLOAT_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -63,6 +63,10 @@ def scheme_from_config(config: Optional[dict], where: str) -> Tuple[Optional[Blo
     if method == "fp8":
         return None, "quant_method 'fp8' without weight_block_size (per-tensor or per-channel scales)"
     return None, f"quant_method {method!r}"
+
+
+def _dtype_name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def scale_name(name: str) -> str:
