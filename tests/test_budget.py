@@ -13,9 +13,15 @@ from hypothesis import strategies as st
 
 from ckpt_factory import save_chain, save_moe_chain, tiny_qwen3_config
 from lpt_kernels.analysis import Profile, diff
-from lpt_kernels.analysis.select import allocate, budget_target, conflict_scores, select
+from lpt_kernels.analysis.select import conflict_scores, select
 from lpt_kernels.analysis.selection import Selection
 from lpt_kernels.cli import main
+from lpt_kernels.layout import layout_from_spec
+
+
+def _layout(prof):
+    """The profile's layout the way every version can build it (Profile.layout is tested on its own)."""
+    return layout_from_spec(prof.meta["layout"], list(prof.tensors), None)
 
 
 @pytest.fixture(scope="module")
@@ -25,6 +31,19 @@ def moe(tmp_path_factory):
     prof_dir = str(root / "prof")
     assert main(["diff", *dirs, "--layout", spec, "--out", prof_dir, "-q"]) == 0
     return root, dirs, spec, prof_dir
+
+
+def budget_target(beta, total):
+    """The documented rounding of beta x N: half up."""
+    return math.floor(beta * total + 0.5)
+
+
+def allocate(mass, total, cap):
+    try:
+        from lpt_kernels.analysis.select import allocate as alloc
+    except ImportError:  # before issue 11 (so that this test shows what went wrong there)
+        from lpt_kernels.analysis.select import _allocate as alloc
+    return alloc(mass, total, cap)
 
 
 def _select_cli(prof_dir, out, *args):
@@ -117,7 +136,7 @@ def test_joint_groups_spend_the_parameter_budget(dense, budget, allocation):
     stopped the filling), --budget 0.05 --allocation uniform 5.93%."""
     dirs, prof, acts = dense
     s = conflict_scores(prof, "d1", "d2", acts, groups=("mlp", "attn"))
-    sel = select(s, prof.layout, "AMC", budget, groups=("mlp", "attn"), allocation=allocation)
+    sel = select(s, _layout(prof), "AMC", budget, groups=("mlp", "attn"), allocation=allocation)
     cost = s.unit_params
     assert cost == {"mlp": 3 * 64, "attn": 2 * 16 * 64}
     total = 3 * (96 * cost["mlp"] + 4 * cost["attn"])
@@ -144,20 +163,20 @@ def test_zero_score_units_are_never_chosen(dense):
     score = s.score("AMC", "mlp")
     eligible = int((score > 0).sum())
     assert eligible < 0.9 * 3 * 96  # the case of the issue: the budget asks for more than can be spent usefully
-    sel = select(s, prof.layout, "AMC", 0.9, groups=("mlp",))
+    sel = select(s, _layout(prof), "AMC", 0.9, groups=("mlp",))
     for layer, ids in sel.units["mlp"].items():
         assert bool((score[layer, ids] > 0).all())
     assert sel.count("mlp") == eligible == sel.meta["budget_spent"] < sel.meta["budget_target"]
     # random: units that did not move are never drawn either
     moved = s.M["mlp"] > 0
-    rnd = select(s, prof.layout, "random", 0.9, groups=("mlp",))
+    rnd = select(s, _layout(prof), "random", 0.9, groups=("mlp",))
     assert all(bool(moved[layer, ids].all()) for layer, ids in rnd.units["mlp"].items())
 
 
 def test_selection_file_records_the_budget(dense, tmp_path):
     dirs, prof, acts = dense
     s = conflict_scores(prof, "d1", "d2", acts, groups=("mlp",))
-    sel = select(s, prof.layout, "MC", 0.1)
+    sel = select(s, _layout(prof), "MC", 0.1)
     sel.save(str(tmp_path / "sel.json"))
     meta = json.load(open(tmp_path / "sel.json"))["meta"]
     assert meta["budget"] == 0.1 and meta["budget_unit"] == "units" and meta["budget_total"] == 288
@@ -181,8 +200,9 @@ def test_a_capped_layer_is_rounded_once():
     """Issue example: at beta = 0.9 a layer's share above its size was capped and the excess rounded separately,
     [96, 86, 77] where one largest-remainder split of the rest gives [96, 85, 78]."""
     cap = torch.tensor([96, 96, 96])
-    got = allocate(torch.tensor([0.5, 0.26, 0.24], dtype=torch.float64), 259, cap)
-    # layer 0 is capped at 96; 163 left, in proportion 26:24 -> 84.76, 78.24 -> one largest remainder to layer 1
+    got = allocate(torch.tensor([0.414, 0.307, 0.279], dtype=torch.float64), 259, cap)
+    # layer 0's share 107.2 is capped at 96; the 163 left, in proportion 307:279, are 85.40 and 77.60: one largest
+    # remainder goes to layer 2 (rounding 107, 80, 72 first and the excess 11 apart gave 86 and 77)
     assert got.tolist() == [96, 85, 78]
 
 

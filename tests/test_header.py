@@ -15,7 +15,11 @@ from safetensors import safe_open
 
 from ckpt_factory import save_chain
 from lpt_kernels.checkpoint import Checkpoint, CheckpointError
-from lpt_kernels.checkpoint.header import DTYPE_BITS
+
+# the dtypes of the safetensors format and their sizes in bits (written out here, independently of the reader)
+DTYPE_BITS = {"BOOL": 8, "U8": 8, "I8": 8, "F8_E5M2": 8, "F8_E4M3": 8, "F8_E8M0": 8, "F8_E4M3FNUZ": 8,
+              "F8_E5M2FNUZ": 8, "F4": 4, "F6_E2M3": 6, "F6_E3M2": 6, "I16": 16, "U16": 16, "F16": 16, "BF16": 16,
+              "I32": 32, "U32": 32, "F32": 32, "C64": 64, "F64": 64, "I64": 64, "U64": 64}
 
 _DTYPES = sorted(DTYPE_BITS) + ["F33", "f32", "I4", ""]
 
