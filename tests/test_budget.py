@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ckpt_factory import save_chain, save_moe_chain, tiny_qwen3_config
+from ckpt_factory import save_chain, save_moe_chain
 from lpt_kernels.analysis import Profile, diff
 from lpt_kernels.analysis.select import conflict_scores, select
 from lpt_kernels.analysis.selection import Selection

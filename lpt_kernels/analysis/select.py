@@ -128,6 +128,8 @@ def gradient_conflict(grads: Dict[str, torch.Tensor], theta_e, theta_l, layout, 
                 if m.tensor not in grads:
                     raise SelectError(f"gradient: no gradient for {m.tensor}")
                 delta = get(theta_l, m.tensor).float() - get(theta_e, m.tensor).float()
+                if delta.numel() == 0:  # a zero-size dimension: no element, no damage
+                    continue
                 r = unit_gram([grads[m.tensor].detach().float().cpu(), delta], axis=m.axis, block=m.block,
                               mode="given")
                 acc[layer] += r.gram[:, 0, 1].double()
@@ -167,7 +169,8 @@ def allocate(mass: torch.Tensor, total: int, cap: torch.Tensor) -> torch.Tensor:
     The rule (docs/select.md): real shares are computed first, capped layers handing their excess to the others in
     proportion to their mass (water filling); layers with zero mass get a share only once every layer with mass is
     full (then in proportion to their capacity); the real shares are rounded once, by largest remainders (floor
-    each, then one more unit to the layers with the largest fractional parts, the lower layer first on a tie).
+    each, then one more unit to the layers with the largest fractional parts, the lower layer first on a tie;
+    fractional parts compared at 1e-9).
     Returns int64 [L] summing to ``min(total, cap.sum())``."""
     mass = torch.nan_to_num(mass.double(), nan=0.0).clamp_min(0.0)
     cap = cap.to(torch.int64).clamp_min(0)
@@ -181,7 +184,8 @@ def allocate(mass: torch.Tensor, total: int, cap: torch.Tensor) -> torch.Tensor:
     if left > 0:
         frac = (x - base.double()).clamp_min(0.0)
         frac[base >= cap] = -1.0
-        order = sorted(range(len(cap)), key=lambda i: (-float(frac[i]), i))
+        # fractional parts compared at 1e-9, so that float noise does not break a tie (equal shares round alike)
+        order = sorted(range(len(cap)), key=lambda i: (-round(float(frac[i]), 9), i))
         for i in order[:left]:
             base[i] += 1
     return base

@@ -12,7 +12,7 @@ import operator
 import os
 import platform
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 
