@@ -309,6 +309,7 @@ class DeltaTracker:
         totals = {g: _GroupTotals(self.num_layers, u, k + 1) for g, u in self.units.items()}
         hist = _HistTotals([name])
         kw = dict(mode="consecutive", atol=self.atol, rtol=self.rtol, backend=self.backend)
+        tied = self._tied()
         for t in self._tensors:
             ws = self._inputs(t, 0, k)
             tot = None
@@ -320,8 +321,7 @@ class DeltaTracker:
             s.tensors[t.name] = {"zeros": z[k], "near_zeros": nz[k], "sq_norm": sqn[k], "abs_max": amax[k]}
             if not finite:
                 s.nonfinite[t.name] = [int((~torch.isfinite(w)).sum()) for w in ws]
-            tied = t.name in self.layout.tied
-            if self.hist_stride > 0 and not tied:
+            if self.hist_stride > 0 and t.name not in tied and t.elements:
                 _hist_add(hist, ws[k], ws[k + 1], self.hist_stride)
         for g, tg in totals.items():
             arrays = tg.arrays(g, names)
@@ -353,10 +353,11 @@ class DeltaTracker:
             arrays.update(s.arrays)
             hist.update(s.hist)
         tensors = {}
+        tied = self._tied()
         for t in self._tensors:
-            entry = {"elements": t.elements, "shape": list(t.live().shape),
+            entry = {"elements": t.elements, "shape": list(t.param.shape),
                      "dtypes": sorted({str(t.param.dtype).replace("torch.", "")})}
-            if t.name in self.layout.tied:
+            if t.name in tied:
                 entry["tied_to"] = self.layout.tied[t.name]
             for key in ("zeros", "near_zeros", "sq_norm", "abs_max"):
                 entry[key] = [s.tensors[t.name][key] for s in summaries]
@@ -369,7 +370,9 @@ class DeltaTracker:
         meta = {
             "version": __version__, "checkpoints": points + ["<live model>"], "labels": labels,
             "deltas": list(self._domains), "mode": "consecutive", "atol": self.atol, "rtol": self.rtol,
-            "groups": list(self.groups), "layout": self.layout.to_spec(), "num_layers": self.num_layers,
+            "groups": list(self.groups), "groups_left_out": [g for g in self.layout.groups if g not in self.groups],
+            "group_layers": {g: sorted(self.layout.groups[g]) for g in self.groups},
+            "layout": self.layout.to_spec(), "num_layers": self.num_layers,
             "units": dict(self.units), "dtypes": [s.dtypes for s in self._chain] + [live], "mixed_dtypes": [],
             "skipped": {}, "nonfinite": dict(current.nonfinite), "hist_stride": self.hist_stride,
             "hist_edges_log10": [HIST_LO, HIST_HI, HIST_BINS],
@@ -377,6 +380,20 @@ class DeltaTracker:
             "steps": {**self.steps_per_domain, self._domains[-1]: self._steps},
         }
         return Profile(meta=meta, arrays=arrays, tensors=tensors, hist=hist)
+
+    def _tied(self) -> set:
+        """Parameters the layout calls tied to another (a head to the embedding) that hold the same values at every
+        boundary and now, as ``lpt diff`` decides it: counted once, left out of the histograms. (Parameters that are
+        one tensor are listed once by the model already.)"""
+        out = set()
+        by_name = {t.name: t for t in self._tensors}
+        for name, target in self.layout.tied.items():
+            if name in by_name and target in by_name:
+                a, b = by_name[name], by_name[target]
+                pairs = [(s.tensor2d(name), s.tensor2d(target)) for s in self._chain] + [(a.live(), b.live())]
+                if all(x.shape == y.shape and torch.equal(x, y.to(x.device)) for x, y in pairs):
+                    out.add(name)
+        return out
 
     def close(self) -> None:
         """Release the snapshots (memory, or the mappings of the files, which stay on disk) and the summaries."""
