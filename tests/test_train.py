@@ -96,9 +96,9 @@ def assert_profiles_equal(p: Profile, q: Profile):
     assert p.sparsity(tolerance=True) == q.sparsity(tolerance=True)
 
 
-@pytest.mark.parametrize("case", ["fp32-adamw-untied", "fp32-sgd-tied", "bf16-adamw-tied"])
+@pytest.mark.parametrize("case", ["fp32-adamw-untied", "fp32-sgd-tied", "bf16-adamw-tied", "fp64-sgd-tied"])
 def test_profile_equals_diff_of_saved_checkpoints(tmp_path, case):
-    dtype = torch.bfloat16 if case.startswith("bf16") else torch.float32
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp64": torch.float64}[case[:4]]
     model = make_model(dtype, tie=case.endswith("-tied"))
     opt = (torch.optim.SGD(model.parameters(), lr=0.05) if "sgd" in case
            else torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0))

@@ -25,7 +25,7 @@ import torch
 from lpt_kernels import __version__, unit_gram
 from lpt_kernels.analysis.profile import (HIST_BINS, HIST_HI, HIST_LO, Profile, _fold, _GroupTotals,
                                           _HistTotals, _top_mask)
-from lpt_kernels.ops import MAX_INPUTS, UnitGram, _check_float
+from lpt_kernels.ops import FLOAT_DTYPES, MAX_INPUTS, UnitGram, _check_float
 from lpt_kernels.train import snapshots
 from lpt_kernels.train._model import (TrainError, check_every, check_model, check_name, model_layout, model_params,
                                       plan, to_device)
@@ -220,7 +220,10 @@ class DeltaTracker:
 
     def _inputs(self, t, j0: int, k: int) -> List[torch.Tensor]:
         live = t.live()
-        return [to_device(self._chain[j].tensor2d(t.name), live.device) for j in range(j0, k + 1)] + [live]
+        ws = [to_device(self._chain[j].tensor2d(t.name), live.device) for j in range(j0, k + 1)] + [live]
+        if any(w.dtype not in FLOAT_DTYPES for w in ws):  # float64 parameters: read in fp32, as lpt diff does
+            ws = [w if w.dtype in FLOAT_DTYPES else w.float() for w in ws]
+        return ws
 
     def _measure(self) -> Dict[str, float]:
         k = len(self._domains) - 1
@@ -249,7 +252,10 @@ class DeltaTracker:
                         near.append(r.near_zeros[:, col])
         if self._small_names:  # the small tensors without units (norm weights), concatenated: one call
             live = torch.cat([t.param.detach().reshape(-1) for t in self._small])
-            r = unit_gram([self._small_start.view(1, -1), live.view(1, -1)], axis=0, block=1, **kw)
+            start = self._small_start
+            if live.dtype not in FLOAT_DTYPES:
+                live, start = live.float(), start.float()
+            r = unit_gram([start.view(1, -1), live.view(1, -1)], axis=0, block=1, **kw)
             zeros.append(r.zeros[:, 0])
             sq.append(r.gram[:, 0, 0])
             near.append(r.near_zeros[:, 0])
