@@ -56,3 +56,25 @@ def test_identical_updates_give_one(backend):
     u = torch.randn(6, 5, device=device)
     pooled, per = L.masked_cosine(u, u.clone(), [1, 4, 5], backend=name)
     assert abs(pooled.item() - 1) < 1e-6 and torch.allclose(per.cpu(), torch.ones(3))
+
+
+def test_strided_index(backend):
+    """Column 0 of an int64 [3, 2] tensor ([3, 0, 5]) selects those units on every backend."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(5)
+    w = [torch.randn(7, 9, generator=gen).to(device) for _ in range(3)]
+    ids = torch.tensor([[3, 6], [0, 6], [5, 6]])
+    pooled, per = L.masked_cosine((w[0], w[1]), (w[1], w[2]), ids[:, 0], backend=name)
+    rp, rper = _dense(w[1] - w[0], w[2] - w[1], [3, 0, 5], 0, 1)
+    assert abs(pooled.item() - rp.item()) <= 1e-5
+    assert torch.allclose(per.double().cpu(), rper.cpu(), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,axis,index", [((0, 4), 0, []), ((5, 0), 0, [4, 1]), ((0, 3), 1, [2]),
+                                               ((0, 0), 1, [])])
+def test_zero_size(backend, shape, axis, index):
+    """Zero-size updates: the cosine over empty units is 0 (a zero vector), never NaN."""
+    name, device = backend
+    u, v = torch.empty(shape, device=device), torch.empty(shape, dtype=torch.bfloat16, device=device)
+    pooled, per = L.masked_cosine(u, (v, v), index, axis=axis, backend=name)
+    assert pooled.item() == 0.0 and per.shape == (len(index),) and not per.any()
