@@ -519,8 +519,16 @@ def rollback_(target: torch.Tensor, source: torch.Tensor, index, *, axis: int = 
         # Read only the listed units on the source's device, then move just those.
         idx = _unique_index(index, n_units)
         pos = _to_device((idx[:, None] * block + torch.arange(block)).reshape(-1), source.device)
-        _rollback_compact_(target, _to_device(source.index_select(axis, pos), target.device), idx, axis, block,
-                           alpha, name)
+        if source.device.type == "cpu" and target.device.type == "cuda":
+            # Gather straight into pinned memory: one host copy, then a stream-ordered upload (no sync).
+            shape = list(source.shape)
+            shape[axis] = pos.numel()
+            part = torch.index_select(source, axis, pos,
+                                      out=torch.empty(shape, dtype=source.dtype, pin_memory=True))
+            part = part.to(target.device, non_blocking=True)
+        else:
+            part = source.index_select(axis, pos).to(target.device)
+        _rollback_compact_(target, part, idx, axis, block, alpha, name)
     else:
         idx = _host_index(index)
         _run(_rollback_op, _rollback_impl, [target, source, idx], target, source, idx, axis, block, alpha, False,
