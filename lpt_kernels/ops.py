@@ -326,8 +326,8 @@ def _cosine(dot: torch.Tensor, aa: torch.Tensor, bb: torch.Tensor) -> torch.Tens
 
 def _masked_cosine_impl(ws: List[torch.Tensor], mode: str, a: int, b: int, index: torch.Tensor, axis: int,
                         block: int, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    for i, w in enumerate(ws):
-        _check_dtype(w, "u" if i == 0 else "v")
+    for i, w in enumerate(ws):  # (direct torch.ops.lpt calls: masked_cosine() named u and v already)
+        _check_dtype(w, f"ws[{i}]")
     index = _to_device(_check_index_values(index, ws[0].shape[axis] // block), ws[0].device)
     impl = _load(backend)
     if hasattr(impl, "masked_cosine"):  # a backend's own finish (see lpt_kernels.backends)

@@ -145,7 +145,7 @@ def test_non_float_dtypes_name_argument_and_dtype(dtype):
                                          rtol=0.0, backend="cpu"), "ws[1]"),
         (lambda: torch.ops.lpt.act_stats_(bad, stats, None, 0.0, "cpu"), "x"),
         (lambda: torch.ops.lpt.rollback_(good.clone(), bad, torch.tensor([1]), 0, 1, 1.0, False, "cpu"), "source"),
-        (lambda: torch.ops.lpt.masked_cosine([good, bad], "given", 0, 1, torch.tensor([0]), 0, 1, "cpu"), "v"),
+        (lambda: torch.ops.lpt.masked_cosine([good, bad], "given", 0, 1, torch.tensor([0]), 0, 1, "cpu"), "ws[1]"),
     ]
     for call, arg in calls:
         with pytest.raises(TypeError) as e:
