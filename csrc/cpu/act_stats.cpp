@@ -79,7 +79,7 @@ void strip(const BlockArgs& a, float threshold, ChanTotals& tot, int64_t j) {
       as[u] += ax;
       sq[u] += x[u] * x[u];
       mx[u] = vmax(ax, mx[u]);
-      ac[u] += ax > threshold ? one : zero;
+      ac[u] = ax > threshold ? ac[u] + one : ac[u];  // a masked add (+= of a select is a blend and an add)
     }
   }
   for (int q = 0; q < kP; ++q) {

@@ -285,11 +285,12 @@ struct VAcc {
     }
   }
 
-  // The strip at byte offset off of the K rows q (dtype DT, unit stride): kW*U elements.
-  template <int DT>
+  // The strip at byte offset off of the K rows q (dtype DT, unit stride): kW*U elements, or with PAIR a pair of
+  // vectors into the same single set (U == 1; see StaticKern::G0).
+  template <int DT, bool PAIR>
   LPT_VINLINE void load_update(const char* const* q, int64_t off, float atol, float rtol, float thr0) {
     vf a[K], b[K];
-    if (U == 2) {
+    if (U == 2 || PAIR) {
       for (int k = 0; k < K; ++k) load_pair<DT>(q[k] + off, 0, a[k], b[k]);
       update(a, 0, atol, rtol, thr0);
       update(b, U - 1, atol, rtol, thr0);
@@ -410,13 +411,18 @@ template <int M, int MODE, int NZ>
 struct StaticKern {
   static constexpr int U = 2 * (M * (M + 1) / 2 + (NZ == kNzZero ? 3 : 4) * M) + 5 <= kVRegs ? 2 : 1;
   static constexpr int64_t G = kW * U;  // strip width
-  static_assert(G <= kMaxStrip, "tails and gather buffers hold one strip");
+  // Axis 0 strips are always a pair of vectors: with one set of accumulators (U == 1) both vectors of a pair add
+  // into the same lanes. A unit there sums over all its elements, so which lane takes which element is free, and a
+  // pair costs one load and one operation per vector for 16-bit dtypes (load_pair) instead of a widening load
+  // (a shuffle) and a shift. Axis 1 keeps lanes = columns.
+  static constexpr int64_t G0 = 2 * kW;
+  static_assert(G <= kMaxStrip && G0 <= kMaxStrip, "tails and gather buffers hold one strip");
   using Tot = VTot<M>;
 
-  template <int DT>
+  template <int DT, bool AXIS0>
   static void strips(const StripArgs& a, const Ctx& c, Tot* vt, ColTotals* ct, int64_t col) {
     constexpr int K = num_inputs(MODE, M);
-    constexpr int kLines = (G * (DT == kF32 ? 4 : 2) + 63) / 64;
+    constexpr int kLines = ((AXIS0 ? G0 : G) * (DT == kF32 ? 4 : 2) + 63) / 64;
     VAcc<M, MODE, NZ, U> acc;
     acc.clear();
     const char* p[K];
@@ -427,10 +433,11 @@ struct StaticKern {
       for (int64_t j = 0, off = 0; j < a.n; ++j, off += st) {
         for (int k = 0; k < K; ++k)
           for (int l = 0; l < kLines; ++l) __builtin_prefetch(p[k] + off + pfo + 64 * l);
-        acc.template load_update<DT>(p, off, atol, rtol, thr0);
+        acc.template load_update<DT, AXIS0>(p, off, atol, rtol, thr0);
       }
     } else {
-      for (int64_t j = 0, off = 0; j < a.n; ++j, off += st) acc.template load_update<DT>(p, off, atol, rtol, thr0);
+      for (int64_t j = 0, off = 0; j < a.n; ++j, off += st)
+        acc.template load_update<DT, AXIS0>(p, off, atol, rtol, thr0);
     }
     if (vt) acc.fold(*vt);
     else acc.template flush<DT>(*ct, col);
@@ -439,10 +446,10 @@ struct StaticKern {
 
 // L1, any M; fp32 buffers only.
 struct DynKern {
-  static constexpr int64_t G = kW;
+  static constexpr int64_t G = kW, G0 = kW;
   using Tot = VTot<kMaxM>;
 
-  template <int DT>
+  template <int DT, bool AXIS0>
   static void strips(const StripArgs& a, const Ctx& c, Tot* vt, ColTotals* ct, int64_t col) {
     static_assert(DT == kF32, "DynKern reads fp32 buffers");
     VAccDyn acc(c);
@@ -468,9 +475,9 @@ using StripsFn = void (*)(const StripArgs&, const Ctx&, typename Kern::Tot*, Col
 template <class Kern>
 void axis0(const Tensor2D* ws, int64_t cols, int64_t block, const int64_t* index, int64_t n_units, const Ctx& c,
            const GramOut& out, int threads, StripsFn<Kern> fn, int64_t es) {
-  constexpr int64_t G = Kern::G;
+  constexpr int64_t G = Kern::G0;
   const bool buffered = fn == nullptr;
-  if (buffered) fn = &Kern::template strips<kF32>, es = 4;
+  if (buffered) fn = &Kern::template strips<kF32, true>, es = 4;
   const int64_t nstrips = cols / G;
   bool pf_rows = index != nullptr && !buffered;
   for (int k = 0; k < c.k; ++k) pf_rows = pf_rows && ws[k].stride0 == ws[0].stride0;
@@ -536,7 +543,7 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
            const GramOut& out, int threads, StripsFn<Kern> fn, int64_t es) {
   constexpr int64_t G = Kern::G;
   const bool gather = fn == nullptr;
-  if (gather) fn = &Kern::template strips<kF32>, es = 4;
+  if (gather) fn = &Kern::template strips<kF32, false>, es = 4;
   const int64_t ncol = n_units * block;
   std::vector<int64_t> col_ids(gather ? ncol : 0);  // listed columns, unit by unit
   for (int64_t u = 0; gather && u < n_units; ++u)
@@ -595,10 +602,11 @@ void run(const Tensor2D* ws, int64_t rows, int64_t cols, int axis, int64_t block
          int64_t n_units, const Ctx& c, const GramOut& out, int threads, bool direct) {
   StripsFn<Kern> fn = nullptr;
   if (direct) {  // one dtype, unit inner stride
+    const bool a0 = axis == 0;
     switch (ws[0].dtype) {
-      case kBF16: fn = &Kern::template strips<kBF16>; break;
-      case kF16: fn = &Kern::template strips<kF16>; break;
-      default: fn = &Kern::template strips<kF32>; break;
+      case kBF16: fn = a0 ? &Kern::template strips<kBF16, true> : &Kern::template strips<kBF16, false>; break;
+      case kF16: fn = a0 ? &Kern::template strips<kF16, true> : &Kern::template strips<kF16, false>; break;
+      default: fn = a0 ? &Kern::template strips<kF32, true> : &Kern::template strips<kF32, false>; break;
     }
   }
   const int64_t es = dtype_size(ws[0].dtype);
