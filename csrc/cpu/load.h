@@ -6,6 +6,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <vector>
+
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -101,6 +103,15 @@ LPT_VINLINE vf load_vec(const void* p, int64_t i) {
     memcpy(&v, (const float*)p + i, sizeof v);
     return v;
   }
+#if defined(__AVX512BW__)
+  if (DT == kBF16) {  // one word shuffle puts each bf16 into the high half of its lane (zeroing the low halves),
+    // where a widening load would take a shuffle and a shift
+    const __m512i idx = _mm512_set_epi32(0xf000f, 0xe000e, 0xd000d, 0xc000c, 0xb000b, 0xa000a, 0x90009, 0x80008,
+                                         0x70007, 0x60006, 0x50005, 0x40004, 0x30003, 0x20002, 0x10001, 0);
+    const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i));
+    return (vf)_mm512_maskz_permutexvar_epi16((__mmask32)0xaaaaaaaau, idx, _mm512_castsi256_si512(h));
+  }
+#endif
   const vu x = load_u16((const uint16_t*)p + i);
   return DT == kBF16 ? bf16_vec(x) : f16_vec(x);
 }
@@ -253,6 +264,40 @@ LPT_VINLINE float hmax(const vf& v) {
   return t[0];
 }
 
+// ---- per-call totals ---------------------------------------------------------------------------------------------
+
+// n zeroed elements of scratch memory that stay with the thread (OpenMP's pool threads and the caller) between calls,
+// up to kKeep bytes per Tag; larger requests get memory of their own. Fresh per-call vectors of channel or column
+// totals (0.1-1 MB for 9728 channels or columns) cost their page faults on every call: ~65 us for an act_stats_ of
+// one token, 30x its arithmetic. Tag tells apart the buffers one thread holds at once.
+template <class T, int Tag>
+class Scratch {
+ public:
+  explicit Scratch(size_t n) {
+    constexpr size_t kKeep = size_t(4) << 20;
+    std::vector<T>& kept = keep();
+    if (n * sizeof(T) <= kKeep) {
+      if (kept.size() < n) kept.resize(n);
+      p_ = kept.data();
+    } else {
+      own_.resize(n);
+      p_ = own_.data();
+    }
+    if (n) memset((void*)p_, 0, n * sizeof(T));
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* data() const { return p_; }
+
+ private:
+  static std::vector<T>& keep() {
+    static thread_local std::vector<T> v;
+    return v;
+  }
+  std::vector<T> own_;
+  T* p_ = nullptr;
+};
+
 // ---- runs of elements widened to fp32 (any stride, any dtype) ---------------------------------------------------
 
 // out[i] = t[off + i * step], i < n. Unit stride: whole vectors (load_vec), then the scalar load_f32 for the rest.
@@ -271,6 +316,41 @@ void load_run_t(const void* p, int64_t off, int64_t step, int64_t n, float* out)
 template <int DT>
 void load_gather_t(const void* p, int64_t off, int64_t step, const int64_t* at, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = load_f32<DT>(p, off + at[i] * step);
+}
+
+// kW elements base[pos[l]] (positions in elements, int32) widened to fp32, with the ISA's gather instruction (the
+// scalar load_f32 per lane without one). The 16-bit dtypes gather the 32-bit word that ends with the element (the
+// element in its high half), so nothing past an element is read; the word of the element at offset 0 would start
+// before the tensor, so callers keep that position out (everything else lies within the tensor's storage).
+template <int DT>
+LPT_VINLINE vf gather_vec(const void* base, const int32_t* pos) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__)
+  const __m512i ix = _mm512_loadu_si512((const void*)pos);
+  if (DT == kF32) return (vf)_mm512_i32gather_ps(ix, base, 4);
+  const vu x = (vu)_mm512_i32gather_epi32(ix, (const char*)base - 2, 2);
+#else
+  const __m256i ix = _mm256_loadu_si256((const __m256i*)pos);
+  if (DT == kF32) return (vf)_mm256_i32gather_ps((const float*)base, ix, 4);
+  const vu x = (vu)_mm256_i32gather_epi32((const int*)((const char*)base - 2), ix, 2);
+#endif
+  return DT == kBF16 ? (vf)(x & 0xffff0000u) : f16_vec(x >> 16);
+#else
+  vf v;
+  for (int l = 0; l < kW; ++l) v[l] = load_f32<DT>(base, pos[l]);
+  return v;
+#endif
+}
+
+// out[i] = t[off + pos[i]], i < n (a multiple of kW), by gather_vec; off + pos[i] must not be 0 (see gather_vec).
+inline void load_gather_vec(const Tensor2D& t, int64_t off, const int32_t* pos, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i += kW) {
+    switch (t.dtype) {
+      case kF32: store_vf(out + i, gather_vec<kF32>((const float*)t.data + off, pos + i)); break;
+      case kBF16: store_vf(out + i, gather_vec<kBF16>((const uint16_t*)t.data + off, pos + i)); break;
+      default: store_vf(out + i, gather_vec<kF16>((const uint16_t*)t.data + off, pos + i)); break;
+    }
+  }
 }
 
 inline void load_run(const Tensor2D& t, int64_t off, int64_t step, int64_t n, float* out) {
