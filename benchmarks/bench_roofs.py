@@ -55,6 +55,7 @@ class Roof:
     asm: str = ""               # regex of the hot loop's function in the extension (for --asm)
     elems: int = 0              # element positions per hot-loop iteration on AVX-512 (for --asm)
     inputs: int = 1             # input tensors read per element position
+    pick: str = "most_ps"       # which innermost loop is the hot one: most fp32 vector ops, or the smallest with an fma
 
 
 def chain(n, shape, gen, density=0.25):
@@ -88,7 +89,7 @@ def build(gen) -> List[Roof]:
         one = [w[:1] for w in ws]
         roofs.append(Roof(f"unit_gram K={k} axis0 rows", k * rows * HIDDEN * 2, gram_call(ws, 0),
                           lambda one=one: lpt_kernels.unit_gram(one, atol=ATOL, backend="cpu"),
-                          asm=rf"StaticKern<{k - 1}, 0, 1>::strips<1>", elems=32 if k == 2 else 16, inputs=k))
+                          asm=rf"StaticKern<{k - 1}, 0, 1>::strips<1, true>", elems=32, inputs=k))
     # unit_gram axis 1: 256 rows (one fold period) x 1024 columns of down_proj-strided tensors (row stride 9728).
     for k in (2, 5):
         full = chain(k, (256, INTER), gen)
@@ -96,21 +97,22 @@ def build(gen) -> List[Roof]:
         one = [w[:, :16] for w in full]
         roofs.append(Roof(f"unit_gram K={k} axis1 cols", k * 256 * 1024 * 2, gram_call(ws, 1),
                           lambda one=one: lpt_kernels.unit_gram(one, axis=1, atol=ATOL, backend="cpu"),
-                          asm=rf"StaticKern<{k - 1}, 0, 1>::strips<1>", elems=32 if k == 2 else 16, inputs=k))
+                          asm=rf"StaticKern<{k - 1}, 0, 1>::strips<1, false>", elems=32 if k == 2 else 16,
+                          inputs=k))
     # masked_cosine of a chain of 3 (atol = 0): 10% of the rows of a [640, 2560] tensor (64 rows, ~1 MB) ...
     ws = chain(3, (640, HIDDEN), gen)
     idx = torch.randperm(640, generator=gen)[:64].sort().values
     roofs.append(Roof("masked_cosine 10% rows", 3 * 64 * HIDDEN * 2, gram_call(ws, 0, idx, atol=0.0),
                       lambda ws=ws: lpt_kernels.masked_cosine((ws[0], ws[1]), (ws[1], ws[2]), torch.tensor([0]),
                                                               backend="cpu"),
-                      asm=r"StaticKern<2, 0, 0>::strips<1>", elems=32, inputs=3))
+                      asm=r"StaticKern<2, 0, 0>::strips<1, true>", elems=32, inputs=3))
     # ... and 10% of the columns of 32 rows of down_proj (every 64-byte line of those rows is touched: 3.7 MB in L2/L3)
     ws = chain(3, (32, INTER), gen)
     idx = torch.randperm(INTER, generator=gen)[:973].sort().values
     roofs.append(Roof("masked_cosine 10% cols", 3 * 32 * 973 * 2, gram_call(ws, 1, idx, atol=0.0),
                       lambda ws=ws: lpt_kernels.masked_cosine((ws[0], ws[1]), (ws[1], ws[2]), torch.tensor([0]),
                                                               axis=1, backend="cpu"),
-                      asm=r"StaticKern<2, 0, 0>::strips<0>", elems=32, inputs=3))
+                      asm=r"StaticKern<2, 0, 0>::strips<0, false>", elems=32, inputs=3))
     # act_stats_: 256 tokens x 2048 channels of a [256, 9728] bf16 activation (1 MB).
     xf = torch.randn(256, INTER, generator=gen).to(torch.bfloat16)
     x = xf[:, :2048]
@@ -131,7 +133,7 @@ def build(gen) -> List[Roof]:
             lambda alpha=alpha: C.rollback(t.data_ptr(), BF16, HIDDEN, 1, s.data_ptr(), BF16, HIDDEN, 1, 640, HIDDEN,
                                            ridx.data_ptr(), 64, 0, 1, alpha, False, 1),
             lambda alpha=alpha: lpt_kernels.rollback_(t, s, torch.tensor([3]), alpha=alpha, backend="cpu"),
-            asm=r"update_run<1, 1>" if alpha != 1.0 else "", elems=16, inputs=2))
+            asm=r"::run<1, 1>\(" if alpha != 1.0 else "", elems=16, inputs=2, pick="fma_smallest"))
     return roofs
 
 
@@ -163,15 +165,24 @@ def hot_loops(so: str, isa: str, pattern: str):
     out = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", "-M", "intel", so], capture_output=True,
                          text=True, check=True).stdout
     res = []
-    for f in re.split(r"\n(?=[0-9a-f]+ <)", out):
-        head = f.split("\n", 1)[0]
-        if f"lpt::cpu::{isa}::" not in head or not re.search(pattern, head):
-            continue
+    funcs = re.split(r"\n(?=[0-9a-f]+ <)", out)
+
+    def body_of(f):
         ins = []
         for ln in f.split("\n")[1:]:
             m = re.match(r"\s+([0-9a-f]+):\s+(\S+)\s*(.*)", ln)
             if m:
                 ins.append((int(m.group(1), 16), m.group(2), m.group(3)))
+        return ins
+    for f in funcs:
+        head = f.split("\n", 1)[0]
+        if f"lpt::cpu::{isa}::" not in head or not re.search(pattern, head):
+            continue
+        ins = body_of(f)
+        if len(ins) <= 3 and ins and ins[-1][1] == "jmp":  # folded into an identical function: follow the jump
+            to = int(re.match(r"([0-9a-f]+)", ins[-1][2]).group(1), 16)
+            ins = next((body_of(g) for g in funcs if re.match(r"[0-9a-f]+", g) and
+                        int(re.match(r"[0-9a-f]+", g).group(0), 16) == to), ins)
         loops = []
         for a, mn, op in ins:
             t = re.match(r"([0-9a-f]+)", op)
@@ -196,12 +207,19 @@ def print_asm(roofs: List[Roof], isa: str):
         if not r.asm:
             print(f"  {r.name}: a byte copy (memcpy), no loop of ours")
             continue
-        loops = hot_loops(so, isa, re.escape(r.asm).replace(r"\ ", " ") if "<" in r.asm else r.asm)
+        loops = hot_loops(so, isa, r.asm)
+        if r.pick == "fma_smallest":
+            loops = [x for x in loops if any("fmadd" in k for k in x[4])]
         if not loops:
             print(f"  {r.name}: no loop found for {r.asm}")
             continue
-        # the hot loop: the largest innermost loop (the others are the tails, the fold and the prefetch-free copy)
-        fn, n, vec, loads, mn = max(loops, key=lambda x: x[1])
+        if r.pick == "fma_smallest":
+            fn, n, vec, loads, mn = min(loops, key=lambda x: x[1])
+        else:
+            # the innermost loop with the most fp32 vector arithmetic, the larger of equals (the others are the fp64
+            # folds, the scalar tails and the copy of the loop without prefetches)
+            fn, n, vec, loads, mn = max(loops, key=lambda x: (sum(v for k, v in x[4].items() if k.endswith("ps")),
+                                                              x[1]))
         elems = r.elems if isa == "avx512" else r.elems // 2 if isa == "avx2" else r.elems // 4
         nb = elems * r.inputs * 2
         top = " ".join(f"{k}:{v}" for k, v in mn.most_common(12))

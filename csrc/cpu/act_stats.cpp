@@ -173,13 +173,20 @@ void act_stats(Tensor2D x, int64_t tokens, int64_t channels, const uint8_t* mask
       }
       if (r1 % kFoldRows == 0 || r1 == counted) tot.fold();
     }
-    for (int64_t c = lo; c < hi; ++c) {
-      double* col = stats + c * ss1;
-      col[0] += (double)counted;
-      col[1 * ss0] += *tot.f64(c - lo, 0);
-      col[2 * ss0] += *tot.f64(c - lo, 1);
-      if (counted) col[3 * ss0] = std::max(col[3 * ss0], (double)*tot.f32(c - lo, 3));
-      col[4 * ss0] += *tot.f64(c - lo, 2);
+    // Into stats, group by group of kW channels (no per-channel index arithmetic: with few tokens, e.g. a decode
+    // step's hook, this loop is most of the call).
+    for (int64_t c0 = lo; c0 < hi; c0 += kW) {
+      const int64_t n = std::min<int64_t>(kW, hi - c0);
+      const double* s = tot.f64(c0 - lo, 0);
+      const float* m = tot.f32(c0 - lo, 3);
+      for (int64_t l = 0; l < n; ++l) {
+        double* col = stats + (c0 + l) * ss1;
+        col[0] += (double)counted;
+        col[1 * ss0] += s[l];
+        col[2 * ss0] += s[kW + l];
+        if (counted) col[3 * ss0] = std::max(col[3 * ss0], (double)m[l]);
+        col[4 * ss0] += s[2 * kW + l];
+      }
     }
   }
 }
