@@ -33,7 +33,7 @@ def test_diff_overlap_report(chain):
     r = lpt("overlap", out, "--top", "0.1", "--group", "mlp", "--csv", str(root / "ov.csv"))
     assert r.returncode == 0, r.stderr
     assert "Jaccard" in r.stdout and "cosine d1 vs d2" in r.stdout
-    assert open(root / "ov.csv").read().startswith("group,kind,a,b,value")
+    assert open(root / "ov.csv").read().startswith("group,kind,a,b,layer,value")
 
     r = lpt("report", out)
     assert r.returncode == 0, r.stderr
