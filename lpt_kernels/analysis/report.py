@@ -41,10 +41,13 @@ def _save(fig, path: str) -> str:
     return path
 
 
-def _int_ticks(axis) -> None:
+def _layer_axis(ax, n_layers: int) -> None:
+    """Integer layer ticks over every layer, whatever holds data."""
     from matplotlib.ticker import MaxNLocator
 
-    axis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(-0.5, max(n_layers, 1) - 0.5)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, nbins=min(max(n_layers, 1), 12)))
+    ax.set_xlabel("layer")
 
 
 def _short(tensor: str) -> str:
@@ -66,7 +69,7 @@ def unit_description(p: Profile, group: str) -> str:
         if m.block == 1:
             parts.append(f"{what} j of {_short(m.tensor)}")
         else:
-            parts.append(f"{what}s j&middot;{m.block} to (j+1)&middot;{m.block}&minus;1 of {_short(m.tensor)}")
+            parts.append(f"the {m.block} {what}s {m.block}j to {m.block}j+{m.block - 1} of {_short(m.tensor)}")
     n = p.meta.get("units", {}).get(group)
     head = GROUP_UNIT.get(group, f"a unit of group <code>{html.escape(group)}</code>")
     return f"{head} j = " + " + ".join(parts) + (f"; {n} per layer" if n else "")
@@ -77,13 +80,22 @@ def changed_deltas(p: Profile, group: str) -> List[str]:
     return [d for d in p.deltas if bool((p.stat(d, group, "sq_norm") > 0).any())]
 
 
+def _num(x: float) -> str:
+    """1e-08 -> 1e-8, 0.001 -> 0.001."""
+    s = f"{x:g}"
+    if "e" in s:
+        m, e = s.split("e")
+        s = f"{m}e{int(e)}"
+    return s
+
+
 def _tol_label(p: Profile) -> str:
     atol, rtol = p.meta.get("atol", 0.0), p.meta.get("rtol", 0.0)
     if atol and rtol:
-        return f"|Δw| ≤ {atol:g} + {rtol:g}·|w|"
+        return f"|Δw| ≤ {_num(atol)} + {_num(rtol)}·|w|"
     if rtol:
-        return f"|Δw| ≤ {rtol:g}·|w|"
-    return f"|Δw| ≤ {atol:g}"
+        return f"|Δw| ≤ {_num(rtol)}·|w|"
+    return f"|Δw| ≤ {_num(atol)}"
 
 
 def _has_tol(p: Profile) -> bool:
@@ -155,7 +167,8 @@ def plot_hist(p: Profile, kind: str, path: str) -> str:
     ax.set_ylabel("% of sampled non-zero changes")
     ax.grid(alpha=0.3)
     if len(p.deltas) > 1:
-        ax.legend(fontsize=8, title="delta", title_fontsize=8, loc="upper left")
+        ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(6, len(p.deltas)),
+                  frameon=False)
     return _save(fig, path)
 
 
@@ -170,7 +183,7 @@ def plot_jaccard(p: Profile, group: str, frac: float, path: str) -> str:
         for b, db in enumerate(p.deltas):
             if da not in moved or db not in moved:
                 j[a, b] = math.nan
-    fig, ax = plt.subplots(figsize=(1.0 * n + 3.2, 0.9 * n + 2.0))
+    fig, ax = plt.subplots(figsize=(0.75 * n + 2.6, 0.65 * n + 1.5))
     cmap = plt.get_cmap("viridis").copy()
     cmap.set_bad("#e8e8e8")
     im = ax.imshow(j, vmin=0, vmax=1, cmap=cmap)
@@ -190,21 +203,25 @@ def plot_shared_cosine(p: Profile, group: str, frac: float, path: str) -> Option
     """Per layer, the cosine of each pair of consecutive deltas over their shared top units; layers without a
     shared unit are gaps (a layer between two gaps is a lone marker, not joined to anything)."""
     plt = _plt()
-    moved = set(changed_deltas(p, group))
-    pairs = [(a, b) for a, b in zip(p.deltas[:-1], p.deltas[1:]) if a in moved and b in moved]
-    if not pairs:
+    curves = []
+    for a, b in zip(p.deltas[:-1], p.deltas[1:]):
+        c = p.shared_cosine(a, b, group, frac)["pooled"]
+        if (~c.isnan()).any():
+            curves.append((a, b, c))
+    if not curves:
         return None
     fig, ax = plt.subplots(figsize=(8, 3.8))
-    for k, (a, b) in enumerate(pairs):
-        c = p.shared_cosine(a, b, group, frac)["pooled"].numpy()
-        ax.plot(range(len(c)), c, color=f"C{k}", label=f"{a} vs {b}", **PAIR_STYLE)
+    top = 0.0
+    for k, (a, b, c) in enumerate(curves):
+        top = max(top, c[~c.isnan()].abs().max().item())
+        ax.plot(range(len(c)), c.numpy(), color=f"C{k}", label=f"{a} vs {b}", **PAIR_STYLE)
     ax.axhline(0, color="grey", lw=0.8)
-    ax.set_ylim(-1.05, 1.05)
-    _int_ticks(ax.xaxis)
-    ax.set_xlabel("layer")
+    lim = min(1.0, max(0.1, math.ceil(top * 1.2 / 0.05) * 0.05))  # symmetric about 0, so the sign reads at once
+    ax.set_ylim(-lim, lim)
+    _layer_axis(ax, p.meta["num_layers"])
     ax.set_ylabel("cosine on shared top units")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(4, len(pairs)), frameon=False)
+    ax.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=min(4, len(curves)), frameon=False)
     return _save(fig, path)
 
 
@@ -223,9 +240,8 @@ def plot_layer_norms(p: Profile, group: str, path: str) -> str:
     if pos.numel() and pos.max() / pos.min() > 100:
         ax.set_yscale("log")
     else:
-        ax.set_ylim(bottom=0)
-    _int_ticks(ax.xaxis)
-    ax.set_xlabel("layer")
+        ax.set_ylim(0, (allv.max().item() or 1.0) * 1.1)
+    _layer_axis(ax, p.meta["num_layers"])
     ax.set_ylabel(f"update norm ‖Δw‖ of the {group} units")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, title="delta", title_fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0),
@@ -246,6 +262,11 @@ def _figure(path: str, alt: str, caption: str) -> str:
         b64 = base64.b64encode(f.read()).decode()
     return (f"<figure><img alt='{html.escape(alt, quote=True)}' src='data:image/png;base64,{b64}'>"
             f"<figcaption>{caption}</figcaption></figure>")
+
+
+def _signed(x: float) -> str:
+    """+0.051; small values keep their sign and size (-2.1e-04, not -0.000)."""
+    return f"{x:+.3f}" if abs(x) >= 0.0005 or x == 0 else f"{x:+.1e}"
 
 
 def _pct(x: float) -> str:
@@ -389,15 +410,21 @@ def _write(p: Profile, out: str, frac: float) -> Dict[str, str]:
                 r = [str(layer)]
                 for pair in pairs:
                     v, k = cs[pair]["pooled"][layer].item(), int(cs[pair]["shared"][layer])
-                    r.append("–" if math.isnan(v) else f"{v:+.3f} ({k})")
+                    r.append("–" if math.isnan(v) else f"{_signed(v)} ({k})")
                 rows.append(r)
             means = []
             for pair in pairs:
                 v = cs[pair]["pooled"]
                 ok = ~v.isnan()
-                means.append(f"{v[ok].mean().item():+.3f}" if ok.any() else "–")
+                means.append(_signed(v[ok].mean().item()) if ok.any() else "–")
             rows.append(["mean"] + means)
-            parts.append(_table(rows, ["layer"] + [f"{a} vs {b} (shared units)" for a, b in pairs], "cos"))
+            empty = [f"{a} vs {b}" for a, b in pairs if bool(cs[(a, b)]["pooled"].isnan().all())]
+            if len(empty) < len(pairs):
+                parts.append(_table(rows, ["layer"] + [f"{a} vs {b} (shared units)" for a, b in pairs], "cos"))
+            if empty:
+                parts.append(f"<p class=note>{html.escape(', '.join(empty))}: no layer has a unit in both top "
+                             f"sets, so there is no cosine to show{' (not drawn)' if len(empty) < len(pairs) else ''}."
+                             f"</p>")
             path = plot_shared_cosine(p, g, frac, os.path.join(out, f"shared_cosine_{g}.png"))
             if path:
                 pics[f"shared_cosine_{g}"] = path

@@ -172,8 +172,8 @@ def _percent(x: float) -> str:
 
 
 def plot_dose_response(rows: List[dict], path: str, earlier: str = "") -> str:
-    """Recovery of `earlier` against the budget (one line per selector), and beside it the collateral change
-    (rolled - damaged) of each other domain."""
+    """Recovery of `earlier` against the budget (one line per selector) and, in a panel each, the collateral change
+    (rolled - damaged) of every other domain, with the same colour per selector."""
     import warnings
 
     import matplotlib
@@ -185,12 +185,23 @@ def plot_dose_response(rows: List[dict], path: str, earlier: str = "") -> str:
     selectors = list(dict.fromkeys(r["selector"] for r in rows))
     budgets = sorted({r["budget"] for r in rows})
     others = sorted({k.split("/", 1)[1] for r in rows for k in r if k.startswith("collateral/")} - {earlier})
-    ncols = 1 + (1 if others else 0)
-    fig, axes = plt.subplots(1, ncols, figsize=(6.2 * ncols, 4.2), squeeze=False)
+    panels = [None] + others[:5]
+    ncols = 1 if len(panels) == 1 else 2
+    nrows = math.ceil(len(panels) / ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(6.0 * ncols, 3.6 * nrows), squeeze=False)
     colors = {s: f"C{i}" for i, s in enumerate(selectors)}
-    styles = ["-", "--", ":", "-."]
 
-    def budget_axis(ax):
+    for k, ax in enumerate(axes.flat):
+        if k >= len(panels):
+            ax.set_visible(False)
+            continue
+        d = panels[k]
+        for s in selectors:
+            key = "recovery" if d is None else f"collateral/{d}"
+            pts = sorted((r["budget"], r.get(key, math.nan)) for r in rows if r["selector"] == s)
+            scale = 100 if d is None else 1
+            ax.plot([p[0] * 100 for p in pts], [p[1] * scale for p in pts], marker="o", ms=4, color=colors[s],
+                    label=s)
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_locator(FixedLocator([b * 100 for b in budgets]))
         ax.xaxis.set_minor_locator(NullLocator())
@@ -198,26 +209,13 @@ def plot_dose_response(rows: List[dict], path: str, earlier: str = "") -> str:
         ax.set_xlabel("budget (share of the groups' units rolled back)")
         ax.axhline(0, color="grey", lw=0.8)
         ax.grid(alpha=0.3)
-
-    ax = axes[0, 0]
-    for s in selectors:
-        pts = sorted((r["budget"], r["recovery"]) for r in rows if r["selector"] == s)
-        ax.plot([p[0] * 100 for p in pts], [p[1] * 100 for p in pts], marker="o", color=colors[s], label=s)
-    budget_axis(ax)
-    ax.set_ylabel(f"recovery of {earlier} (% of the lost score)" if earlier else "recovery (%)")
-    ax.set_title(f"Recovery of {earlier}" if earlier else "Recovery")
-    ax.legend(fontsize=8, title="selector", title_fontsize=8)
-    if others:
-        ax = axes[0, 1]
-        for s in selectors:
-            for k, d in enumerate(others):
-                pts = sorted((r["budget"], r.get(f"collateral/{d}", math.nan)) for r in rows if r["selector"] == s)
-                ax.plot([p[0] * 100 for p in pts], [p[1] for p in pts], marker="o", ms=3, color=colors[s],
-                        ls=styles[k % len(styles)], label=f"{d} ({s})")
-        budget_axis(ax)
-        ax.set_ylabel("score change vs. damaged model")
-        ax.set_title("Collateral change of the other domains")
-        ax.legend(fontsize=7, ncol=max(1, len(others) // 3))
+        if d is None:
+            ax.set_ylabel(f"recovery of {earlier} (% of lost score)" if earlier else "recovery (% of lost score)")
+            ax.set_title(f"Recovery of {earlier}" if earlier else "Recovery")
+            ax.legend(fontsize=8, title="selector", title_fontsize=8)
+        else:
+            ax.set_ylabel("score change vs. damaged")
+            ax.set_title(f"Collateral change of {d}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         fig.tight_layout()
