@@ -29,7 +29,6 @@ EPILOG = """examples:
 
 Outputs are never overwritten unless --force; see docs/ for every command."""
 
-SELECTORS = ("AMC", "AM", "AC", "MC", "A", "M", "C", "random")  # as in lpt_kernels.analysis.select (no torch import)
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
@@ -65,8 +64,7 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter):
-    pass
+_Formatter = argparse.RawDescriptionHelpFormatter
 
 
 def _add_progress(p) -> None:
@@ -240,6 +238,8 @@ def _budgets(text: str, what: str = "--budgets") -> List[float]:
 
 
 def _selectors(names: Sequence[str], what: str) -> List[str]:
+    from lpt_kernels.analysis.select import SELECTORS
+
     for s in names:
         if s not in SELECTORS:
             raise CliError(f"{what}: unknown selector {s!r} (expected one of {', '.join(SELECTORS)})")

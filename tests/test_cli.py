@@ -320,7 +320,7 @@ def test_sweep_checks_before_loading_and_writes_baselines(mlp_chain, tmp_path):
                     "expected a dict")
     assert not (work / "o").exists()
     # the real thing, with the module found in the current directory
-    r = sweep("--eval", "my_evals:score", "--selectors", "MC,random", "--budgets", "0.5,1", "--device", "cpu",
+    r = sweep("--eval", "my_evals:score", "--selectors", "M,random", "--budgets", "0.5,1", "--device", "cpu",
               "--dtype", "float32", "--out", "o")
     assert r.returncode == 0, r.stderr
     assert "Loading weights" not in r.stderr and "%|" not in r.stderr
@@ -328,7 +328,7 @@ def test_sweep_checks_before_loading_and_writes_baselines(mlp_chain, tmp_path):
     rows = list(csv.DictReader(open(work / "o" / "sweep.csv")))
     assert [r["selector"] for r in rows[:2]] == ["before", "damaged"]
     assert float(rows[0]["recovery"]) == 1.0 and float(rows[1]["recovery"]) == 0.0
-    full = [r for r in rows if r["selector"] == "MC" and float(r["budget"]) == 1.0]
+    full = [r for r in rows if r["selector"] == "M" and float(r["budget"]) == 1.0]
     assert abs(float(full[0]["recovery"]) - 1.0) < 1e-6  # every MLP unit rolled back: the Math model exactly
     assert abs(float(full[0]["score/math"]) - float(rows[0]["score/math"])) < 1e-6
     assert "collateral/qa" in rows[0] and os.path.isfile(work / "o" / "dose_response.png")
