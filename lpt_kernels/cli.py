@@ -454,10 +454,12 @@ def _select(a) -> int:
             ax.plot(range(len(sel.per_layer(g))), sel.per_layer(g), marker="o", ms=3, label=g)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_ylim(bottom=0)
+        ax.set_ylim(0, max(max(sel.per_layer(g)) for g in groups) * 1.15 + 1)
+        ax.set_xlim(-0.5, layout.num_layers - 0.5)
         ax.set_xlabel("layer")
         ax.set_ylabel("units selected")
-        ax.set_title(f"{a.selector} selection, budget {a.budget:.2%} ({a.allocation} allocation)")
+        ax.set_title(f"{a.selector} selection, budget {a.budget * 100:g}% of the {'+'.join(groups)} "
+                     f"{'units' if len(groups) == 1 else 'parameters'} ({a.allocation} allocation)")
         if len(groups) > 1:
             ax.legend()
         fig.tight_layout()

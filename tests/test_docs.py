@@ -128,11 +128,13 @@ def _run_bash(block: Block, cwd: str) -> None:
                     f"--- stdout ---\n{r.stdout[-3000:]}--- stderr ---\n{r.stderr[-3000:]}", pytrace=False)
 
 
-@pytest.mark.parametrize("file", DOC_FILES)
+def _runnable(file: str) -> List[Block]:
+    return [b for b in doc_blocks(file) if RUN.get(b.lang) and b.skip is None]
+
+
+@pytest.mark.parametrize("file", [f for f in DOC_FILES if _runnable(f)])
 def test_doc_blocks_run(file, doc_checkpoints, tmp_path, monkeypatch):
-    blocks = [b for b in doc_blocks(file) if RUN.get(b.lang) and b.skip is None]
-    if not blocks:
-        pytest.skip(f"{file}: no runnable block")
+    blocks = _runnable(file)
     work = _scratch(tmp_path, doc_checkpoints)
     monkeypatch.chdir(work)
     monkeypatch.syspath_prepend(work)  # a module a block writes (an evaluator) imports as it would for the reader
