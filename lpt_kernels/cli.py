@@ -94,7 +94,8 @@ def _add_diff(sub):
     _add_force(d, "an existing --out directory")
     d.add_argument("--mode", choices=("consecutive", "base"), default="consecutive",
                    help="deltas between consecutive checkpoints (default) or each minus BASE")
-    d.add_argument("--groups", default="mlp,attn,kv", help="unit groups to profile (default: mlp,attn,kv)")
+    d.add_argument("--groups", default=None,
+                   help="unit groups to profile (default: every group of the layout; mlp,attn,kv when built in)")
     d.add_argument("--atol", type=float, default=0.0,
                    help="near-zero change: |d| <= atol + rtol*|w|, w the earlier checkpoint's weight (default 0)")
     d.add_argument("--rtol", type=float, default=0.0, help="see --atol (default 0)")
@@ -170,6 +171,8 @@ def _add_rollback(sub):
     rb.add_argument("--out", required=True, metavar="DIR", help="new checkpoint directory")
     _add_force(rb, "an existing --out directory")
     rb.add_argument("--alpha", type=float, default=1.0, help="interpolation toward SOURCE in [0, 1] (default 1)")
+    rb.add_argument("--non-strict", dest="strict", action="store_false",
+                    help="compare only the touched tensors of TARGET and SOURCE (e.g. a vocab-resized pair)")
     _add_progress(rb)
 
 
@@ -321,7 +324,7 @@ def _diff(a) -> int:
     labels = _csv_list(a.labels, "--labels") if a.labels else None
     if labels is not None and len(labels) != len(paths):
         raise CliError(f"--labels: {plural(len(labels), 'label')} for {plural(len(paths), 'checkpoint')}")
-    groups = _csv_list(a.groups, "--groups")
+    groups = None if a.groups is None else _csv_list(a.groups, "--groups")
     _finite_nonneg(a.atol, "--atol")
     _finite_nonneg(a.rtol, "--rtol")
     for p in paths:
@@ -330,7 +333,7 @@ def _diff(a) -> int:
 
     from lpt_kernels.analysis import diff
 
-    prof = diff(paths, mode=a.mode, groups=tuple(groups), atol=a.atol, rtol=a.rtol, layout=a.layout,
+    prof = diff(paths, mode=a.mode, groups=None if groups is None else tuple(groups), atol=a.atol, rtol=a.rtol, layout=a.layout,
                 intersect=a.intersect, labels=labels, progress=_progress(a),
                 backend=None if a.backend in (None, "auto") else a.backend)
     with out as tmp:
@@ -339,6 +342,10 @@ def _diff(a) -> int:
         exact, tol = prof.sparsity(), prof.sparsity(tolerance=True)
         print(f"profile of {plural(len(prof.deltas), 'delta')} ({prof.meta['mode']}), layout "
               f"{prof.meta['layout'].get('name', '?')}, {plural(prof.meta['num_layers'], 'layer')} -> {a.out}")
+        left_out = prof.meta.get("groups_left_out") or []
+        print("  groups: " + ", ".join(f"{g} ({plural(len(ls), 'layer')})" for g, ls in
+                                       prof.meta.get("group_layers", {}).items())
+              + (f"; not analysed: {', '.join(left_out)}" if left_out else ""))
         width = max(len(d) for d in prof.deltas)
         for d in prof.deltas:
             line = f"  {d:>{width}}: {exact[d]:7.2%} of parameters unchanged"
@@ -444,6 +451,9 @@ def _select(a) -> int:
     for g in groups:
         per = sel.per_layer(g)
         print(f"{g}: {plural(sel.count(g), 'unit')} selected ({sel.fraction(g):.2%} of {g}); per layer: {per}")
+    m = sel.meta
+    print(f"budget: asked {m['budget']:g} of {m['budget_total']} {m['budget_unit']} (target {m['budget_target']}), "
+          f"spent {m['budget_spent']} ({m['budget_spent_fraction']:.2%})")
     print(f"wrote {a.out}")
     if a.plot:
         plt = _plt()
@@ -478,7 +488,7 @@ def _rollback(a) -> int:
 
     check_output(a.out, kind="dir", force=a.force, inputs=(a.target, a.source))
     info = rollback_checkpoint(a.target, a.source, Selection.load(a.select), a.out, alpha=a.alpha,
-                               progress=_progress(a), force=a.force)
+                               progress=_progress(a), strict=a.strict, force=a.force)
     if not a.quiet:
         mb = info["bytes_touched"] / 2**20
         print(f"wrote {a.out}: {plural(info['units'], 'unit')} in {plural(info['tensors'], 'tensor')} rolled back "
