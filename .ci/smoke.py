@@ -26,7 +26,7 @@ for sub in ("", ".ci", "csrc"):
     if os.path.isdir(os.path.join(os.getcwd(), sub, "lpt_kernels")):
         check("not run from a source tree", False, os.getcwd())
 
-backends = ["reference"] + ops.available_backends()
+backends = list(dict.fromkeys(["reference"] + ops.available_backends()))
 try:
     from lpt_kernels.backends import cpu
     check("CPU extension built", cpu.AVAILABLE, getattr(cpu, "REASON", "") or f"ISA {cpu.isa()}")
