@@ -704,7 +704,9 @@ void unit_gram(const Tensor2D* ws_in, int k, int64_t rows, int64_t cols, int axi
     rows_unit = true;
   }
   const bool direct = rows_unit && one_dtype;
-  threads = threads_for(rows * cols * k, threads);
+  // The work is that of the listed units only (a few units of a large tensor, e.g. masked_cosine of one unit, must not
+  // pay an OpenMP fork/join: on a busy machine that waits a scheduler slice, ~8 ms, for a ~70 us call).
+  threads = threads_for(n_units * block * (axis == 0 ? cols : rows) * k, threads);
   if (c.m > kStaticM) {
     if (axis == 0)
       axis0<DynKern>(ws, cols, block, index, n_units, c, out, threads, nullptr, 4);
