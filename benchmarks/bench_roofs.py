@@ -179,8 +179,8 @@ def hot_loops(so: str, isa: str, pattern: str):
         if f"lpt::cpu::{isa}::" not in head or not re.search(pattern, head):
             continue
         ins = body_of(f)
-        if len(ins) <= 3 and ins and ins[-1][1] == "jmp":  # folded into an identical function: follow the jump
-            to = int(re.match(r"([0-9a-f]+)", ins[-1][2]).group(1), 16)
+        if len(ins) <= 3 and ins and ins[0][1] == "jmp":  # folded into an identical function: follow the jump
+            to = int(re.match(r"([0-9a-f]+)", ins[0][2]).group(1), 16)
             ins = next((body_of(g) for g in funcs if re.match(r"[0-9a-f]+", g) and
                         int(re.match(r"[0-9a-f]+", g).group(0), 16) == to), ins)
         loops = []
@@ -209,7 +209,8 @@ def print_asm(roofs: List[Roof], isa: str):
             continue
         loops = hot_loops(so, isa, r.asm)
         if r.pick == "fma_smallest":
-            loops = [x for x in loops if any("fmadd" in k for k in x[4])]
+            # the loop with the fma (the base build has none: its lerp calls libm's fmaf)
+            loops = [x for x in loops if any("fmadd" in k for k in x[4]) or (isa == "base" and x[4]["call"])]
         if not loops:
             print(f"  {r.name}: no loop found for {r.asm}")
             continue
