@@ -667,14 +667,19 @@ def machine_row(rows, threads: int) -> str:
     case, measured in this run) and each case's ratio to its ceiling; '-' for cases not run."""
     from lpt_kernels.backends import cpu as cpu_backend
     import datetime
-    fam = ""
+    facts = []  # family/model and L3 size: "Intel(R) Xeon(R) Processor" alone names several kinds
     try:
         info = open("/proc/cpuinfo").read()
         f = re.search(r"^cpu family\s*:\s*(\d+)", info, re.M)
         m = re.search(r"^model\s*:\s*(\d+)", info, re.M)
-        fam = f" (family {f.group(1)} model {m.group(1)})" if f and m else ""
-    except OSError:
+        if f and m:
+            facts.append(f"family {f.group(1)} model {m.group(1)}")
+        l3 = open("/sys/devices/system/cpu/cpu0/cache/index3/size").read().strip()
+        if l3.endswith("K"):
+            facts.append(f"L3 {int(l3[:-1]) // 1024} MiB")
+    except (OSError, ValueError):
         pass
+    fam = f" ({', '.join(facts)})" if facts else ""
     by_case = {f"{r['op']} {r['case']}": r for r in rows}
     ceil = by_case.get(MACHINE_COLUMNS[0][1], {}).get("ceiling_gbs")
     cells = [datetime.date.today().isoformat(), cpu_model() + fam, cpu_backend.isa() if cpu_backend.AVAILABLE else "-",

@@ -55,6 +55,7 @@ class Roof:
     asm: str = ""               # regex of the hot loop's function in the extension (for --asm)
     elems: int = 0              # element positions per hot-loop iteration on AVX-512 (for --asm)
     inputs: int = 1             # input tensors read per element position
+    counted: int = 0            # bytes the roof counts per element position (0: 2 per input; rollback_: 3 x 2)
     pick: str = "most_ps"       # which innermost loop is the hot one: most fp32 vector ops, or the smallest with an fma
 
 
@@ -134,7 +135,7 @@ def build(gen) -> List[Roof]:
             lambda alpha=alpha: C.rollback(t.data_ptr(), BF16, HIDDEN, 1, s.data_ptr(), BF16, HIDDEN, 1, 640, HIDDEN,
                                            ridx.data_ptr(), 64, 0, 1, alpha, False, 1),
             lambda alpha=alpha: lpt_kernels.rollback_(t, s, torch.tensor([3]), alpha=alpha, backend="cpu"),
-            asm=r"::run<1, 1>\(" if alpha != 1.0 else "", elems=16, inputs=2, pick="fma_smallest"))
+            asm=r"::run<1, 1>\(" if alpha != 1.0 else "", elems=16, inputs=2, counted=6, pick="fma_smallest"))
     return roofs
 
 
@@ -201,8 +202,14 @@ def hot_loops(so: str, isa: str, pattern: str):
     return res
 
 
-def print_asm(roofs: List[Roof], isa: str):
+# Vector ALU ports per core for the ISA's widest vectors on Intel cores since Ice Lake / Sapphire Rapids: 512-bit
+# operations issue on p0 (p0+p1 fused) and p5, 256/128-bit ones on p0, p1 and p5.
+PORTS = {"avx512": 2, "avx2": 3, "base": 3}
+
+
+def print_asm(roofs: List[Roof], isa: str, rows=None, ghz: float = 0.0):
     so = C.__file__
+    measured = {row["case"]: row.get(isa) for row in rows or []}
     print(f"\nhot loops of the {isa} build ({os.path.basename(so)}), static counts of one iteration:")
     for r in roofs:
         if not r.asm:
@@ -227,6 +234,12 @@ def print_asm(roofs: List[Roof], isa: str):
         top = " ".join(f"{k}:{v}" for k, v in mn.most_common(12))
         print(f"  {r.name}: {n} instr / {elems} elements = {n / elems:.2f} per element, {n / nb:.3f} per input byte; "
               f"{vec} vector ALU ops ({vec / elems:.2f} per element), {loads} loads  [{top}]")
+        if ghz and vec:
+            # The bound the vector ports put on one core: vec operations on PORTS[isa] ports per iteration of nb bytes.
+            bound = elems * (r.counted or 2 * r.inputs) / (vec / PORTS[isa]) * ghz
+            got = measured.get(r.name)
+            print(f"    port bound at {ghz:.2f} GHz ({PORTS[isa]} vector ports): {bound:.1f} GB/s per core"
+                  + (f"; roof 1T {got:.1f} = {got / bound:.2f} of it" if got else ""))
 
 
 def main(argv=None):
@@ -236,6 +249,9 @@ def main(argv=None):
     p.add_argument("--cases", help="only cases whose name matches this regex")
     p.add_argument("--asm", action="store_true", help="also count the hot loops' instructions (objdump)")
     p.add_argument("--csv", help="also write the rows to this CSV file")
+    p.add_argument("--ghz", type=float, default=0.0,
+                   help="core clock under load (e.g. from a dependent imul chain): with --asm, print each hot loop's "
+                        "vector-port bound in GB/s per core beside its measured roof")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     best = C.best_isa()
@@ -278,7 +294,7 @@ def main(argv=None):
           f"{ceil2:.1f} GB/s; load at the end {os.getloadavg()[0]:.2f}")
     if args.asm:
         for isa in isas[::-1]:
-            print_asm(roofs, isa)
+            print_asm(roofs, isa, rows, args.ghz)
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
             wr = csv.DictWriter(fh, fieldnames=["case", "bytes", *isas, "call_us"], extrasaction="ignore")
