@@ -89,7 +89,36 @@ def _parser() -> argparse.ArgumentParser:
     w.add_argument("--selectors", default="AMC,MC,random", help="comma-separated selectors")
     w.add_argument("--out", required=True, metavar="DIR", help="output directory")
     w.add_argument("--quiet", "-q", action="store_true")
+
+    _demo_args(sub)
     return p
+
+
+def _demo_args(sub) -> None:
+    """`lpt demo` (the logic lives in lpt_kernels.demo)."""
+    dm = sub.add_parser("demo", help="train a tiny Qwen3 through Code -> Math -> QA -> CW on the CPU and show the "
+                                     "interference, the analyses and both recoveries",
+                        description="Train a tiny Qwen3 (supervised warm-up, then GRPO on Code -> Math -> QA -> CW), "
+                                    "analyse the checkpoints and recover Math by rollback and by a Re-Math refresh. "
+                                    "Writes DIR/ckpts/, DIR/results.json and DIR/report.html.")
+    dm.add_argument("--out", default="lpt-demo", metavar="DIR", help="output directory (default lpt-demo/)")
+    dm.add_argument("--fast", action="store_true", help="the short version (about a minute on 2 cores)")
+    dm.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
+    dm.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to train (default cpu)")
+    dm.add_argument("--force", action="store_true", help="overwrite the demo's outputs in a non-empty DIR")
+    dm.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1: the model is too small to gain from more)")
+    dm.add_argument("--quiet", "-q", action="store_true", help="no progress bars or tables")
+
+
+def _demo(a) -> int:
+    from lpt_kernels.demo import run_demo
+
+    run_demo(a.out, fast=a.fast, seed=a.seed, device=a.device, force=a.force, quiet=a.quiet, threads=a.threads)
+    if not a.quiet:
+        print(f"wrote {os.path.join(a.out, 'report.html')}, {os.path.join(a.out, 'results.json')} and "
+              f"{os.path.join(a.out, 'ckpts')}/")
+    return 0
 
 
 def _score_args(s) -> None:
@@ -272,7 +301,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 2
     try:
         return {"diff": _diff, "overlap": _overlap, "report": _report, "select": _select, "rollback": _rollback,
-                "sweep": _sweep}[args.cmd](args)
+                "sweep": _sweep, "demo": _demo}[args.cmd](args)
     except KeyboardInterrupt:
         print(f"lpt {args.cmd}: interrupted", file=sys.stderr)
         return 130
