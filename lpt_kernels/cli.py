@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--out", required=True, metavar="DIR", help="output directory (profile.safetensors, profile.json)")
     d.add_argument("--mode", choices=("consecutive", "base"), default="consecutive",
                    help="deltas between consecutive checkpoints (default) or each minus BASE")
-    d.add_argument("--groups", default="mlp,attn,kv", help="unit groups to profile (default: mlp,attn,kv)")
+    d.add_argument("--groups", default=None,
+                   help="unit groups to profile (default: every group of the layout; mlp,attn,kv when built in)")
     d.add_argument("--atol", type=float, default=0.0, help="near-zero: |d| <= atol + rtol*|w| (default 0)")
     d.add_argument("--rtol", type=float, default=0.0, help="see --atol (default 0)")
     d.add_argument("--layout", metavar="SPEC", help="layout spec JSON for architectures not detected, or a built-in family name "
@@ -74,6 +75,8 @@ def _parser() -> argparse.ArgumentParser:
     rb.add_argument("--select", required=True, metavar="SEL", help="selection JSON from `lpt select`")
     rb.add_argument("--out", required=True, metavar="DIR", help="new checkpoint directory (must not exist)")
     rb.add_argument("--alpha", type=float, default=1.0, help="interpolation toward SOURCE in [0, 1] (default 1)")
+    rb.add_argument("--non-strict", dest="strict", action="store_false",
+                    help="compare only the touched tensors of TARGET and SOURCE (e.g. a vocab-resized pair)")
     rb.add_argument("--quiet", "-q", action="store_true")
 
     w = sub.add_parser("sweep", help="recovery of the earlier domain over budgets and selectors",
@@ -160,6 +163,9 @@ def _select(a) -> int:
     sel.save(a.out)
     for g in groups:
         print(f"{g}: {sel.count(g)} units ({sel.fraction(g):.2%}); per layer: {sel.per_layer(g)}")
+    m = sel.meta
+    print(f"budget: asked {m['budget']:g} of {m['budget_total']} {m['budget_unit']} (target {m['budget_target']}), "
+          f"spent {m['budget_spent']} ({m['budget_spent_fraction']:.2%})")
     if a.plot:
         import matplotlib
 
@@ -183,7 +189,7 @@ def _rollback(a) -> int:
     from lpt_kernels.analysis.selection import Selection
 
     info = rollback_checkpoint(a.target, a.source, Selection.load(a.select), a.out, alpha=a.alpha,
-                               progress=not a.quiet)
+                               progress=not a.quiet, strict=a.strict)
     if not a.quiet:
         print(f"wrote {a.out}: " + ", ".join(f"{k} {v}" for k, v in info.items() if isinstance(v, (int, float))))
     return 0
@@ -222,7 +228,7 @@ def _diff(a) -> int:
     from lpt_kernels.analysis import diff
 
     labels = a.labels.split(",") if a.labels else None
-    groups = tuple(g.strip() for g in a.groups.split(",") if g.strip())
+    groups = None if a.groups is None else tuple(g.strip() for g in a.groups.split(",") if g.strip())
     prof = diff([a.base] + a.ckpts, mode=a.mode, groups=groups, atol=a.atol, rtol=a.rtol, layout=a.layout,
                 intersect=a.intersect, labels=labels, progress=not a.quiet,
                 backend=None if a.backend in (None, "auto") else a.backend)
@@ -231,6 +237,8 @@ def _diff(a) -> int:
         exact, tol = prof.sparsity(), prof.sparsity(tolerance=True)
         print(f"profile of {len(prof.deltas)} deltas ({prof.meta['mode']}), layout {prof.meta['layout']['name']}, "
               f"{prof.meta['num_layers']} layers -> {a.out}")
+        print("  groups: " + ", ".join(f"{g} ({len(ls)} layers)" for g, ls in prof.meta["group_layers"].items())
+              + (f"; not analysed: {', '.join(prof.meta['groups_left_out'])}" if prof.meta["groups_left_out"] else ""))
         for d in prof.deltas:
             print(f"  {d:>16}: {exact[d]:7.2%} unchanged, {tol[d]:7.2%} within tolerance")
         if prof.meta["skipped"]:

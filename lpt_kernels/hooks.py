@@ -385,6 +385,8 @@ class ActivationStats:
             x = args[0] if args else kwargs.get("input", None)
             if not isinstance(x, torch.Tensor) or not x.is_floating_point():
                 return None
+            if x.numel() == 0:  # no token (or no channel): nothing to count
+                return None
             x = x.detach()
             if x.dtype not in FLOAT_DTYPES:
                 x = x.float()
@@ -579,13 +581,15 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(1, 1)
     if t.dim() == 1:
         return t.reshape(1, -1)
-    return t.reshape(t.shape[0], -1)
+    return t.reshape(t.shape[0], math.prod(t.shape[1:]))  # explicit: -1 is ambiguous when a dimension is 0
 
 
 def _unit_grams(ws: List[torch.Tensor], axis: int, block: int, backend: Optional[str]) -> torch.Tensor:
     """``[U, n, n]`` float64 per-unit Gram of the n given tensors (any n): one unit_gram pass when n <= 8, else over
     pairs of chunks of 4."""
     n = len(ws)
+    if ws[0].numel() == 0:  # a zero-size dimension: every unit's Gram is 0 (no element)
+        return torch.zeros(ws[0].shape[axis] // block, n, n, dtype=torch.float64)
     if n <= MAX_INPUTS:
         return unit_gram(ws, axis=axis, block=block, mode="given", backend=backend).gram.double()
     step = MAX_INPUTS // 2
@@ -627,8 +631,9 @@ class GradientGram:
     The hooks copy each gradient to the CPU as it is produced (a device-to-host copy per parameter per backward);
     ``device_buffer=True`` sums a block's (or an :meth:`accumulate` call's) gradients in float32 on the gradients'
     device instead (up to 1 x parameters x 4 bytes there, freed at the end of the block) and copies once at its end.
-    An exception inside a block keeps the gradients of the backward calls already made (without ``device_buffer``)
-    or drops the block's gradients (with it).
+    An exception inside a block keeps the gradients of the backward calls already made and counts the block in
+    ``batches`` if it captured any (without ``device_buffer``), or drops the block's gradients and does not count it
+    (with it).
 
     Args:
         model: the model (any ``nn.Module``; per-unit Grams need a layout).
@@ -683,6 +688,7 @@ class GradientGram:
         self._dev: Dict[str, torch.Tensor] = {}
         self._handles: list = []
         self._current: Optional[str] = None
+        self._captured = False
         self.batches = {d: 0 for d in domains}
 
     @staticmethod
@@ -747,10 +753,18 @@ class GradientGram:
             raise HookError(f"domain: already collecting {self._current!r} (blocks do not nest)")
         self._store(d)
         self._current = d
+        self._captured = False
         try:
             for n, p in self.params:
                 self._handles.append(p.register_hook(self._param_hook(d, n)))
-            yield self
+            try:
+                yield self
+            except BaseException:
+                # the gradients of the backward calls already made stay in the sum (without device_buffer): so
+                # does their batch, so that batches always counts the blocks whose gradients the sum holds
+                if self._captured and not self.device_buffer:
+                    self.batches[d] += 1
+                raise
             self._flush(d)
             self.batches[d] += 1
         finally:
@@ -763,6 +777,7 @@ class GradientGram:
     def _param_hook(self, d: str, name: str):
         def hook(grad):
             self._add(d, name, grad)
+            self._captured = True
             return None
         return hook
 

@@ -655,7 +655,7 @@ def test_corrupt_headers(tmp_path):
     assert "corrupt safetensors header" in _err(str(garbage))
     assert "header length" in _err(_raw_file(tmp_path / "absurd.safetensors", good, data, hlen=1 << 60))
     assert "invalid JSON" in _err(_raw_file(tmp_path / "json.safetensors", b"{\"a\": [1, 2", data))
-    assert "invalid JSON" in _err(_raw_file(tmp_path / "utf.safetensors", b"\xff\xfe{}", data))
+    assert "not UTF-8" in _err(_raw_file(tmp_path / "utf.safetensors", b"\xff\xfe{}", data))
     assert "not an object" in _err(_raw_file(tmp_path / "list.safetensors", [1, 2], data))
     short = tmp_path / "short.safetensors"
     short.write_bytes(b"\x01\x02")

@@ -19,10 +19,12 @@ namespace {
 
 // lpt diff's histograms over a row sample: for each listed row of K inputs [rows, cols] (consecutive or base mode),
 // the log10 bin of |d_m| goes to counts[m] and that of |d_m| / |w_ref| to counts[M + m] (counts: float64 [2M, bins],
-// zeros: float64 [2M], both added to). Bin b holds [10^(lo + b w), 10^(lo + (b+1) w)), w = (hi - lo) / bins, with
-// exact edges; values from 10^hi up (inf too) go to the top bin; values below 10^lo and NaN are not counted. Exact
-// zeros are counted in zeros, and so is a relative change against a zero weight or a non-finite one. The arithmetic
-// is the kernels' fp32. One call per tensor instead of a dozen torch ops, which cost more than the sample.
+// zeros: float64 [2M], both added to). Bin b holds [E_b, E_(b+1)) with E_b = 10^(lo + b w), w = (hi - lo) / bins:
+// exactly 10^k where lo + b w is an integer k (a decade), elsewhere the double nearest to it (std::pow). Values from
+// E_bins up (inf too) go to the top bin; values below E_0 and NaN are not counted. Exact zeros are counted in zeros,
+// and so is a relative change against a zero weight or a non-finite one. |d| is the kernels' fp32 difference; the
+// ratio |d| / |w_ref| is never rounded: its bin is found by exact compares of |d| against E_b |w_ref| (so a ratio
+// of exactly 1/100 lands in the bin that starts at 10^-2). One call per tensor instead of a dozen torch ops.
 void log_hist(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes, const std::vector<int64_t>& s0,
               const std::vector<int64_t>& s1, int64_t total_rows, int64_t cols, uintptr_t rows, int64_t n_rows,
               int mode, int bins, double lo, double hi, uintptr_t counts, uintptr_t zeros) {
@@ -53,16 +55,57 @@ void log_hist(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes
     while (b + 1 < (uint32_t)bins && v >= edge[b + 1]) ++b;
     first[i - b0] = (int16_t)b;
   }
+  // Exact compares for the ratio: q = d / r >= E_b, with d, r floats. At a decade 10^k the product d 10^-k (k <= 0)
+  // or r 10^k (k > 0) is compared exactly (two-product: the double product plus its fma residual); elsewhere r E_b.
+  std::vector<double> escale(bins + 1);
+  std::vector<signed char> ekind(bins + 1);  // 0: r * escale, 1: d * escale (a decade 10^k, k < 0)
+  for (int b = 0; b <= bins; ++b) {
+    const double x = lo + (hi - lo) * b / bins, k = std::nearbyint(x);
+    if (std::fabs(x - k) < 1e-9 && std::fabs(k) <= 22) {
+      ekind[b] = k < 0;
+      escale[b] = std::pow(10.0, std::fabs(k));  // exact: 10^n is a double for n <= 22
+    } else {
+      ekind[b] = 0;
+      escale[b] = std::pow(10.0, x);
+    }
+  }
+  const double* es = escale.data();
+  const signed char* ek = ekind.data();
+  // Exact compares of a double a with a product b s of doubles: the product rounds to p with residual b s - p (exact,
+  // by fma), and rounding is monotonic, so p > a or p < a already decide; on p == a the residual's sign does.
+  auto prod_ge = [](double b, double s, double a) {  // b s >= a
+    const double p = b * s;
+    return p > a || (p == a && std::fma(b, s, -p) >= 0.0);
+  };
+  auto prod_le = [](double b, double s, double a) {  // b s <= a
+    const double p = b * s;
+    return p < a || (p == a && std::fma(b, s, -p) <= 0.0);
+  };
+  auto ratio_ge = [&](double d, double r, int b) {  // d / r >= E_b (r > 0)
+    return ek[b] ? prod_ge(d, es[b], r) : prod_le(r, es[b], d);
+  };
   const float* fe = edge.data();
   const int16_t* ft = first.data();
   std::vector<float> w((size_t)k * cols);
   std::vector<int64_t> local((size_t)2 * m_count * bins, 0), local_zero(2 * m_count, 0);
+  auto bin_of = [&](float v) {  // -1 below the range (or NaN), bins at or above the top edge
+    if (!(v >= fe[0])) return -1;
+    if (v >= fe[bins]) return bins;
+    const int b = ft[(lpt::f32_to_bits(v) >> 16) - b0];
+    return b + (v >= fe[b + 1]);
+  };
   auto add = [&](float v, int64_t* c, int64_t& z) {
     if (v == 0.0f) return (void)++z;
-    if (!(v >= fe[0])) return;  // below the range, or NaN
-    if (v >= fe[bins]) return (void)++c[bins - 1];
-    const int b = ft[(lpt::f32_to_bits(v) >> 16) - b0];
-    ++c[b + (v >= fe[b + 1])];
+    const int b = bin_of(v);
+    if (b >= 0) ++c[b < bins ? b : bins - 1];
+  };
+  auto add_ratio = [&](float d, float r, int64_t* c, int64_t& z) {
+    // no change, or a change against a zero or non-finite weight (or a NaN change): counted apart
+    if (d == 0.0f || !(r > 0.0f) || !std::isfinite(r) || !std::isfinite(d)) return (void)++z;
+    int b = bin_of(d / r);  // a first guess from the rounded ratio: at most one bin off the exact one
+    while (b < bins && ratio_ge(d, r, b + 1)) ++b;
+    while (b >= 0 && !ratio_ge(d, r, b)) --b;
+    if (b >= 0) ++c[b < bins ? b : bins - 1];
   };
   const int64_t* ri = (const int64_t*)rows;
   for (int64_t i = 0; i < n_rows; ++i)
@@ -87,9 +130,8 @@ void log_hist(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes
       int64_t* cr = local.data() + (size_t)(m_count + m) * bins;
       for (int64_t c = 0; c < cols; ++c) {
         const float d = std::fabs(cur[c] - ref[c]);
-        const float rel = d / std::fabs(ref[c]);
         add(d, ca, local_zero[m]);
-        add(std::isfinite(rel) ? rel : 0.0f, cr, local_zero[m_count + m]);
+        add_ratio(d, std::fabs(ref[c]), cr, local_zero[m_count + m]);
       }
     }
   }

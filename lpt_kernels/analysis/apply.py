@@ -38,7 +38,9 @@ import torch
 
 from lpt_kernels import ops
 from lpt_kernels.analysis.selection import Selection
-from lpt_kernels.checkpoint import Checkpoint, looks_cached
+from lpt_kernels.checkpoint import Checkpoint, CheckpointError, looks_cached
+from lpt_kernels.checkpoint.quantized import FP8_BLOCK, FP8_DTYPES, scale_name
+from lpt_kernels.checkpoint.streaming import tied_head_absence
 
 __all__ = ["RollbackError", "rollback_model_", "rollback_checkpoint", "touched_elements"]
 
@@ -170,6 +172,31 @@ def _check_slice(s: _Slice, tshape, tdtype, sshape, sdtype, tgt_where: str, src_
                                 f"the selection was made for another model")
 
 
+def _source_dtype(ckpt: Checkpoint, name: str):
+    """The dtype a checkpoint source is read in: a block-scaled FP8 weight is read dequantized (float32); a
+    quantized or non-float weight that cannot be read correctly raises (CheckpointError, naming it)."""
+    try:
+        return torch.float32 if ckpt.kind(name) == FP8_BLOCK else ckpt.info(name).dtype
+    except CheckpointError as e:
+        raise RollbackError(str(e)) from None
+
+
+def _source_tensor(ckpt: Checkpoint, name: str) -> Tuple[torch.Tensor, Optional[int]]:
+    """(the source tensor, bytes read if the whole tensor is read): a view of the mapping, or for a block-FP8
+    weight its dequantized float32 copy (codes and scales read whole)."""
+    if ckpt.kind(name) == FP8_BLOCK:
+        scale = ckpt.info(scale_name(name))
+        return ckpt.weight(name), ckpt.info(name).nbytes + scale.nbytes
+    return ckpt.tensor(name), None
+
+
+def _refuse_fp8_target(dtype, name: str, where: str) -> None:
+    if dtype in FP8_DTYPES:
+        raise RollbackError(f"{where}: tensor {name!r} is {dtype} (block-scaled FP8); rolling units back into it "
+                            f"would re-quantize scale blocks shared with units outside the selection: roll back into "
+                            f"a bf16/fp32 copy of it instead")
+
+
 def _plan(sel: Selection, target_names, source_names, tgt_where: str, src_where: str) -> List[_Slice]:
     touched = touched_elements(sel)
     names = list(touched)
@@ -193,6 +220,8 @@ def _apply_tensor(target: torch.Tensor, source: torch.Tensor, axes: Dict[int, to
     device); returns the bytes read from `source`. Each touched element is moved once, also where a row and a column
     cross (with alpha < 1 the crossing is lerped in the row pass only)."""
     read = 0
+    if target.numel() == 0:  # a zero-size dimension: no element to move
+        return 0
     rows, cols = axes.get(0), axes.get(1)
     esize = source.element_size()
     if rows is not None and rows.numel():
@@ -379,13 +408,13 @@ def rollback_model_(model, source, selection, alpha: float = 1.0, *, backend: Op
         for s in plan:
             t = params[s.tgt_name]
             if ckpt is not None:
-                info = ckpt.info(s.src_name)
-                sshape, sdtype = info.shape, info.dtype
+                sshape, sdtype = ckpt.info(s.src_name).shape, _source_dtype(ckpt, s.src_name)
             else:
                 st = src_tensors[s.src_name]
                 sshape, sdtype = tuple(st.shape), st.dtype
                 if st.device.type == "meta":
                     raise RollbackError(f"source: tensor {s.src_name!r} is on the meta device (not materialised)")
+            _refuse_fp8_target(t.dtype, s.tgt_name, "model")
             _check_slice(s, tuple(t.shape), t.dtype, sshape, sdtype, "the model", src_where)
             if t.device.type == "meta":
                 raise RollbackError(f"model: parameter {s.tgt_name!r} is on the meta device (not materialised)")
@@ -406,12 +435,14 @@ def rollback_model_(model, source, selection, alpha: float = 1.0, *, backend: Op
         try:
             with torch.no_grad():
                 for k, (s, t) in enumerate(merged):
+                    whole = None
                     if ckpt is not None:
                         ra.consumed(k)
-                        src = ckpt.tensor(s.src_name)
+                        src, whole = _source_tensor(ckpt, s.src_name)
                     else:
                         src = src_tensors[s.src_name]
-                    stats["bytes_read"] += _apply_tensor(t, src, s.axes, alpha, backend)
+                    got = _apply_tensor(t, src, s.axes, alpha, backend)
+                    stats["bytes_read"] += got if whole is None else whole
                     n = _touched_bytes(tuple(t.shape), 1, s.axes)
                     stats["elements"] += n
                     stats["bytes_touched"] += n * t.element_size()
@@ -621,16 +652,21 @@ def _patch_shard(dst: str, items, src_ckpt: Checkpoint, alpha: float, backend: O
                                               dst) from None
                             raise
                 numel = ti.numel
+                if numel == 0:  # a zero-size dimension: nothing to write
+                    continue
+                src, whole = _source_tensor(src_ckpt, s.src_name)
                 if ti.start % ti.dtype.itemsize == 0:
                     tgt = torch.frombuffer(mm, dtype=ti.dtype, count=numel, offset=ti.start).view(ti.shape)
-                    read += _apply_tensor(tgt, src_ckpt.tensor(s.src_name), s.axes, alpha, backend)
+                    got = _apply_tensor(tgt, src, s.axes, alpha, backend)
                     del tgt
                 else:  # unaligned (never written by the safetensors library): patch an aligned copy, write it back
                     raw = torch.frombuffer(mm, dtype=torch.uint8, count=ti.end - ti.start, offset=ti.start)
                     tgt = raw.clone().view(ti.dtype).view(ti.shape)
-                    read += _apply_tensor(tgt, src_ckpt.tensor(s.src_name), s.axes, alpha, backend)
+                    got = _apply_tensor(tgt, src, s.axes, alpha, backend)
                     raw.copy_(tgt.view(-1).view(torch.uint8))
                     del raw, tgt
+                read += got if whole is None else whole
+                del src
             _test_pause("patched")
             # no msync here: the dirty pages of a shared mapping are the file's page cache, written back by the
             # fsync of every file before the rename, together with the copy's own dirty pages
@@ -697,26 +733,23 @@ def _target_files(ckpt: Checkpoint, target: str) -> Tuple[str, List[Tuple[str, s
 
 
 def _check_match(tc: Checkpoint, sc: Checkpoint) -> None:
-    """The two checkpoints hold the same tensors with the same shapes (float dtypes may differ)."""
-    def tied_head(c: Checkpoint, n: str) -> bool:
-        # save_pretrained drops a tied lm_head, other writers keep it: not a mismatch
-        return (n == "lm_head.weight" or n.endswith(".lm_head.weight")) and any(
-            bool((x.config or {}).get("tie_word_embeddings")) for x in (tc, sc))
-
+    """The two checkpoints hold the same tensors with the same shapes (float dtypes may differ; the scales of a
+    block-FP8 weight belong to it; a tied lm_head stored by one of them follows the rule of
+    :func:`~lpt_kernels.checkpoint.streaming.tied_head_absence`, as in lpt diff)."""
     problems = []
-    for n in tc.names:
+    tnames, snames = tc.weight_names, sc.weight_names
+    for n in tnames:
         if n not in sc:
-            if tied_head(tc, n):
-                continue
-            problems.append(f"tensor {n!r} is in TARGET but not in SOURCE")
+            if tied_head_absence([tc, sc], n) is None:
+                problems.append(f"tensor {n!r} is in TARGET but not in SOURCE")
         elif tc.info(n).shape != sc.info(n).shape:
             problems.append(f"tensor {n!r} has shape {_fmt_shape(tc.info(n).shape)} in TARGET but "
                             f"{_fmt_shape(sc.info(n).shape)} in SOURCE")
         if len(problems) > 3:
             break
     if len(problems) <= 3:
-        problems += [f"tensor {n!r} is in SOURCE but not in TARGET" for n in sc.names
-                     if n not in tc and not tied_head(sc, n)][:4]
+        problems += [f"tensor {n!r} is in SOURCE but not in TARGET" for n in snames
+                     if n not in tc and tied_head_absence([tc, sc], n) is None][:4]
     if problems:
         more = " ..." if len(problems) > 3 else ""
         raise RollbackError(f"mismatched checkpoints {tc.path} (TARGET) and {sc.path} (SOURCE): "
@@ -818,7 +851,9 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
         by_file: Dict[str, list] = {}
         for s in plan:
             ti, si = tc.info(s.tgt_name), sc.info(s.src_name)
-            _check_slice(s, ti.shape, ti.dtype, si.shape, si.dtype, f"TARGET {tc.path}", f"SOURCE {sc.path}")
+            _refuse_fp8_target(ti.dtype, s.tgt_name, f"TARGET {tc.path}")
+            _check_slice(s, ti.shape, ti.dtype, si.shape, _source_dtype(sc, s.src_name), f"TARGET {tc.path}",
+                         f"SOURCE {sc.path}")
             by_file.setdefault(os.path.abspath(ti.file), []).append((s, ti, si))
         for items in by_file.values():
             items.sort(key=lambda it: it[1].start)

@@ -23,7 +23,7 @@ import torch
 from lpt_kernels import __version__, unit_gram
 from lpt_kernels.backends import cpu
 from lpt_kernels.checkpoint import Checkpoint, align, stream
-from lpt_kernels.layout import Layout, load_layout
+from lpt_kernels.layout import DEFAULT_GROUPS, Layout, load_layout
 
 STATS = ("sq_norm", "abs_sum", "abs_max", "zeros", "near_zeros")
 
@@ -70,6 +70,21 @@ class Profile:
     @property
     def groups(self) -> List[str]:
         return list(self.meta["groups"])
+
+    @property
+    def layout(self) -> Layout:
+        """The :class:`~lpt_kernels.layout.Layout` the profile was built with (from ``meta["layout"]``, validated
+        against the recorded tensor shapes): what :func:`~lpt_kernels.analysis.select.select` and the rollback
+        functions take."""
+        lay = getattr(self, "_layout", None)
+        if lay is None:
+            from lpt_kernels.layout import layout_from_spec
+
+            shapes = {n: tuple(t["shape"]) for n, t in self.tensors.items() if "shape" in t}
+            lay = layout_from_spec(self.meta["layout"], shapes if len(shapes) == len(self.tensors) else
+                                   list(self.tensors), None)
+            self._layout = lay
+        return lay
 
     def _d(self, delta: Union[str, int]) -> str:
         if isinstance(delta, int):
@@ -191,6 +206,9 @@ class Profile:
             raise ProfileError(f"{out_dir}: cannot read the profile ({e})") from None
         hist = {k[5:]: v for k, v in arrays.items() if k.startswith("hist/")}
         arrays = {k: v for k, v in arrays.items() if not k.startswith("hist/")}
+        if not doc.get("meta", {}).get("groups"):
+            raise ProfileError(f"{out_dir}: the profile has no unit group (written by a version that allowed an "
+                               f"empty profile); rerun lpt diff with --groups naming groups of its layout")
         return cls(meta=doc["meta"], arrays=arrays, tensors=doc["tensors"], hist=hist)
 
 
@@ -217,7 +235,7 @@ def _as_2d(t: torch.Tensor) -> torch.Tensor:
 
 
 def diff(checkpoints: Sequence[Union[str, Checkpoint]], mode: str = "consecutive",
-         groups: Sequence[str] = ("mlp", "attn", "kv"), atol: float = 0.0, rtol: float = 0.0,
+         groups: Optional[Sequence[str]] = None, atol: float = 0.0, rtol: float = 0.0,
          layout: Union[None, str, dict, Layout] = None, intersect: bool = False,
          labels: Optional[Sequence[str]] = None, hist_stride: int = 64, progress: bool = True,
          backend: Optional[str] = None) -> Profile:
@@ -227,7 +245,10 @@ def diff(checkpoints: Sequence[Union[str, Checkpoint]], mode: str = "consecutive
         checkpoints: paths (HF directories or .safetensors files) or open :class:`Checkpoint` objects, in training
             order (e.g. base, code, math, qa, cw).
         mode: ``"consecutive"`` (each checkpoint minus the previous one) or ``"base"`` (each minus the first).
-        groups: unit groups of the layout to profile per unit (``mlp``, ``attn``, ``kv``).
+        groups: unit groups of the layout to profile per unit; None (default): every group of the layout (a
+            built-in layout has ``mlp``, ``attn``, ``kv``; a spec has the groups it defines, e.g. one per MoE
+            expert). A requested group the layout lacks is an error; the groups of the layout left out are listed
+            in ``meta["groups_left_out"]``.
         atol, rtol: a change counts as near zero when |d| <= atol + rtol * |w_ref|.
         layout: None (detected from names and config.json), a layout spec (dict or JSON path) or a Layout.
         intersect: analyse the tensors common to all checkpoints instead of failing on a mismatch.
@@ -248,7 +269,10 @@ def diff(checkpoints: Sequence[Union[str, Checkpoint]], mode: str = "consecutive
                 c = Checkpoint(c)
                 opened.append(c)
             ckpts.append(c)
-        return _diff(ckpts, mode, tuple(groups), float(atol), float(rtol), layout, intersect,
+        if isinstance(groups, str):
+            groups = (groups,)
+        return _diff(ckpts, mode, None if groups is None else tuple(groups), float(atol), float(rtol), layout,
+                     intersect,
                      _labels([c.path for c in ckpts], labels), hist_stride, progress, backend)
     finally:
         for c in opened:
@@ -256,50 +280,68 @@ def diff(checkpoints: Sequence[Union[str, Checkpoint]], mode: str = "consecutive
 
 
 def _diff(ckpts, mode, groups, atol, rtol, layout, intersect, labels, hist_stride, progress, backend) -> Profile:
+    # what each tensor is (float weight, FP8 weight read through its scales, scale, non-float buffer); a quantized
+    # or non-float weight that cannot be read correctly is refused here, before any work, wherever it is
+    kinds = [{n: c.kind(n) for n in c.names} for c in ckpts]
     al = align(ckpts, intersect=intersect)
     first = ckpts[0]
     shapes = {n: tuple(first.info(n).shape) for n in al.names}
-    lay = layout if isinstance(layout, Layout) else load_layout(layout, al.names, first.config, groups=groups)
+    lay = layout if isinstance(layout, Layout) else load_layout(layout, al.names, first.config,
+                                                               groups=groups or DEFAULT_GROUPS)
     lay.validate(shapes)
+    if groups is None:
+        groups = tuple(lay.groups)
+    missing = [g for g in groups if g not in lay.groups]
+    if missing or not groups:
+        raise ProfileError(f"groups: layout {lay.name!r} has no group {', '.join(map(repr, missing))} (it has "
+                           f"{', '.join(lay.groups) or 'none'}); nothing would be profiled per unit" if missing else
+                           f"groups: layout {lay.name!r} has no unit group; nothing would be profiled per unit")
     deltas = delta_names(labels, mode)
     m_count = len(deltas)
     n_layers = lay.num_layers
-    acc = {g: _GroupTotals(n_layers, lay.units[g], m_count) for g in groups if g in lay.groups}
+    acc = {g: _GroupTotals(n_layers, lay.units[g], m_count) for g in groups}
     tensors: Dict[str, dict] = {}
     hist = _HistTotals(deltas)
     nonfinite: Dict[str, List[int]] = {}
     skipped = dict(al.skipped)
+    skipped.update(al.tied_heads)
+
+    names = []
+    for n in al.names:
+        buf = [c for c, k in zip(ckpts, kinds) if k[n] == "buffer"]
+        if buf:
+            skipped[n] = f"dtype {_dtype_str(buf[0].info(n).dtype)} is not a float weight"
+        else:
+            names.append(n)
 
     bar = None
     if progress:
         from tqdm.auto import tqdm
-        total = sum(first.info(n).end - first.info(n).start for n in al.names) * len(ckpts)
+        total = sum(c.info(n).end - c.info(n).start for n in names for c in ckpts)
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="lpt diff", leave=False)
-
-    def is_weight(n):
-        return all(c.info(n).dtype is not None and c.info(n).dtype.is_floating_point for c in ckpts)
-    names = [n for n in al.names if is_weight(n)]
-    for n in al.names:
-        if n not in names:
-            skipped[n] = f"dtype {ckpts[0].info(n).dtype} is not a floating-point weight"
     gc_was_enabled = gc.isenabled()
     gc.disable()  # the pass allocates many small objects and frees them at once: collections only cost time
     try:
-        _pass(ckpts, names, lay, groups, mode, atol, rtol, backend, acc, deltas, tensors, hist, nonfinite,
-              hist_stride, bar)
+        tied_differ = _pass(ckpts, names, lay, groups, mode, atol, rtol, backend, acc, deltas, tensors, hist,
+                            nonfinite, hist_stride, bar)
     finally:
         if gc_was_enabled:
             gc.enable()
     if bar is not None:
         bar.close()
+    for name, target, path in tied_differ:
+        warnings.warn(f"lpt diff: {path}: {name} differs from {target} although config.json says "
+                      f"tie_word_embeddings; the head is analysed as a tensor of its own", RuntimeWarning, stacklevel=3)
     if nonfinite:
         warnings.warn(f"lpt diff: non-finite weights in {len(nonfinite)} tensors (first: {next(iter(nonfinite))}); "
                       "their statistics are NaN/inf and listed in profile.json", RuntimeWarning, stacklevel=3)
-    dtypes = [sorted({str(c.info(n).dtype).replace("torch.", "") for n in names}) for c in ckpts]
+    dtypes = [sorted({_dtype_str(c.info(n).dtype) for n in names}) for c in ckpts]
     meta = {
         "version": __version__, "checkpoints": [os.path.abspath(c.path) for c in ckpts], "labels": labels,
-        "deltas": deltas, "mode": mode, "atol": atol, "rtol": rtol, "groups": [g for g in groups if g in lay.groups],
-        "layout": lay.to_spec(), "num_layers": n_layers, "units": {g: lay.units[g] for g in groups if g in lay.groups},
+        "deltas": deltas, "mode": mode, "atol": atol, "rtol": rtol, "groups": list(groups),
+        "groups_left_out": [g for g in lay.groups if g not in groups],
+        "group_layers": {g: sorted(lay.groups[g]) for g in groups},
+        "layout": lay.to_spec(), "num_layers": n_layers, "units": {g: lay.units[g] for g in groups},
         "dtypes": dtypes, "mixed_dtypes": sorted(al.mixed_dtypes), "skipped": skipped, "nonfinite": nonfinite,
         "hist_stride": hist_stride, "hist_edges_log10": [HIST_LO, HIST_HI, HIST_BINS],
     }
@@ -309,38 +351,87 @@ def _diff(ckpts, mode, groups, atol, rtol, layout, intersect, labels, hist_strid
     return Profile(meta=meta, arrays=arrays, tensors=tensors, hist=hist.as_dict() if hist.samples else {})
 
 
+def _dtype_str(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _empty_gram(ws, axis: int, block: int):
+    """unit_gram's result for inputs with no elements (a zero-size dimension): zero sums, no counts."""
+    from lpt_kernels.ops import UnitGram
+
+    n_units = ws[0].shape[axis] // block
+    m = len(ws) - 1
+    z = torch.zeros(n_units, m, dtype=torch.float32)
+    zi = torch.zeros(n_units, m, dtype=torch.int64)
+    return UnitGram(torch.zeros(n_units, m, m, dtype=torch.float32), z, z.clone(), zi, zi.clone())
+
+
+def _gram(ws, axis, block, mode, atol, rtol, backend, name, ckpts):
+    """One unit_gram call; a tensor with no elements is booked without one, and an op error names the tensor."""
+    if ws[0].numel() == 0:
+        return _empty_gram(ws, axis, block)
+    try:
+        return unit_gram(ws, axis=axis, block=block, mode=mode, atol=atol, rtol=rtol, backend=backend)
+    except (ValueError, TypeError) as e:
+        raise ProfileError(f"tensor {name!r} ({', '.join(_dtype_str(w.dtype) for w in ws)} in "
+                           f"{', '.join(c.path for c in ckpts)}): {str(e).splitlines()[0]}") from None
+
+
+def _check_tied(ckpts, lay, name, ws, tied_differ) -> None:
+    """A head declared tied to the embedding (config tie_word_embeddings) but stored with other values is not tied:
+    warn, and count it as a tensor of its own."""
+    target = lay.tied.get(name)
+    if target is None:
+        return
+    for c, w in zip(ckpts, ws):
+        if target in c and tuple(c.info(target).shape) == tuple(w.shape):
+            e = c.weight(target) if c.kind(target) != "float" else c.tensor(target)
+            if not torch.equal(w, e.to(w.dtype) if e.dtype != w.dtype else e):
+                tied_differ.append((name, target, c.path))
+                return
+
+
 def _pass(ckpts, names, lay, groups, mode, atol, rtol, backend, acc, deltas, tensors, hist, nonfinite,
-          hist_stride, bar) -> None:
-    """The streaming loop: one unit_gram call per (tensor, member) with all K versions."""
+          hist_stride, bar) -> List[tuple]:
+    """The streaming loop: one unit_gram call per (tensor, member) with all K versions. Returns the tied heads that
+    differ from their embedding (name, embedding, checkpoint)."""
+    tied_differ: List[tuple] = []
     for name, ws in stream(ckpts, names):
         ws = [_as_2d(w) for w in ws]
         members = lay.member_of(name)
-        entry = {"elements": ws[0].numel(), "shape": list(ws[0].shape),
-                 "dtypes": sorted({str(w.dtype).replace("torch.", "") for w in ws})}
+        entry = {"elements": ws[0].numel(), "shape": list(ckpts[0].info(name).shape),
+                 "dtypes": sorted({_dtype_str(c.info(name).dtype) for c in ckpts})}
         if name in lay.tied:
-            entry["tied_to"] = lay.tied[name]
-        if ws[0].dtype not in (torch.float32, torch.bfloat16, torch.float16):
-            ws = [w.float() for w in ws]
+            n_before = len(tied_differ)
+            _check_tied(ckpts, lay, name, ws, tied_differ)
+            if len(tied_differ) == n_before:
+                entry["tied_to"] = lay.tied[name]
+        if any(w.dtype not in _KERNEL_DTYPES for w in ws):
+            ws = [w if w.dtype in _KERNEL_DTYPES else w.float() for w in ws]  # fp64: read in fp32
         totals = None
         if members:
             for g, layer, mem in members:
                 if g not in groups:
                     continue
-                r = unit_gram(ws, axis=mem.axis, block=mem.block, mode=mode, atol=atol, rtol=rtol, backend=backend)
+                r = _gram(ws, mem.axis, mem.block, mode, atol, rtol, backend, name, ckpts)
                 totals = acc[g].add(layer, r)
         if totals is None:  # not profiled per unit: rows as units keep the pass parallel; summed below
-            totals = _fold(unit_gram(ws, axis=0, block=1, mode=mode, atol=atol, rtol=rtol, backend=backend))
+            totals = _fold(_gram(ws, 0, 1, mode, atol, rtol, backend, name, ckpts))
         zeros, near_zeros, sq_norm, abs_max, finite = totals
         entry.update(zeros=zeros, near_zeros=near_zeros, sq_norm=sq_norm, abs_max=abs_max)
         if not finite:
             counts = [int((~torch.isfinite(w)).sum()) for w in ws]
             nonfinite[name] = counts
             entry["nonfinite"] = counts
-        if hist_stride > 0 and not entry.get("tied_to"):
+        if hist_stride > 0 and not entry.get("tied_to") and ws[0].numel():
             hist.add(ws, mode, hist_stride)
         tensors[name] = entry
         if bar is not None:
             bar.update(sum(c.info(name).end - c.info(name).start for c in ckpts))
+    return tied_differ
 
 
 class _GroupTotals:

@@ -1,24 +1,26 @@
 """Safetensors checkpoints (a file, or a Hugging Face directory of shards with an index), read zero-copy.
 
-A :class:`Checkpoint` parses the safetensors headers itself (8-byte little-endian header length, JSON header),
-validates them against the file sizes, and maps every shard once, privately (copy-on-write): a tensor it returns is a
-view of that mapping, built with ``torch.frombuffer`` — no bytes are copied and none are read until they are touched,
-and a write into a returned tensor changes this process's private copy only, never the file.
+A :class:`Checkpoint` parses the safetensors headers itself (:mod:`~lpt_kernels.checkpoint.header` refuses what the
+format forbids, as the safetensors library does) and maps every shard once, privately (copy-on-write): a tensor it
+returns is a view of that mapping, built with ``torch.frombuffer`` — no bytes are copied and none are read until
+they are touched, and a write into a returned tensor changes this process's private copy only, never the file.
 """
 from __future__ import annotations
 
-import json
 import mmap
 import operator
 import os
 import platform
 import sys
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 
 from lpt_kernels.checkpoint.base import (DTYPES, CheckpointError, TensorInfo, _dtype_name, _fmt_shape,  # noqa: F401
                                          _read_json)
+from lpt_kernels.checkpoint.header import parse_header as _parse_header
+from lpt_kernels.checkpoint.quantized import FP8_BLOCK, classify, dequantize, is_companion, scale_name, \
+    scheme_from_config
 
 _INDEX_NAME = "model.safetensors.index.json"
 _SINGLE_NAME = "model.safetensors"
@@ -28,73 +30,6 @@ _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0) or (
     0x4000 if sys.platform.startswith("linux") and platform.machine().lower() in (
         "x86_64", "amd64", "aarch64", "arm64", "riscv64", "s390x", "i386", "i686", "loongarch64") else 0)
 
-
-
-def _parse_header(file: str) -> Tuple[List[TensorInfo], int]:
-    """Read and validate one safetensors header; returns the tensors (in data order) and the file size."""
-    try:
-        size = os.path.getsize(file)
-        with open(file, "rb") as f:
-            raw_len = f.read(8)
-            if len(raw_len) < 8:
-                raise CheckpointError(f"{file}: corrupt safetensors header (file of {size} bytes is too short "
-                                      f"to hold the 8-byte header length)")
-            hlen = int.from_bytes(raw_len, "little")
-            if hlen > size - 8:
-                raise CheckpointError(f"{file}: corrupt safetensors header (header length {hlen} exceeds the "
-                                      f"file size {size}; not a safetensors file?)")
-            raw = f.read(hlen)
-    except OSError as e:
-        raise CheckpointError(f"{file}: cannot read: {e.strerror or e}") from None
-    if len(raw) < hlen:
-        raise CheckpointError(f"{file}: truncated shard (header of {hlen} bytes, file has {size} bytes)")
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise CheckpointError(f"{file}: corrupt safetensors header (invalid JSON: {msg})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{file}: corrupt safetensors header (JSON is a {type(header).__name__}, "
-                              f"not an object)")
-    base = 8 + hlen
-    data_size = size - base
-    infos = []
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        where = f"{file}: corrupt safetensors header: tensor {name!r}"
-        if not isinstance(entry, dict):
-            raise CheckpointError(f"{where} entry is not an object")
-        dstr, shape, offs = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
-        if not isinstance(dstr, str):
-            raise CheckpointError(f"{where} has no dtype string")
-        if (not isinstance(shape, list)
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-            raise CheckpointError(f"{where} has an invalid shape {shape!r}")
-        if (not isinstance(offs, list) or len(offs) != 2
-                or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
-                or not 0 <= offs[0] <= offs[1]):
-            raise CheckpointError(f"{where} has invalid data_offsets {offs!r}")
-        dtype = DTYPES.get(dstr)
-        numel = 1
-        for s in shape:
-            numel *= s
-        if dtype is not None and (offs[1] - offs[0]) != numel * dtype.itemsize:
-            raise CheckpointError(f"{where} has data_offsets {offs} ({offs[1] - offs[0]} bytes) but shape "
-                                  f"{_fmt_shape(shape)} of {dstr} needs {numel * dtype.itemsize} bytes")
-        if offs[1] > data_size:
-            raise CheckpointError(f"{file}: truncated shard: tensor {name!r} ends at byte {base + offs[1]} "
-                                  f"but the file has only {size} bytes")
-        infos.append(TensorInfo(name, dtype, tuple(shape), file, base + offs[0], base + offs[1]))
-    infos.sort(key=lambda i: (i.start, i.end))
-    prev = None
-    for info in infos:
-        if prev is not None and info.start < prev.end and info.end > info.start:
-            raise CheckpointError(f"{file}: corrupt safetensors header: tensors {prev.name!r} and {info.name!r} "
-                                  f"overlap (bytes {prev.start}-{prev.end} and {info.start}-{info.end})")
-        if prev is None or info.end > prev.end:
-            prev = info
-    return infos, size
 
 
 def _map_private(fd: int) -> mmap.mmap:
@@ -181,6 +116,7 @@ class Checkpoint:
             if not isinstance(conf, dict):
                 raise CheckpointError(f"{cfg}: corrupt config.json (not a JSON object)")
             self.config = conf
+        self.quant, self.quant_refused = scheme_from_config(self.config, self.path)
 
         index_map = None
         if index_file is not None:
@@ -273,6 +209,30 @@ class Checkpoint:
             return raw.clone().view(info.dtype).view(info.shape)
         t = torch.frombuffer(view, dtype=info.dtype, count=numel, offset=info.start)
         return t.view(info.shape)
+
+    # -- weights (what the analyses read) ---------------------------------------------------------------------------
+    def kind(self, name: str) -> str:
+        """What the tensor is to an analysis: ``"float"``, ``"fp8_block"`` (read through its block scales),
+        ``"scale"`` (the companion of an FP8 weight) or ``"buffer"`` (a non-float tensor that is not a weight). A
+        quantized or non-float weight that cannot be read correctly raises :class:`CheckpointError` (see
+        :mod:`~lpt_kernels.checkpoint.quantized`)."""
+        return classify(self, name)
+
+    @property
+    def weight_names(self) -> List[str]:
+        """:attr:`names` less the scales of FP8 weights (they belong to their weight), in file order."""
+        return [n for n in self.names if not is_companion(self, n)]
+
+    def weight(self, name: str) -> torch.Tensor:
+        """The tensor as a float weight: :meth:`tensor` for a float dtype; for a block-scaled FP8 weight a new float32
+        tensor, dequantized with its ``weight_scale_inv``. Raises :class:`CheckpointError` for anything else."""
+        if self.kind(name) == FP8_BLOCK:
+            return dequantize(self.tensor(name), self.tensor(scale_name(name)), self.quant.block)
+        if self.kind(name) != "float":
+            info = self.info(name)
+            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {_dtype_name(info.dtype)}; it is not a "
+                                  f"weight")
+        return self.tensor(name)
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """A zero-copy view of rows [start, stop) (the first dimension) of a tensor."""

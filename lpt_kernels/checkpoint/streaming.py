@@ -14,6 +14,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 from lpt_kernels.checkpoint.base import CheckpointError, _dtype_name, _fmt_shape
+from lpt_kernels.checkpoint.quantized import FP8_BLOCK
 from lpt_kernels.checkpoint.safetensors import Checkpoint
 
 _PAGE = mmap.PAGESIZE
@@ -68,6 +69,30 @@ class Alignment:
     names: List[str]                                       # common tensors, in file order of the first checkpoint
     skipped: Dict[str, str] = field(default_factory=dict)  # name -> reason (only with intersect=True)
     mixed_dtypes: List[str] = field(default_factory=list)  # names whose (float) dtype differs between checkpoints
+    tied_heads: Dict[str, str] = field(default_factory=dict)  # a tied lm_head stored by some checkpoints only
+
+
+def _is_head(name: str) -> bool:
+    return name == "lm_head.weight" or name.endswith(".lm_head.weight")
+
+
+def tied_head_absence(ckpts: Sequence[Checkpoint], name: str) -> Optional[str]:
+    """The one rule for a tied output embedding stored by only some checkpoints (``save_pretrained`` drops a tied
+    ``lm_head.weight``, other writers keep it): when every checkpoint lacking `name` (an ``lm_head.weight``)
+    declares ``tie_word_embeddings`` in its config.json and stores an ``embed_tokens.weight``, its head *is* that
+    embedding, and the missing tensor is not a difference. Returns the reason (for the record), or None when the
+    rule does not apply."""
+    if not _is_head(name):
+        return None
+    lacking = [c for c in ckpts if name not in c]
+    if not lacking or len(lacking) == len(ckpts):
+        return None
+    for c in lacking:
+        if not bool((c.config or {}).get("tie_word_embeddings")) or not any(
+                n.endswith("embed_tokens.weight") for n in c.names):
+            return None
+    return (f"a tied output embedding stored only by {', '.join(c.path for c in ckpts if name in c)} (the others "
+            f"tie it to their embed_tokens.weight): left out; the embedding is compared")
 
 
 def align(ckpts: Sequence[Checkpoint], intersect: bool = False) -> Alignment:
@@ -81,18 +106,22 @@ def align(ckpts: Sequence[Checkpoint], intersect: bool = False) -> Alignment:
     ckpts = list(ckpts)
     if not ckpts:
         raise CheckpointError("align: no checkpoints given")
-    order: List[str] = list(ckpts[0].names)
+    order: List[str] = list(ckpts[0].weight_names)
     seen = set(order)
     for c in ckpts[1:]:
-        for n in c.names:
+        for n in c.weight_names:
             if n not in seen:
                 seen.add(n)
                 order.append(n)
-    common, mixed, problems = [], [], {}
+    common, mixed, problems, tied = [], [], {}, {}
     for n in order:
         missing = [c.path for c in ckpts if n not in c]
         if missing:
-            problems[n] = f"missing from {', '.join(missing)}"
+            reason = tied_head_absence(ckpts, n)
+            if reason is not None:
+                tied[n] = reason
+            else:
+                problems[n] = f"missing from {', '.join(missing)}"
             continue
         infos = [c.info(n) for c in ckpts]
         ref = infos[0]
@@ -121,9 +150,15 @@ def align(ckpts: Sequence[Checkpoint], intersect: bool = False) -> Alignment:
         msg = "checkpoints differ: " + "; ".join(shown)
         if more:
             msg += f"; ... ({more} more)"
-        msg += f"; use --intersect to analyse the {len(common)} common tensors"
+        if common:
+            msg += f"; use --intersect to analyse the {len(common)} common tensors"
+        else:
+            msg += " — they have no tensor in common (not checkpoints of one model?)"
         raise CheckpointError(msg)
-    return Alignment(names=common, skipped=problems if intersect else {}, mixed_dtypes=mixed)
+    if intersect and not common:
+        raise CheckpointError(f"checkpoints have no tensor in common ({len(problems)} differ, e.g. "
+                              f"{next(iter(problems))!r} {next(iter(problems.values()))}): nothing to analyse")
+    return Alignment(names=common, skipped=problems if intersect else {}, mixed_dtypes=mixed, tied_heads=tied)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -200,7 +235,8 @@ def stream(ckpts: Sequence[Checkpoint], names: Sequence[str], prefetch_bytes: in
     """Yield ``(name, [tensor from each checkpoint])`` for every name, in the order of `names`.
 
     The tensors are zero-copy views of the mappings (see :meth:`Checkpoint.tensor`): resident anonymous memory does
-    not grow with the checkpoints. A background thread asks the kernel to read ahead the byte ranges of the
+    not grow with the checkpoints; a block-scaled FP8 weight comes dequantized instead (:meth:`Checkpoint.weight`, a
+    float32 copy of that one tensor). A background thread asks the kernel to read ahead the byte ranges of the
     upcoming tensors of every checkpoint, up to `prefetch_bytes` (summed over checkpoints; at least the next tensor;
     0 disables it), so that disk reads overlap the caller's compute. `progress`, if given, is called after each
     tensor with the number of bytes just processed (summed over checkpoints) — e.g. ``tqdm(...).update``.
@@ -235,7 +271,7 @@ def _stream(ckpts, names, prefetch_bytes, progress):
         for k, n in enumerate(names):
             if pre is not None:
                 pre.advance(k)
-            yield n, [c.tensor(n) for c in ckpts]
+            yield n, [c.weight(n) if c.kind(n) == FP8_BLOCK else c.tensor(n) for c in ckpts]
             if progress is not None:
                 progress(sizes[k])
     finally:
