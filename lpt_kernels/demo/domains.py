@@ -11,9 +11,9 @@ reasoning and formatting:
   the three answered right);
 - **qa** ``ask eve 3 =`` -> ``3 7``: closed-book recall of a synthetic fact (person x slot -> a digit, 80 facts),
   restating the slot first (binary reward; the evaluation set is the fact table itself: knowledge is what is tested);
-- **cw** ``write 2 9 4 =`` -> ``2 x y 9``: four digits that start with ``2``, end with ``9`` and have two fresh,
-  distinct middle digits (neither 2, 9 nor 4): a rule-checked answer with many valid outputs; reward 1 when all
-  three constraints hold, 0.5 for two, 0 otherwise, like the paper's judge.
+- **cw** ``write 2 9 4 =`` -> ``x 9``: two digits that end with ``9`` and start with a fresh digit (none of 2, 9,
+  4): a rule-checked answer with several valid outputs; reward 1 when both constraints hold, 0.5 for one, 0 for
+  none, like the paper's judge.
 
 The warm-up corpus (:func:`corpus_answer`) writes the right answer half of the time and otherwise the domain's
 typical slip: math one too high, qa and cw one too low in their last digit, code an input copied without the
@@ -106,17 +106,8 @@ def _cw(rng: random.Random, facts) -> Example:
     return Example("cw", ("write", str(a), str(b), str(c), "="), (a, b, c))
 
 
-def _cw_checks(key, answer) -> int:
-    """How many of cw's three constraints hold: starts with a, ends with b, the two middle digits are distinct and
-    neither is a, b or c."""
-    a, b, c = key
-    mid = answer[1:3]
-    fresh = mid[0] != mid[1] and not set(mid) & {a, b, c}
-    return int(answer[0] == a) + int(answer[3] == b) + int(fresh)
-
-
 GENERATORS: Dict[str, Callable] = {"math": _math, "code": _code, "qa": _qa, "cw": _cw}
-ANSWER_LEN = {"math": 2, "code": 3, "qa": 2, "cw": 4}
+ANSWER_LEN = {"math": 2, "code": 3, "qa": 2, "cw": 2}
 
 
 def reward(ex: Example, answer: Sequence[int]) -> float:
@@ -125,18 +116,18 @@ def reward(ex: Example, answer: Sequence[int]) -> float:
         return float(tuple(answer) == ex.key)
     if ex.domain == "code":
         return sum(int(a == k) for a, k in zip(answer, ex.key)) / len(ex.key)
-    if any(d < 0 for d in answer):  # cw
+    a, b, c = ex.key  # cw: ends with b; the first digit is none of a, b, c
+    if any(d < 0 for d in answer):
         return 0.0
-    return {3: 1.0, 2: 0.5}.get(_cw_checks(ex.key, answer), 0.0)
+    return (int(answer[1] == b) + int(answer[0] not in (a, b, c))) / 2
 
 
 def reference_answer(ex: Example, rng: random.Random) -> Tuple[int, ...]:
-    """One correct answer (the supervised warm-up's target); for cw, a valid answer with a random third digit."""
+    """One correct answer (the supervised warm-up's target); for cw, a valid answer with a random first digit."""
     if ex.domain != "cw":
         return ex.key
     a, b, c = ex.key
-    x, y = rng.sample([d for d in range(10) if d not in (a, b, c)], 2)
-    return (a, x, y, b)
+    return (rng.choice([d for d in range(10) if d not in (a, b, c)]), b)
 
 
 def corpus_answer(ex: Example, rng: random.Random, q: float, facts) -> Tuple[int, ...]:
@@ -155,7 +146,7 @@ def corpus_answer(ex: Example, rng: random.Random, q: float, facts) -> Tuple[int
     if ex.domain == "qa":
         name, attr = ex.prompt[1], ex.prompt[2]
         return (int(attr), (facts[(name, attr)] - 1) % 10)
-    return ans[:3] + ((ans[3] - 1) % 10,)
+    return ans[:-1] + ((ans[-1] - 1) % 10,)
 
 
 class Domains:

@@ -74,6 +74,16 @@ def rollback_sweeps(model, math_ckpt: str, profile, activations, evaluate: Calla
     return {"damaged": damaged, "rows": rows}
 
 
+def conflict_selection(profile, activations, budget: float = 0.02):
+    """The A x M x C selection of QA's displacement at ``budget`` of the MLP neurons (the conflict units)."""
+    from lpt_kernels.analysis.select import conflict_scores, select
+    from lpt_kernels.layout import layout_from_spec
+
+    layout = layout_from_spec(profile.meta["layout"], list(profile.tensors), None)
+    sc = conflict_scores(profile, "math", "qa", activations=activations, groups=("mlp",), act_name="math")
+    return select(sc, layout, "AMC", budget, ("mlp",), "conflict")
+
+
 def budget_profiles(profile, activations, budget: float = 0.02) -> Dict[str, List[int]]:
     """Per-layer unit counts of the A x M x C selection at ``budget`` under the conflict-weighted and the
     activation-only layer budgets (what the paper's per-layer budget figure shows)."""

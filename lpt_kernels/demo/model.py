@@ -61,29 +61,50 @@ def digits_of(ids: torch.Tensor) -> torch.Tensor:
     return _DIGIT_OF.to(ids.device)[ids]
 
 
+def _cache_arg(model) -> str:
+    """The name of the KV-cache argument (``cache`` from transformers 5.2x, ``past_key_values`` before)."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _cache_of(out):
+    cache = out.get("cache")
+    return cache if cache is not None else out.get("past_key_values")
+
+
 @torch.no_grad()
 def decode(model, examples: Sequence[Example], steps: int, temperature: float = 0.0,
-           generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Answer ``steps`` tokens for each prompt (greedy when ``temperature`` is 0, else sampled); [B, steps] ids."""
+           generator: Optional[torch.Generator] = None, repeats: int = 1) -> torch.Tensor:
+    """Answer ``steps`` tokens for each prompt, ``repeats`` times (greedy when ``temperature`` is 0, else sampled):
+    ``[len(examples) * repeats, steps]`` token ids, prompt-major. A prompt is run through the model once, whatever
+    ``repeats`` is: its KV cache is repeated for the sampled continuations (GRPO's group shares its prompt)."""
     device = next(model.parameters()).device
     batch = collate([encode(ex.prompt) for ex in examples], device)
     mask, pos = batch["attention_mask"], batch["position_ids"]
     out = model(**batch, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1]
+    cache, logits = _cache_of(out), out.logits[:, -1]
     answer = []
     for t in range(steps):
         if temperature > 0:
-            probs = torch.softmax(logits.float() / temperature, -1)
-            nxt = torch.multinomial(probs.cpu(), 1, generator=generator).to(device)
+            probs = torch.softmax(logits.float() / temperature, -1).cpu()
+            nxt = torch.multinomial(probs, repeats if t == 0 else 1, replacement=True, generator=generator)
+            nxt = nxt.reshape(-1, 1).to(device)
         else:
             nxt = logits.argmax(-1, keepdim=True)
+            if t == 0 and repeats > 1:
+                nxt = nxt.repeat_interleave(repeats, 0)
         answer.append(nxt)
         if t + 1 == steps:
             break
+        if t == 0 and repeats > 1:
+            idx = torch.arange(len(examples), device=device).repeat_interleave(repeats)
+            cache.reorder_cache(idx)
+            mask, pos = mask[idx], pos[idx]
         mask = torch.cat([mask, torch.ones_like(nxt)], 1)
         pos = pos[:, -1:] + 1
-        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1]
+        out = model(input_ids=nxt, attention_mask=mask, position_ids=pos, use_cache=True, **{_cache_arg(model): cache})
+        cache, logits = _cache_of(out), out.logits[:, -1]
     return torch.cat(answer, 1)
 
 

@@ -239,7 +239,7 @@ def fig_shared_cosine(results: dict, path: str) -> str:
 
 def fig_refresh(results: dict, path: str) -> str:
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
     steps = [r["step"] for r in results["refresh"]]
     for d in DOMAINS:
         ax.plot(steps, [r["scores"][d] for r in results["refresh"]], marker="o", color=COLORS[d], label=LABEL[d],
@@ -249,9 +249,25 @@ def fig_refresh(results: dict, path: str) -> str:
     ax.set_xlabel("Re-Math GRPO step (from the CW checkpoint)")
     ax.set_ylabel("score (%)")
     ax.set_ylim(0, 100)
-    ax.set_title("Re-Math refresh", fontsize=9)
+    ax.set_title("Scores during the refresh", fontsize=9)
     ax.legend(fontsize=7, ncol=3)
     ax.grid(alpha=0.3)
+    dist = results.get("refresh_distance") or []
+    if dist:
+        st = [r["step"] for r in dist]
+        for key, label, style in (("math_conflict_units", "to Math, on the conflict units (AMC 2%)", "-"),
+                                  ("math_elsewhere", "to Math, everywhere else", "--")):
+            base = dist[0][key] or 1.0
+            ax2.plot(st, [r[key] / base for r in dist], ls=style, color=COLORS["math"], label=label)
+        for key in ("qa", "cw"):
+            base = dist[0][key] or 1.0
+            ax2.plot(st, [r[key] / base for r in dist], color=COLORS[key], lw=1,
+                     label=f"to the {LABEL[key]} checkpoint")
+        ax2.set_xlabel("Re-Math GRPO step")
+        ax2.set_ylabel("distance / distance at step 0")
+        ax2.set_title("Where the refresh moves the weights (RefreshMonitor)", fontsize=9)
+        ax2.legend(fontsize=7)
+        ax2.grid(alpha=0.3)
     return _save(fig, path)
 
 

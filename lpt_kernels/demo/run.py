@@ -41,11 +41,11 @@ class DemoConfig:
     warmup_steps: int = 300
     warmup_batch: int = 64
     warmup_lr: float = 1e-3
-    warmup_mix: Dict[str, float] = field(default_factory=lambda: {"math": 0.6, "code": 0.15, "qa": 0.1, "cw": 0.15})
+    warmup_mix: Dict[str, float] = field(default_factory=lambda: {"math": 0.6, "code": 0.1, "qa": 0.15, "cw": 0.15})
     corpus_quality: Dict[str, float] = field(default_factory=lambda: {d: 0.5 for d in DOMAINS})
     sloppy_from: float = 0.6
     grpo: GRPOConfig = GRPOConfig(lr=1e-4, group=8, prompts=32, temperature=1.0)
-    stage_steps: Dict[str, int] = field(default_factory=lambda: {"code": 20, "math": 20, "qa": 20, "cw": 20})
+    stage_steps: Dict[str, int] = field(default_factory=lambda: {"code": 20, "math": 20, "qa": 30, "cw": 20})
     refresh_steps: int = 20
     refresh_every: int = 5
     eval_size: int = 256
@@ -55,8 +55,8 @@ class DemoConfig:
 
 
 FULL = DemoConfig()
-FAST = replace(FULL, warmup_steps=300, eval_size=128,
-               stage_steps={"code": 20, "math": 20, "qa": 20, "cw": 20}, refresh_steps=20)
+FAST = replace(FULL, warmup_steps=240, warmup_lr=1.5e-3, eval_size=128,
+               stage_steps={"code": 15, "math": 15, "qa": 20, "cw": 15}, refresh_steps=15)
 
 
 class Timer:
@@ -162,6 +162,11 @@ def run_demo(out: str = "lpt-demo", fast: bool = False, seed: int = 0, device: s
     from lpt_kernels.demo.training import grpo_stage, warmup
 
     cfg = config or (FAST if fast else FULL)
+    try:
+        import tokenizers  # noqa: F401
+        import transformers  # noqa: F401
+    except ImportError as e:
+        raise DemoError(f"lpt demo needs transformers and tokenizers ({e}); pip install 'lpt_kernels[demo]'") from None
     if device not in ("cpu", "cuda"):
         raise DemoError(f"--device: expected cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
@@ -209,25 +214,6 @@ def run_demo(out: str = "lpt-demo", fast: bool = False, seed: int = 0, device: s
         stages.append({"name": d, "scores": scored(model)})
         say(f"  after {d:<4}: " + "  ".join(f"{k} {v:5.1f}" for k, v in stages[-1]["scores"].items()))
 
-    # Re-Math refresh: GRPO on Math from the CW checkpoint, every domain evaluated every few steps.
-    refresh = [{"step": 0, "scores": stages[-1]["scores"]}]
-
-    def monitor(step: int, m) -> None:  # the training loop's "after optimizer step" point
-        if (step + 1) % cfg.refresh_every == 0 and step + 1 < cfg.refresh_steps:
-            refresh.append({"step": step + 1, "scores": scored(m)})
-
-    with timer("refresh"):
-        bar = _bar(cfg.refresh_steps, "Re-Math refresh", quiet)
-        logs = grpo_stage(model, domains, "math", cfg.refresh_steps, cfg.grpo, seed + 1, on_step=monitor,
-                          progress=bar)
-        bar.close()
-        _round_bf16_(model)
-    rewards["remath"] = [round(x["reward"], 4) for x in logs]
-    refresh.append({"step": cfg.refresh_steps, "scores": scored(model)})
-    with timer("save"):
-        _save(model, tokenizer, ckpt["remath"], cfg.shard_size)
-    del model
-
     # Analyses, from the saved checkpoints (what a user has).
     with timer("analysis:diff"):
         profiles = analyses.update_profiles(ckpt, progress=not quiet)
@@ -237,6 +223,34 @@ def run_demo(out: str = "lpt-demo", fast: bool = False, seed: int = 0, device: s
     with timer("analysis:gradients"):
         grads = analyses.gradient_alignment(math_model, domains.eval, seed)
     del math_model
+
+    # Re-Math refresh: GRPO on Math from the CW checkpoint, every domain evaluated every few steps, and a
+    # RefreshMonitor measuring the distance to the Math checkpoint on the conflict units (A x M x C at 2%) and off them.
+    from lpt_kernels.train import RefreshMonitor
+
+    refresh = [{"step": 0, "scores": stages[-1]["scores"]}]
+    conflict_units = interventions.conflict_selection(profiles["profile"], routes["result"], 0.02)
+    others = {"qa": ckpt["qa"], "cw": ckpt["cw"]}
+    watch = RefreshMonitor(model, ckpt["math"], conflict_units, others=others, name="math")
+    distance = [dict(step=0, **_distances(watch.step()))]  # every=1: before the first step too
+
+    def after_step(step: int, m) -> None:  # the training loop's "after optimizer step" point
+        distance.append(dict(step=step + 1, **_distances(watch.step())))
+        if (step + 1) % cfg.refresh_every == 0 and step + 1 < cfg.refresh_steps:
+            refresh.append({"step": step + 1, "scores": scored(m)})
+
+    with timer("refresh"):
+        bar = _bar(cfg.refresh_steps, "Re-Math refresh", quiet)
+        logs = grpo_stage(model, domains, "math", cfg.refresh_steps, cfg.grpo, seed + 1, on_step=after_step,
+                          progress=bar)
+        bar.close()
+        watch.close()
+        _round_bf16_(model)
+    rewards["remath"] = [round(x["reward"], 4) for x in logs]
+    refresh.append({"step": cfg.refresh_steps, "scores": scored(model)})
+    with timer("save"):
+        _save(model, tokenizer, ckpt["remath"], cfg.shard_size)
+    del model
 
     # Rollback of QA's displacement toward the Math checkpoint, live on the QA model.
     qa_model = _load(ckpt["qa"], device)
@@ -252,6 +266,7 @@ def run_demo(out: str = "lpt-demo", fast: bool = False, seed: int = 0, device: s
 
     results = _results(cfg, seed, fast, device, stages, refresh, sweeps, before, profiles, routes, grads,
                        layer_budget, losses, rewards)
+    results["refresh_distance"] = _round(distance)
     with timer("report"):
         report.write(out, results, profiles, routes, grads)
     results["timing"] = {"phases": timer.table(), "threads": torch.get_num_threads(),
@@ -261,6 +276,13 @@ def run_demo(out: str = "lpt-demo", fast: bool = False, seed: int = 0, device: s
     if not quiet:
         print(report.text(results))
     return results
+
+
+def _distances(metrics: Dict[str, float]) -> Dict[str, float]:
+    """RefreshMonitor's metrics, renamed: distance to Math on / off the conflict units, and to QA and CW."""
+    k = "lpt/refresh/{}/{}".format
+    return {"math_conflict_units": metrics[k("math", "selected_norm")], "math_elsewhere": metrics[k("math", "rest_norm")],
+            "qa": metrics[k("qa", "norm")], "cw": metrics[k("cw", "norm")]}
 
 
 def _write_json(path: str, doc: dict) -> None:

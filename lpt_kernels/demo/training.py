@@ -88,7 +88,7 @@ def grpo_stage(model, domains: Domains, domain: str, steps: int, cfg: GRPOConfig
         prompts = domains.sample(domain, rng, cfg.prompts)
         group = [ex for ex in prompts for _ in range(cfg.group)]
         model.eval()
-        answers = decode(model, group, length, temperature=cfg.temperature, generator=gen)  # [P*G, length]
+        answers = decode(model, prompts, length, cfg.temperature, gen, repeats=cfg.group)  # [P*G, length]
         r = torch.tensor(score(group, answers), dtype=torch.float32).view(cfg.prompts, cfg.group)
         adv = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + cfg.eps)
         live = (r.std(1) > 0).repeat_interleave(cfg.group)  # groups with any signal
