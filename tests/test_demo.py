@@ -180,15 +180,14 @@ def test_refuses_non_empty_out_without_force(tmp_path):
 
 
 def test_deterministic_and_force(tmp_path):
-    """Two runs with one seed give the same results.json apart from its timing; --force replaces the demo's own
-    outputs and leaves other files alone. A tiny configuration keeps this affordable."""
+    """Two runs with one seed give the same results.json apart from its timing; --force replaces an earlier demo's
+    output, and refuses a directory that is not one. A tiny configuration keeps this affordable."""
     from lpt_kernels.demo import FAST, run_demo
 
     cfg = replace(FAST, warmup_steps=6, eval_size=24, stage_steps={"code": 2, "math": 2, "qa": 2, "cw": 2},
                   refresh_steps=2, refresh_every=1, budgets=(0.02, 0.32), random_seeds=1)
     out = tmp_path / "d"
     first = run_demo(str(out), seed=3, quiet=True, config=cfg)
-    (out / "notes.txt").write_text("mine")
     with open(out / "results.json") as f:
         saved = json.load(f)
     with pytest.raises(ValueError, match="not empty"):
@@ -199,5 +198,11 @@ def test_deterministic_and_force(tmp_path):
     for doc in (first, second, saved, again):
         doc.pop("timing")
     assert saved == again
-    assert (out / "notes.txt").read_text() == "mine"
+    assert not [p for p in os.listdir(tmp_path) if p != "d"]  # no temp directory left beside it
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not the output of an earlier"):
+        run_demo(str(mine), seed=3, quiet=True, config=cfg, force=True)
+    assert os.listdir(mine) == ["notes.txt"]
     assert sorted(os.listdir(out / "ckpts")) == sorted(STAGES + ["remath"])

@@ -292,7 +292,7 @@ text-align:right}td:first-child,th:first-child{text-align:left}th{background:#f3
 
 
 def write(out: str, results: dict, profiles: dict, routes: dict, grads: dict) -> Dict[str, str]:
-    """Figures under ``out/figures`` and ``out/report.html`` (PNGs embedded; written to a temp name, then renamed)."""
+    """Figures under ``out/figures`` and ``out/report.html`` (PNGs embedded, so the page stands alone)."""
     figdir = os.path.join(out, "figures")
     os.makedirs(figdir, exist_ok=True)
     f = lambda n: os.path.join(figdir, n)
@@ -368,8 +368,7 @@ def write(out: str, results: dict, profiles: dict, routes: dict, grads: dict) ->
     doc = ("<!DOCTYPE html><html><head><meta charset='utf-8'><title>lpt demo</title>"
            f"<style>{CSS}</style></head><body>{''.join(body)}</body></html>")
     path = os.path.join(out, "report.html")
-    with open(path + ".tmp", "w") as fh:
+    with open(path, "w") as fh:
         fh.write(doc)
-    os.replace(path + ".tmp", path)
     figs["html"] = path
     return figs

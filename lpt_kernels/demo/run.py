@@ -8,13 +8,13 @@ Re-Math refresh, the analyses (:mod:`.analyses`), the rollback sweeps (:mod:`.in
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
 import random
 import resource
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -26,7 +26,6 @@ from lpt_kernels.demo.domains import CURRICULUM, DOMAINS, Domains
 from lpt_kernels.demo.model import ModelSize
 from lpt_kernels.demo.training import GRPOConfig
 
-OUTPUTS = ("ckpts", "results.json", "report.html", "figures")  # what the demo writes under --out (and --force removes)
 
 
 class DemoError(ValueError):
@@ -103,21 +102,6 @@ class Timer:
         return out
 
 
-def _prepare_out(out: str, force: bool) -> None:
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise DemoError(f"--out {out}: exists and is not a directory")
-    if os.path.isdir(out) and os.listdir(out):
-        if not force:
-            raise DemoError(f"--out {out}: directory is not empty (pass --force to overwrite the demo's outputs)")
-        for name in OUTPUTS:
-            p = os.path.join(out, name)
-            if os.path.isdir(p):
-                shutil.rmtree(p)
-            elif os.path.exists(p):
-                os.unlink(p)
-    os.makedirs(os.path.join(out, "ckpts"), exist_ok=True)
-
-
 def _round_bf16_(model) -> None:
     """Round the weights to bf16 in place (kept in fp32 for the CPU's matmuls): the checkpoint is the model."""
     with torch.no_grad():
@@ -126,15 +110,11 @@ def _round_bf16_(model) -> None:
 
 
 def _save(model, tokenizer, path: str, shard: str) -> str:
-    """save_pretrained as bf16 (sharded safetensors + index) into a temp directory renamed into place."""
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
+    """save_pretrained as bf16 (sharded safetensors + index), with the tokenizer."""
     state = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
     model.config.dtype = torch.bfloat16
-    model.save_pretrained(tmp, state_dict=state, max_shard_size=shard)
-    tokenizer.save_pretrained(tmp)
-    os.replace(tmp, path)
+    model.save_pretrained(path, state_dict=state, max_shard_size=shard)
+    tokenizer.save_pretrained(path)
     return path
 
 
@@ -146,20 +126,39 @@ def _load(path: str, device: str):
     return model
 
 
-def _bar(total: int, desc: str, quiet: bool):
+def _bar(total: int, desc: str, show: bool):
     from tqdm.auto import tqdm
 
-    # disable=None: no bar when stderr is not a terminal (CI logs, pipes)
-    return tqdm(total=total, desc=desc, leave=False, disable=True if quiet else None, file=sys.stderr)
+    return tqdm(total=total, desc=desc, leave=False, disable=not show, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _transformers_quiet():
+    """transformers' own bars ("Writing model shards", "Loading weights") off for the run, restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def run_demo(out: str = "lpt-demo", fast: bool = False, seed: int = 0, device: str = "cpu", force: bool = False,
-             quiet: bool = False, threads: Optional[int] = 1, config: Optional[DemoConfig] = None) -> dict:
-    """Run the whole demo into ``out``; returns the results dict (also written to ``out/results.json``)."""
-    from lpt_kernels.demo import analyses, interventions, report
-    from lpt_kernels.demo.domains import build_tokenizer
-    from lpt_kernels.demo.model import build_model, evaluate
-    from lpt_kernels.demo.training import grpo_stage, warmup
+             quiet: bool = False, threads: Optional[int] = 1, config: Optional[DemoConfig] = None,
+             progress: Optional[bool] = None) -> dict:
+    """Run the whole demo into ``out``; returns the results dict (also written to ``out/results.json``).
+
+    ``out`` must be new or empty, or with ``force`` an earlier demo's output (then it is replaced); everything is written under a temp name
+    beside it and moved into place when complete (:class:`lpt_kernels.checkpoint.writer.AtomicDir`), so an
+    interrupted run leaves nothing under ``out``. ``progress``: tqdm bars (default: only when stderr is a terminal
+    and not ``quiet``). Raises :class:`DemoError` (a ``ValueError``) for arguments it cannot run with, and
+    ``OutputError`` for an ``out`` it may not write.
+    """
+    from lpt_kernels.checkpoint.writer import AtomicDir
+    from lpt_kernels.demo import report
 
     cfg = config or (FAST if fast else FULL)
     try:
@@ -174,8 +173,38 @@ def run_demo(out: str = "lpt-demo", fast: bool = False, seed: int = 0, device: s
     if threads is not None:
         if threads < 1:
             raise DemoError(f"--threads: must be at least 1, got {threads}")
+    show = (not quiet and sys.stderr.isatty()) if progress is None else bool(progress)
+    writer = AtomicDir(out, force=force)  # checks --out before any work
+    if force and os.path.isdir(out) and os.listdir(out) and not _is_demo_output(out):
+        raise DemoError(f"--out {out}: not the output of an earlier `lpt demo` (no results.json of one); refusing to "
+                        "replace it even with --force: choose another directory")
+    old_threads = torch.get_num_threads()
+    if threads is not None:
         torch.set_num_threads(threads)
-    _prepare_out(out, force)
+    try:
+        with writer as tmp, _transformers_quiet():
+            results = _run(tmp, cfg, seed, fast, device, quiet, show)
+    finally:
+        torch.set_num_threads(old_threads)
+    if not quiet:
+        print(report.text(results))
+    return results
+
+
+def _is_demo_output(path: str) -> bool:
+    try:
+        with open(os.path.join(path, "results.json")) as f:
+            return json.load(f).get("format") == "lpt-demo/1"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _run(out: str, cfg: DemoConfig, seed: int, fast: bool, device: str, quiet: bool, show: bool) -> dict:
+    from lpt_kernels.demo import analyses, interventions, report
+    from lpt_kernels.demo.domains import build_tokenizer
+    from lpt_kernels.demo.model import build_model, evaluate
+    from lpt_kernels.demo.training import grpo_stage, warmup
+
     timer = Timer()
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     ckpt = {s: os.path.join(out, "ckpts", s) for s in ("base",) + CURRICULUM + ("remath",)}
@@ -194,7 +223,7 @@ def run_demo(out: str = "lpt-demo", fast: bool = False, seed: int = 0, device: s
     stages: List[dict] = []
     rewards: Dict[str, List[float]] = {}
     with timer("warmup"):
-        bar = _bar(cfg.warmup_steps, "warm-up (supervised)", quiet)
+        bar = _bar(cfg.warmup_steps, "warm-up (supervised)", show)
         losses = warmup(model, domains, cfg.warmup_steps, cfg.warmup_batch, cfg.warmup_lr, seed, cfg.warmup_mix,
                         cfg.corpus_quality, cfg.sloppy_from, progress=bar)
         bar.close()
@@ -204,7 +233,7 @@ def run_demo(out: str = "lpt-demo", fast: bool = False, seed: int = 0, device: s
     stages.append({"name": "base", "scores": scored(model)})
     for d in CURRICULUM:
         with timer(f"grpo:{d}"):
-            bar = _bar(cfg.stage_steps[d], f"GRPO {d}", quiet)
+            bar = _bar(cfg.stage_steps[d], f"GRPO {d}", show)
             logs = grpo_stage(model, domains, d, cfg.stage_steps[d], cfg.grpo, seed, progress=bar)
             bar.close()
             _round_bf16_(model)
@@ -216,7 +245,7 @@ def run_demo(out: str = "lpt-demo", fast: bool = False, seed: int = 0, device: s
 
     # Analyses, from the saved checkpoints (what a user has).
     with timer("analysis:diff"):
-        profiles = analyses.update_profiles(ckpt, progress=not quiet)
+        profiles = analyses.update_profiles(ckpt, progress=show)
     math_model = _load(ckpt["math"], device)
     with timer("analysis:activations"):
         routes = analyses.activation_routes(math_model, domains.eval)
@@ -240,7 +269,7 @@ def run_demo(out: str = "lpt-demo", fast: bool = False, seed: int = 0, device: s
             refresh.append({"step": step + 1, "scores": scored(m)})
 
     with timer("refresh"):
-        bar = _bar(cfg.refresh_steps, "Re-Math refresh", quiet)
+        bar = _bar(cfg.refresh_steps, "Re-Math refresh", show)
         logs = grpo_stage(model, domains, "math", cfg.refresh_steps, cfg.grpo, seed + 1, on_step=after_step,
                           progress=bar)
         bar.close()
@@ -257,7 +286,7 @@ def run_demo(out: str = "lpt-demo", fast: bool = False, seed: int = 0, device: s
     before = stages[CURRICULUM.index("math") + 1]["scores"]
     with timer("rollback"):
         n_cells = len(interventions.plan(cfg.random_seeds))
-        bar = _bar(n_cells, "rollback sweeps", quiet)
+        bar = _bar(n_cells, "rollback sweeps", show)
         sweeps = interventions.rollback_sweeps(qa_model, ckpt["math"], profiles["profile"], routes["result"],
                                                scored, before, cfg.budgets, cfg.random_seeds, progress=bar)
         bar.close()
@@ -273,8 +302,6 @@ def run_demo(out: str = "lpt-demo", fast: bool = False, seed: int = 0, device: s
                          "machine": {"python": platform.python_version(), "torch": torch.__version__,
                                      "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}}
     _write_json(os.path.join(out, "results.json"), results)
-    if not quiet:
-        print(report.text(results))
     return results
 
 
@@ -286,10 +313,8 @@ def _distances(metrics: Dict[str, float]) -> Dict[str, float]:
 
 
 def _write_json(path: str, doc: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with open(path, "w") as f:
         json.dump(doc, f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
 
 
 def _round(x, nd=6):
