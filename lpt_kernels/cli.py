@@ -97,7 +97,7 @@ def _add_demo(sub):
     d.add_argument("--threads", type=int, default=1,
                    help="torch CPU threads (default 1: the model is too small to gain from more)")
     _add_progress(d)
-    _add_force(d, "an existing --out directory")
+    _add_force(d, "an earlier demo's output at --out")
 
 
 def _add_diff(sub):

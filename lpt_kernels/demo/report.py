@@ -237,6 +237,22 @@ def fig_shared_cosine(results: dict, path: str) -> str:
     return _save(fig, path)
 
 
+def _contraction(results: dict) -> str:
+    """The right panel in words: does the refresh contract the displacement from Math on the conflict units?"""
+    dist = results.get("refresh_distance") or []
+    if len(dist) < 2 or not dist[0]["math_conflict_units"] or not dist[0]["math_elsewhere"]:
+        return ""
+    on = dist[-1]["math_conflict_units"] / dist[0]["math_conflict_units"]
+    off = dist[-1]["math_elsewhere"] / dist[0]["math_elsewhere"]
+    verdict = ("does not contract it on the conflict units" if on >= 1.0 else
+               "contracts it on the conflict units more than elsewhere" if on < off else
+               "contracts it on the conflict units, though no more than elsewhere")
+    return (f" Right: the distance to the Math checkpoint on the conflict units goes to {on:.2f}x its start and "
+            f"elsewhere to {off:.2f}x: here the refresh {verdict} (the "
+            "paper's contraction would show as the solid line falling below 1)"
+            + ("; Math comes back by moving somewhere new rather than back to its old weights." if on >= 1.0 else "."))
+
+
 def fig_refresh(results: dict, path: str) -> str:
     plt = _plt()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.4))
@@ -247,6 +263,7 @@ def fig_refresh(results: dict, path: str) -> str:
     fl = results["floors"]
     ax.axhline(fl["math_after_math"], color=COLORS["math"], ls="--", lw=0.8, label="Math after its own stage")
     ax.set_xlabel("Re-Math GRPO step (from the CW checkpoint)")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("score (%)")
     ax.set_ylim(0, 100)
     ax.set_title("Scores during the refresh", fontsize=9)
@@ -259,12 +276,15 @@ def fig_refresh(results: dict, path: str) -> str:
                                   ("math_elsewhere", "to Math, everywhere else", "--")):
             base = dist[0][key] or 1.0
             ax2.plot(st, [r[key] / base for r in dist], ls=style, color=COLORS["math"], label=label)
+        # the run starts at the CW checkpoint (distance 0 to it): the other checkpoints' lines are in units of
+        # the distance from CW to Math, so every line is dimensionless
+        cw_to_math = math.hypot(dist[0]["math_conflict_units"], dist[0]["math_elsewhere"]) or 1.0
         for key in ("qa", "cw"):
-            base = dist[0][key] or 1.0
-            ax2.plot(st, [r[key] / base for r in dist], color=COLORS[key], lw=1,
-                     label=f"to the {LABEL[key]} checkpoint")
+            ax2.plot(st, [r[key] / cw_to_math for r in dist], color=COLORS[key], lw=1,
+                     label=f"to the {LABEL[key]} checkpoint (/ CW-Math distance)")
         ax2.set_xlabel("Re-Math GRPO step")
         ax2.set_ylabel("distance / distance at step 0")
+        ax2.xaxis.get_major_locator().set_params(integer=True)
         ax2.set_title("Where the refresh moves the weights (RefreshMonitor)", fontsize=9)
         ax2.legend(fontsize=7)
         ax2.grid(alpha=0.3)
@@ -321,7 +341,7 @@ def write(out: str, results: dict, profiles: dict, routes: dict, grads: dict) ->
         "refresh": f"Look at how fast Math climbs back: {fl['math_after_cw']:.1f} -> {fl['math_after_refresh']:.1f} "
                    f"in {results['refresh'][-1]['step']} GRPO steps ({_pct(fl['refresh_recovered'])} of the loss; "
                    f"{ok(fl['refresh_ok'])} the 50% floor) while the other domains stay near where they were; the paper: "
-                   f"Math {PAPER['remath_math'][0]} -> {PAPER['remath_math'][1]}.",
+                   f"Math {PAPER['remath_math'][0]} -> {PAPER['remath_math'][1]}." + _contraction(results),
         "dose": f"Look at the coloured lines against the grey random band: at beta = 2% A x M x C brings back "
                 f"{_pct(amc2['recovery'] if amc2 else None)} of QA's damage to Math (random: "
                 f"{_pct(rnd2['recovery'] if rnd2 else None)}; the paper: 20.4%, random far lower); jointly with "
