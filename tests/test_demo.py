@@ -72,6 +72,22 @@ def test_results_shape(fast_demo):
     assert "timing" in res and res["timing"]["phases"]["total"]["wall_s"] > 0
 
 
+def test_tracker_in_the_loop(fast_demo):
+    """The GRPO stages run with a DeltaTracker (every=1): one metrics dict per optimizer step, per domain, and its
+    profile at the end equals diff of the saved checkpoints."""
+    _, res, stdout = fast_demo
+    tr = res["tracking"]
+    assert tr["matches_diff"]["equal"] is True and tr["matches_diff"]["arrays"] > 0
+    steps = res["config"]["stage_steps"]
+    for d in ("code", "math", "qa", "cw"):
+        pts = [c for c in tr["curves"] if c["domain"] == d]
+        assert [c["step"] for c in pts] == list(range(1, steps[d] + 1)), d
+        m = pts[-1]["metrics"]
+        assert m[f"lpt/{d}/mlp/update_norm"] > 0 and 0.0 <= m[f"lpt/{d}/sparsity"] < 1.0
+    assert "lpt/cw/mlp/shared_cosine/qa" in tr["curves"][-1]["metrics"]
+    assert "its profile equals lpt diff" in stdout
+
+
 def test_recovery_is_what_the_scores_say(fast_demo):
     _, res, _ = fast_demo
     before = res["rollback_reference"]["before"]["math"]
@@ -163,7 +179,7 @@ def test_report_is_self_contained(fast_demo):
         assert needle in page, needle
     by = {s["name"]: s["scores"] for s in res["stages"]}
     assert f"{by['cw']['math']:.1f}" in page and f"{by['math']['math']:.1f}" in page
-    assert page.count('class="cap"') >= 7  # one sentence per figure
+    assert page.count('class="cap"') >= 8  # one sentence per figure
     # the printed tables: per-stage scores with AVG, and the rollback table beside the paper's values
     assert "AVG" in stdout and "Rollback of QA's displacement toward Math" in stdout and "20.4%" in stdout
     assert "Time per phase" in stdout

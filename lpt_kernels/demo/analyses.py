@@ -132,3 +132,23 @@ def summary(profiles: dict, routes: dict, grads: dict) -> dict:
     aj = torch.tensor(routes["active_jaccard"]["matrix"])
     return {"changed_jaccard_mean": _mean_offdiag(cj), "active_jaccard_mean": _mean_offdiag(aj),
             "grad_cosine_mean_abs": grads["mean_abs_offdiag"]}
+
+
+def same_profile(live, saved) -> dict:
+    """The training loop's DeltaTracker profile against ``diff`` of the saved checkpoints: the same exact-zero
+    counts (sparsity) per domain, and the per-unit arrays they share (counts bit for bit, sums within fp32
+    rounding). The demo's diff counts near-zeros with a tolerance the tracker does not use, so those are left out."""
+    keys = sorted(k for k in set(live.arrays) & set(saved.arrays) if "near" not in k)
+    worst = 0.0
+    exact = live.deltas == saved.deltas and live.sparsity() == saved.sparsity()
+    for k in keys:
+        a, b = live.arrays[k].double(), saved.arrays[k].double()
+        if a.shape != b.shape:
+            exact = False
+            continue
+        if live.arrays[k].dtype == torch.int64:
+            exact &= bool(torch.equal(a, b))
+        else:
+            scale = float(b.abs().max()) or 1.0
+            worst = max(worst, float((a - b).abs().max()) / scale)
+    return {"equal": bool(exact and worst <= 1e-5), "arrays": len(keys), "max_rel_err": worst}

@@ -110,6 +110,10 @@ def text(results: dict) -> str:
     parts += ["", f"Interference: Math fell {fl['math_drop']:.1f} points after QA and CW "
                   f"({'meets' if fl['drop_ok'] else 'BELOW'} the 10-point floor); the Re-Math refresh brought back "
                   f"{_pct(fl['refresh_recovered'])} of it ({'meets' if fl['refresh_ok'] else 'BELOW'} the 50% floor)."]
+    m = results["tracking"]["matches_diff"]
+    parts += [f"DeltaTracker in the training loop ({len(results['tracking']['curves'])} tracked steps): its profile "
+              + (f"equals lpt diff of the saved checkpoints ({m['arrays']} per-unit arrays)." if m["equal"] else
+                 "DIFFERS from lpt diff of the saved checkpoints (a bug: please report it).")]
     if "timing" in results:
         t = results["timing"]["phases"]
         parts += ["", f"Time per phase (wall / CPU s, {results['timing']['threads']} thread(s)): " +
@@ -237,6 +241,60 @@ def fig_shared_cosine(results: dict, path: str) -> str:
     return _save(fig, path)
 
 
+def fig_tracking(results: dict, path: str) -> str:
+    """The DeltaTracker's curves over the GRPO stages: each domain's MLP update norm and sparsity since its start,
+    and the cosine of its update with each earlier domain's on their shared top-10% neurons."""
+    plt = _plt()
+    curves = results["tracking"]["curves"]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    offset, starts = 0, {}
+    for d in CURRICULUM:
+        pts = [c for c in curves if c["domain"] == d]
+        starts[d] = offset
+        x = [offset + c["step"] for c in pts]
+        axes[0].plot(x, [c["metrics"][f"lpt/{d}/mlp/update_norm"] for c in pts], color=COLORS[d], label=LABEL[d])
+        axes[1].plot(x, [100 * c["metrics"][f"lpt/{d}/sparsity"] for c in pts], color=COLORS[d], label=LABEL[d])
+        for e in CURRICULUM[:CURRICULUM.index(d)]:
+            key = f"lpt/{d}/mlp/shared_cosine/{e}"
+            axes[2].plot(x, [c["metrics"].get(key, float("nan")) for c in pts], color=COLORS[d],
+                         ls=("-", "--", ":")[CURRICULUM.index(e)], lw=1.2, label=f"{LABEL[d]} vs {LABEL[e]}")
+        offset += max((c["step"] for c in pts), default=0)
+    for ax, title, ylabel in ((axes[0], "update norm since the domain's start (MLP)", "||dW||"),
+                              (axes[1], "weights unchanged since the domain's start", "sparsity (%)"),
+                              (axes[2], "cosine with earlier domains' updates on shared top-10% neurons", "cosine")):
+        ax.set_title(title, fontsize=8)
+        ax.set_ylabel(ylabel)
+        ax.set_xlabel("GRPO step (Code, Math, QA, CW in turn)")
+        for d, x0 in starts.items():
+            if x0:
+                ax.axvline(x0 + 0.5, color="0.8", lw=0.8)
+        ax.grid(alpha=0.3)
+    axes[2].axhline(0, color="0.4", lw=0.8)
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=6, ncol=2)
+    return _save(fig, path)
+
+
+def _sign_sentence(shared: dict) -> str:
+    vals = [c for pair in shared.values() for c in pair["pooled"] if c is not None]
+    if not vals:
+        return "Here no layer has shared top neurons."
+    neg = sum(c < 0 for c in vals)
+    return (f"Here {neg} of {len(vals)} layer-pair cosines are negative (range {min(vals):+.2f} to {max(vals):+.2f})"
+            + (": the toy's damage does not come from anti-aligned updates on shared neurons." if neg == 0 else "."))
+
+
+def _tracking_caption(results: dict) -> str:
+    tr = results["tracking"]
+    m = tr["matches_diff"]
+    same = (f"equals <code>lpt diff</code> of the saved checkpoints ({m['arrays']} per-unit arrays, counts bit for bit, "
+            f"sums within {m['max_rel_err']:.0e} relative)" if m["equal"] else
+            "does <b>not</b> equal <code>lpt diff</code> of the saved checkpoints (a bug: please report it)")
+    return ("What a training loop sees with <code>DeltaTracker</code> (one call after each optimizer step): each "
+            "domain's update growing, how few weights stay unchanged, and, on the neurons both moved most, whether "
+            f"its update points with (above 0) or against (below 0) an earlier domain's. Its profile at the end {same}.")
+
+
 def _contraction(results: dict) -> str:
     """The right panel in words: does the refresh contract the displacement from Math on the conflict units?"""
     dist = results.get("refresh_distance") or []
@@ -319,6 +377,7 @@ def write(out: str, results: dict, profiles: dict, routes: dict, grads: dict) ->
     figs = {
         "stages": fig_stages(results, f("stages.png")),
         "refresh": fig_refresh(results, f("refresh.png")),
+        "tracking": fig_tracking(results, f("tracking.png")),
         "dose": fig_dose(results, f("dose_response.png")),
         "layer_budget": fig_layer_budget(results, f("layer_budget.png")),
         "jaccard": fig_jaccard(results, f("jaccard.png")),
@@ -342,6 +401,7 @@ def write(out: str, results: dict, profiles: dict, routes: dict, grads: dict) ->
                    f"in {results['refresh'][-1]['step']} GRPO steps ({_pct(fl['refresh_recovered'])} of the loss; "
                    f"{ok(fl['refresh_ok'])} the 50% floor) while the other domains stay near where they were; the paper: "
                    f"Math {PAPER['remath_math'][0]} -> {PAPER['remath_math'][1]}." + _contraction(results),
+        "tracking": _tracking_caption(results),
         "dose": f"Look at the coloured lines against the grey random band: at beta = 2% A x M x C brings back "
                 f"{_pct(amc2['recovery'] if amc2 else None)} of QA's damage to Math (random: "
                 f"{_pct(rnd2['recovery'] if rnd2 else None)}; the paper: 20.4%, random far lower); jointly with "
@@ -354,13 +414,13 @@ def write(out: str, results: dict, profiles: dict, routes: dict, grads: dict) ->
                    f", the domains' most-changed neurons with {summ['changed_jaccard_mean']:.2f} (the paper: domains "
                    "share active routes more than they share changed neurons).",
         "shared_cosine": "Look at the sign per layer: below zero, the later domain's update pushes back against the "
-                         "earlier one on the neurons both changed most (the paper finds such opposition where "
-                         "the damage concentrates).",
+                         "earlier one on the neurons both changed most. " + _sign_sentence(a["shared_cosine"]),
         "grad_cosine": f"Look at the top row (whole model): mean |cosine| between domains "
                        f"{summ['grad_cosine_mean_abs']:.3f} (the paper: near zero globally), and at which layers and "
                        "projections the colours depart from white.",
     }
-    titles = {"stages": "Per-stage scores", "refresh": "Re-Math refresh", "dose": "Rollback dose-response",
+    titles = {"stages": "Per-stage scores", "refresh": "Re-Math refresh",
+              "tracking": "Update curves during training (DeltaTracker)", "dose": "Rollback dose-response",
               "layer_budget": "Per-layer budget", "jaccard": "Changed vs active neurons",
               "shared_cosine": "Shared-neuron cosine per layer", "grad_cosine": "Gradient cosines"}
     body = [f"<h1>lpt demo: interference and recovery on a tiny Qwen3 (seed {results['seed']}"
@@ -370,7 +430,7 @@ def write(out: str, results: dict, profiles: dict, routes: dict, grads: dict) ->
             "rollbacks of QA's displacement toward the Math checkpoint. Scores are greedy on held-out sets (%).</p>",
             "<h2>Scores per stage</h2>",
             _html_table(["stage"] + [LABEL[d] for d in DOMAINS] + ["AVG"], stage_rows(results))]
-    for key in ("stages", "refresh"):
+    for key in ("stages", "tracking", "refresh"):
         body += [f"<h2>{titles[key]}</h2>", _img(figs[key]), f'<p class="cap">{captions[key]}</p>']
     head = ["selector", "beta", "Math", "recovery"] + [f"Δ{LABEL[d]}" for d in DOMAINS if d != "math"] + ["paper"]
     body += ["<h2>Rollback of QA's displacement toward Math</h2>",

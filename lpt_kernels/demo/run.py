@@ -47,6 +47,7 @@ class DemoConfig:
     stage_steps: Dict[str, int] = field(default_factory=lambda: {"code": 20, "math": 20, "qa": 30, "cw": 20})
     refresh_steps: int = 20
     refresh_every: int = 5
+    track_every: int = 1  # DeltaTracker: metrics after every optimizer step of the GRPO stages
     eval_size: int = 256
     budgets: tuple = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32)
     random_seeds: int = 3
@@ -231,10 +232,24 @@ def _run(out: str, cfg: DemoConfig, seed: int, fast: bool, device: str, quiet: b
     with timer("save"):
         _save(model, tokenizer, ckpt["base"], cfg.shard_size)
     stages.append({"name": "base", "scores": scored(model)})
+    # The training loop's tracker (lpt_kernels.train): each domain's update, live, after every optimizer step.
+    from lpt_kernels.train import DeltaTracker
+
+    tracker = DeltaTracker(model, groups=("mlp", "attn"), every=cfg.track_every)
+    curves: List[dict] = []
     for d in CURRICULUM:
+        with timer("track"):
+            tracker.start_domain(d)  # the first call also snapshots the base
+
+        def tracked(step: int, m, d=d) -> None:  # after the optimizer step
+            with timer("track"):
+                metrics = tracker.step()
+            if metrics:
+                curves.append({"domain": d, "step": step + 1, "metrics": metrics})
+
         with timer(f"grpo:{d}"):
             bar = _bar(cfg.stage_steps[d], f"GRPO {d}", show)
-            logs = grpo_stage(model, domains, d, cfg.stage_steps[d], cfg.grpo, seed, progress=bar)
+            logs = grpo_stage(model, domains, d, cfg.stage_steps[d], cfg.grpo, seed, on_step=tracked, progress=bar)
             bar.close()
             _round_bf16_(model)
         rewards[d] = [round(x["reward"], 4) for x in logs]
@@ -243,9 +258,15 @@ def _run(out: str, cfg: DemoConfig, seed: int, fast: bool, device: str, quiet: b
         stages.append({"name": d, "scores": scored(model)})
         say(f"  after {d:<4}: " + "  ".join(f"{k} {v:5.1f}" for k, v in stages[-1]["scores"].items()))
 
+    with timer("track"):
+        live_profile = tracker.profile()  # the four domains' updates as tracked in the loop
+        tracker.close()
+
     # Analyses, from the saved checkpoints (what a user has).
     with timer("analysis:diff"):
         profiles = analyses.update_profiles(ckpt, progress=show)
+    tracking = {"every": cfg.track_every, "curves": curves,
+                "matches_diff": analyses.same_profile(live_profile, profiles["profile"])}
     math_model = _load(ckpt["math"], device)
     with timer("analysis:activations"):
         routes = analyses.activation_routes(math_model, domains.eval)
@@ -296,6 +317,7 @@ def _run(out: str, cfg: DemoConfig, seed: int, fast: bool, device: str, quiet: b
     results = _results(cfg, seed, fast, device, stages, refresh, sweeps, before, profiles, routes, grads,
                        layer_budget, losses, rewards)
     results["refresh_distance"] = _round(distance)
+    results["tracking"] = _round(tracking)
     with timer("report"):
         report.write(out, results, profiles, routes, grads)
     results["timing"] = {"phases": timer.table(), "threads": torch.get_num_threads(),
