@@ -242,8 +242,9 @@ def fig_shared_cosine(results: dict, path: str) -> str:
 
 
 def fig_tracking(results: dict, path: str) -> str:
-    """The DeltaTracker's curves over the GRPO stages: each domain's MLP update norm and sparsity since its start,
-    and the cosine of its update with each earlier domain's on their shared top-10% neurons."""
+    """The DeltaTracker's curves over the GRPO stages: each domain's MLP update norm since its start, the Jaccard
+    overlap of its top-10% changed neurons with each earlier domain's, and the cosine of the updates on the neurons
+    both share. (Its sparsity is not drawn: the live weights are fp32, where nearly every weight moves.)"""
     plt = _plt()
     curves = results["tracking"]["curves"]
     fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
@@ -253,15 +254,16 @@ def fig_tracking(results: dict, path: str) -> str:
         starts[d] = offset
         x = [offset + c["step"] for c in pts]
         axes[0].plot(x, [c["metrics"][f"lpt/{d}/mlp/update_norm"] for c in pts], color=COLORS[d], label=LABEL[d])
-        axes[1].plot(x, [100 * c["metrics"][f"lpt/{d}/sparsity"] for c in pts], color=COLORS[d], label=LABEL[d])
         for e in CURRICULUM[:CURRICULUM.index(d)]:
-            key = f"lpt/{d}/mlp/shared_cosine/{e}"
-            axes[2].plot(x, [c["metrics"].get(key, float("nan")) for c in pts], color=COLORS[d],
-                         ls=("-", "--", ":")[CURRICULUM.index(e)], lw=1.2, label=f"{LABEL[d]} vs {LABEL[e]}")
+            ls = ("-", "--", ":")[CURRICULUM.index(e)]
+            for ax, what in ((axes[1], "top10_jaccard"), (axes[2], "shared_cosine")):
+                key = f"lpt/{d}/mlp/{what}/{e}"
+                ax.plot(x, [c["metrics"].get(key, float("nan")) for c in pts], color=COLORS[d], ls=ls, lw=1.2,
+                        label=f"{LABEL[d]} vs {LABEL[e]}")
         offset += max((c["step"] for c in pts), default=0)
     for ax, title, ylabel in ((axes[0], "update norm since the domain's start (MLP)", "||dW||"),
-                              (axes[1], "weights unchanged since the domain's start", "sparsity (%)"),
-                              (axes[2], "cosine with earlier domains' updates on shared top-10% neurons", "cosine")):
+                              (axes[1], "overlap of top-10% changed neurons with earlier domains'", "Jaccard"),
+                              (axes[2], "cosine with earlier domains' updates, shared top-10% neurons", "cosine")):
         ax.set_title(title, fontsize=8)
         ax.set_ylabel(ylabel)
         ax.set_xlabel("GRPO step (Code, Math, QA, CW in turn)")
@@ -271,7 +273,7 @@ def fig_tracking(results: dict, path: str) -> str:
         ax.grid(alpha=0.3)
     axes[2].axhline(0, color="0.4", lw=0.8)
     axes[0].legend(fontsize=7)
-    axes[2].legend(fontsize=6, ncol=2)
+    axes[1].legend(fontsize=6, ncol=2)
     return _save(fig, path)
 
 
@@ -291,8 +293,10 @@ def _tracking_caption(results: dict) -> str:
             f"sums within {m['max_rel_err']:.0e} relative)" if m["equal"] else
             "does <b>not</b> equal <code>lpt diff</code> of the saved checkpoints (a bug: please report it)")
     return ("What a training loop sees with <code>DeltaTracker</code> (one call after each optimizer step): each "
-            "domain's update growing, how few weights stay unchanged, and, on the neurons both moved most, whether "
-            f"its update points with (above 0) or against (below 0) an earlier domain's. Its profile at the end {same}.")
+            "domain's update growing, how much its most-changed neurons overlap an earlier domain's, and, on those "
+            "shared neurons, whether its update points with (above 0) or against (below 0) the earlier one's — "
+            "look at QA against Math early in QA's stage, which a look at the checkpoints alone cannot show. Its "
+            f"profile at the end {same}.")
 
 
 def _contraction(results: dict) -> str:
