@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import sys
+import threading
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 EPILOG = """examples:
@@ -658,7 +659,15 @@ def _usage_checks(a, subs) -> None:
         p.error(f"argument --top: must be in (0, 1], got {a.top}")
 
 
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, timeout, a job scheduler) cleans up like Ctrl-C: no temp left behind
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     parser, subs = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # a mistyped flag: the subcommand's usage, not the top-level one

@@ -21,7 +21,6 @@ import inspect
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 import torch
 
 from lpt_kernels import __version__
+from lpt_kernels.checkpoint.writer import replace_file
 from lpt_kernels.layout import Layout, load_layout
 from lpt_kernels.ops import FLOAT_DTYPES, MAX_INPUTS, act_stats_, new_act_stats, unit_gram
 
@@ -82,14 +82,7 @@ def _write_atomic(out_dir: str, tensors: Dict[str, torch.Tensor], doc: dict, fil
             json.dump(doc, f, indent=1, allow_nan=True)
 
     for name, write in ((files[0], lambda p: save_file(tensors, p)), (files[1], write_json)):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out_dir)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, os.path.join(out_dir, name))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        replace_file(os.path.join(out_dir, name), write)
     return out_dir
 
 

@@ -14,7 +14,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
@@ -24,6 +23,7 @@ import torch
 from lpt_kernels import __version__, unit_gram
 from lpt_kernels.backends import cpu
 from lpt_kernels.checkpoint import Checkpoint, align, stream
+from lpt_kernels.checkpoint.writer import replace_file
 from lpt_kernels.layout import DEFAULT_GROUPS, Layout, load_layout
 
 STATS = ("sq_norm", "abs_sum", "abs_max", "zeros", "near_zeros")
@@ -202,14 +202,7 @@ class Profile:
         doc = {"meta": self.meta, "tensors": self.tensors}
         for name, write in (("profile.safetensors", lambda p: save_file(tensors, p)),
                             ("profile.json", lambda p: _write_json(p, doc))):
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out_dir)
-            os.close(fd)
-            try:
-                write(tmp)
-                os.replace(tmp, os.path.join(out_dir, name))
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            replace_file(os.path.join(out_dir, name), write)
         return out_dir
 
     @classmethod
