@@ -226,3 +226,20 @@ def test_deterministic_and_force(tmp_path):
         run_demo(str(out), seed=3, quiet=True, config=cfg, force=True)
     os.rmdir(out / "prof")
     assert sorted(os.listdir(out / "ckpts")) == sorted(STAGES + ["remath"])
+
+
+def test_sigterm_leaves_nothing(tmp_path):
+    """A killed run (SIGTERM: kill, timeout, a scheduler) cleans up like Ctrl-C: exit 130, no temp directory."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "lpt_kernels.cli", "demo", "--fast", "--out", str(tmp_path / "d")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.time() + 120
+    while time.time() < deadline and not [e for e in os.listdir(tmp_path) if ".tmp-" in e]:
+        time.sleep(0.2)
+    assert [e for e in os.listdir(tmp_path) if ".tmp-" in e], "the run never started writing"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "lpt demo: interrupted" in err
+    assert os.listdir(tmp_path) == []
