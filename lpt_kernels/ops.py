@@ -11,6 +11,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
+from lpt_kernels import distributed
 from lpt_kernels.backends import reference
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -264,6 +265,9 @@ def unit_gram(ws: Sequence[torch.Tensor], *, axis: int = 0, block: int = 1, mode
     """
     if isinstance(ws, torch.Tensor) or not isinstance(ws, (list, tuple)):
         raise TypeError("ws: expected a list or tuple of tensors")
+    if distributed.any_dtensor(ws):  # local shards, per-unit partials all-reduced
+        return distributed.unit_gram(ws, axis=axis, block=block, mode=mode, index=index, atol=atol, rtol=rtol,
+                                     backend=backend)
     if not 1 <= len(ws) <= MAX_INPUTS:
         raise ValueError(f"ws: expected 1 to {MAX_INPUTS} tensors, got {len(ws)}")
     for i, w in enumerate(ws):
@@ -329,6 +333,8 @@ def masked_cosine(u: UpdateLike, v: UpdateLike, index, *, axis: int = 0, block: 
     ``(pooled, per_unit)``: the cosine over all listed units together (0-d float32) and per listed unit ([U]
     float32). A cosine with a zero vector is reported as 0.
     """
+    if distributed.any_dtensor((u, v)):
+        return distributed.masked_cosine(u, v, index, axis=axis, block=block, backend=backend)
     def parts(x, name):
         if isinstance(x, torch.Tensor):
             _check_tensor(x, name)
@@ -399,6 +405,8 @@ def act_stats_(x: torch.Tensor, stats: torch.Tensor, *, token_mask: Optional[tor
     ``token_mask`` (bool, shape ``x.shape[:-1]``) skips padding tokens where False. No host synchronisation: safe
     in a forward hook on a GPU. Returns ``stats``.
     """
+    if distributed.is_dtensor(x):
+        return distributed.act_stats_(x, stats, token_mask=token_mask, threshold=threshold, backend=backend)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
@@ -467,6 +475,8 @@ def rollback_(target: torch.Tensor, source: torch.Tensor, index, *, axis: int = 
     checkpoint for a GPU model) and of another dtype: only the listed units are read and moved. Duplicate unit ids
     are applied once. Nothing is written unless every argument is valid.
     """
+    if distributed.is_dtensor(target) or distributed.is_dtensor(source):
+        return distributed.rollback_(target, source, index, axis=axis, block=block, alpha=alpha, backend=backend)
     _check_tensor(target, "target")
     _check_tensor(source, "source")
     if source.shape != target.shape:
