@@ -36,7 +36,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import torch
 
-from lpt_kernels import ops
+from lpt_kernels import distributed, ops
 from lpt_kernels.analysis.selection import Selection
 from lpt_kernels.checkpoint import Checkpoint, CheckpointError, looks_cached
 from lpt_kernels.checkpoint.quantized import FP8_BLOCK, FP8_DTYPES, scale_name
@@ -190,6 +190,12 @@ def _source_tensor(ckpt: Checkpoint, name: str) -> Tuple[torch.Tensor, Optional[
     return ckpt.tensor(name), None
 
 
+def _in_place(ckpt: Checkpoint) -> bool:
+    """Whether a checkpoint source hands out views of one memory mapping per file (safetensors), which rollback
+    reads through with read-ahead; other formats (verl rank shards, DCP) are read unit by unit with gather."""
+    return getattr(ckpt, "format", "") == "safetensors"
+
+
 def _refuse_fp8_target(dtype, name: str, where: str) -> None:
     if dtype in FP8_DTYPES:
         raise RollbackError(f"{where}: tensor {name!r} is {dtype} (block-scaled FP8); rolling units back into it "
@@ -220,6 +226,8 @@ def _apply_tensor(target: torch.Tensor, source: torch.Tensor, axes: Dict[int, to
     device); returns the bytes read from `source`. Each touched element is moved once, also where a row and a column
     cross (with alpha < 1 the crossing is lerped in the row pass only)."""
     read = 0
+    if distributed.is_dtensor(target):  # a sharded parameter: its local shard, from the same rectangle of source
+        target, source, axes, _ = distributed.localize_rollback(target, source, axes)
     if target.numel() == 0:  # a zero-size dimension: no element to move
         return 0
     rows, cols = axes.get(0), axes.get(1)
@@ -239,6 +247,37 @@ def _apply_tensor(target: torch.Tensor, source: torch.Tensor, axes: Dict[int, to
         else:
             ops.rollback_(target, source, cols.to(target.device), axis=1, block=1, alpha=alpha, backend=backend)
         read += cols.numel() * target.shape[0] * esize
+    return read
+
+
+def _apply_gathered(target: torch.Tensor, ckpt: Checkpoint, name: str, axes: Dict[int, torch.Tensor], alpha: float,
+                    backend: Optional[str]) -> int:
+    """:func:`_apply_tensor` from a checkpoint that is not one mapping per file (verl rank shards, DCP): the touched
+    rows and columns are gathered from it into compact sources — for a DTensor target, only those inside its local
+    shard, so each rank reads just its slice of the selected units. Returns the bytes gathered."""
+    if distributed.is_dtensor(target):
+        target, _, axes, (offs, sizes) = distributed.localize_rollback(target, None, axes)
+    else:
+        offs, sizes = (0, 0), tuple(target.shape)
+    if target.numel() == 0:
+        return 0
+    rows, cols = axes.get(0), axes.get(1)
+    name_b = ops.resolve_backend(backend, target.device)
+    read = 0
+    if rows is not None and rows.numel():
+        src = ckpt.gather(name, rows + offs[0], axis=0, within=(offs[1], offs[1] + sizes[1]))
+        read += src.numel() * src.element_size()
+        ops._rollback_compact_(target, src.to(target.device), rows.to(target.device), 0, 1, alpha, name_b)
+    if cols is not None and cols.numel():
+        src = ckpt.gather(name, cols + offs[1], axis=1, within=(offs[0], offs[0] + sizes[0]))
+        read += src.numel() * src.element_size()
+        c = cols.to(target.device)
+        if rows is not None and rows.numel() and alpha != 1.0:
+            # as in _apply_tensor: the rows already rolled back hold the target's values in the column source
+            src = src.to(device=target.device, dtype=torch.float32)
+            r = rows.to(target.device)
+            src[r] = target.index_select(1, c)[r].float()
+        ops._rollback_compact_(target, src.to(target.device), c, 1, 1, alpha, name_b)
     return read
 
 
@@ -418,7 +457,8 @@ def rollback_model_(model, source, selection, alpha: float = 1.0, *, backend: Op
             _check_slice(s, tuple(t.shape), t.dtype, sshape, sdtype, "the model", src_where)
             if t.device.type == "meta":
                 raise RollbackError(f"model: parameter {s.tgt_name!r} is on the meta device (not materialised)")
-            key = (t.device, t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+            lt = distributed.local_tensor(t)
+            key = (t.device, lt.data_ptr(), tuple(t.shape), tuple(lt.stride()))
             if key in seen:  # tied aliases of one parameter: merge, so alpha < 1 is applied once
                 other = seen[key]
                 for ax, idx in s.axes.items():
@@ -431,17 +471,21 @@ def rollback_model_(model, source, selection, alpha: float = 1.0, *, backend: Op
         for dev in {t.device for _, t in merged}:  # a bad backend name is an error before the first write
             ops.resolve_backend(backend, dev)
         ra = (_ReadAhead([_source_job(ckpt.info(s.src_name), s.axes) for s, _ in merged]) if ckpt is not None
-              else None)
+              and _in_place(ckpt) else None)
         try:
             with torch.no_grad():
                 for k, (s, t) in enumerate(merged):
                     whole = None
-                    if ckpt is not None:
-                        ra.consumed(k)
-                        src, whole = _source_tensor(ckpt, s.src_name)
+                    if ckpt is not None and not _in_place(ckpt) and ckpt.kind(s.src_name) != FP8_BLOCK:
+                        got = _apply_gathered(t, ckpt, s.src_name, s.axes, alpha, backend)
                     else:
-                        src = src_tensors[s.src_name]
-                    got = _apply_tensor(t, src, s.axes, alpha, backend)
+                        if ckpt is not None:
+                            if ra is not None:
+                                ra.consumed(k)
+                            src, whole = _source_tensor(ckpt, s.src_name)
+                        else:
+                            src = src_tensors[s.src_name]
+                        got = _apply_tensor(t, src, s.axes, alpha, backend)
                     stats["bytes_read"] += got if whole is None else whole
                     n = _touched_bytes(tuple(t.shape), 1, s.axes)
                     stats["elements"] += n
@@ -654,19 +698,24 @@ def _patch_shard(dst: str, items, src_ckpt: Checkpoint, alpha: float, backend: O
                 numel = ti.numel
                 if numel == 0:  # a zero-size dimension: nothing to write
                     continue
-                src, whole = _source_tensor(src_ckpt, s.src_name)
+                if _in_place(src_ckpt) or src_ckpt.kind(s.src_name) == FP8_BLOCK:
+                    src, whole = _source_tensor(src_ckpt, s.src_name)
+                    apply = lambda t: _apply_tensor(t, src, s.axes, alpha, backend)  # noqa: E731
+                else:
+                    src, whole = None, None
+                    apply = lambda t: _apply_gathered(t, src_ckpt, s.src_name, s.axes, alpha, backend)  # noqa: E731
                 if ti.start % ti.dtype.itemsize == 0:
                     tgt = torch.frombuffer(mm, dtype=ti.dtype, count=numel, offset=ti.start).view(ti.shape)
-                    got = _apply_tensor(tgt, src, s.axes, alpha, backend)
+                    got = apply(tgt)
                     del tgt
                 else:  # unaligned (never written by the safetensors library): patch an aligned copy, write it back
                     raw = torch.frombuffer(mm, dtype=torch.uint8, count=ti.end - ti.start, offset=ti.start)
                     tgt = raw.clone().view(ti.dtype).view(ti.shape)
-                    got = _apply_tensor(tgt, src, s.axes, alpha, backend)
+                    got = apply(tgt)
                     raw.copy_(tgt.view(-1).view(torch.uint8))
                     del raw, tgt
                 read += got if whole is None else whole
-                del src
+                del src, apply
             _test_pause("patched")
             # no msync here: the dirty pages of a shared mapping are the file's page cache, written back by the
             # fsync of every file before the rename, together with the copy's own dirty pages
@@ -845,6 +894,10 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
             raise RollbackError(f"out: {out} is inside {what} {p}; write the new checkpoint elsewhere")
 
     with Checkpoint(target) as tc, Checkpoint(source) as sc:
+        if not _in_place(tc):
+            raise RollbackError(f"TARGET {tc.path}: a {tc.format} checkpoint can be a rollback SOURCE (--from) but "
+                                f"not the TARGET: the output is a copy of TARGET's safetensors files (merge it to "
+                                f"safetensors first)")
         if strict:
             _check_match(tc, sc)
         plan = _plan(sel, tc.names, sc.names, f"TARGET {tc.path}", f"SOURCE {sc.path}")
@@ -900,7 +953,7 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
                     dst = jobs[i][1]
                     items = by_file.get(os.path.abspath(src_path))
                     if items:  # patched right behind the copy front, its source reads overlapping the copy
-                        ra = _ReadAhead([_source_job(si, s.axes) for s, _, si in items])
+                        ra = _ReadAhead([_source_job(si, s.axes) for s, _, si in items] if _in_place(sc) else [])
                         ra.consumed(0)
                         copier.wait_for(i, 0)
                         p0 = time.perf_counter()

@@ -106,6 +106,7 @@ class VerlCheckpoint(Checkpoint):
 
     @staticmethod
     def _load_rank(f: str) -> dict:
+        _dtensor_type()  # importing it registers DTensor and its placements with the weights-only unpickler
         try:
             with _quiet_mesh_unpickling():
                 sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
