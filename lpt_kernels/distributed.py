@@ -455,6 +455,67 @@ def rollback_(target, source, index, *, axis: int = 0, block: int = 1, alpha: fl
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# sharded models (FSDP2's fully_shard): parameters are DTensors, each rank sees its own batches
+
+
+def settle(module: torch.nn.Module) -> torch.nn.Module:
+    """Register the sharded parameters of every FSDP2 module of `module` (``FSDPModule.reshard``): after a forward
+    without backward (under ``torch.no_grad``, e.g. collecting activations) FSDP2 leaves the root's parameters
+    unsharded — plain full tensors that a later reshard discards — and ``named_parameters()`` would list those.
+    Reading or writing parameters outside forward/backward starts here. A no-op for other models."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return module
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+    return module
+
+
+def sharded_mesh(module: torch.nn.Module):
+    """The device mesh of a model's DTensor parameters (FSDP2's ``fully_shard``), or None for a model with none."""
+    settle(module)
+    for p in module.parameters():
+        if is_dtensor(p):
+            return p.device_mesh
+    return None
+
+
+def _mesh_groups(mesh) -> list:
+    """Groups spanning every rank of `mesh` (the data-parallel ranks of an FSDP model): the default group when the
+    mesh is the whole world, else one per mesh dimension (reduced one after the other)."""
+    import torch.distributed as dist
+    if mesh is None:
+        return []
+    if mesh.size() == dist.get_world_size():
+        return [dist.group.WORLD] if mesh.size() > 1 else []
+    return [mesh.get_group(i) for i, s in enumerate(mesh.shape) if s > 1]
+
+
+def reduce_over_mesh(sums: Optional[torch.Tensor], maxima: Optional[torch.Tensor], mesh) -> None:
+    """All-reduce in place, over every rank of `mesh`, per-rank partial results of data each rank saw on its own
+    (its batches): `sums` with SUM, `maxima` with MAX (either may be None); one collective each."""
+    groups = _mesh_groups(mesh)
+    if sums is not None:
+        _all_reduce(sums, "sum", groups)
+    if maxima is not None:
+        _all_reduce(maxima, "max", groups)
+
+
+def mesh_size(mesh) -> int:
+    """Ranks in `mesh` (1 for None)."""
+    return 1 if mesh is None else int(mesh.size())
+
+
+def like(local: torch.Tensor, ref) -> torch.Tensor:
+    """A DTensor of `ref`'s mesh, placements and global shape whose local shard is `local` (no communication)."""
+    DTensor = _dtensor_module().DTensor
+    return DTensor.from_local(local, ref.device_mesh, tuple(ref.placements), run_check=False, shape=ref.shape,
+                              stride=ref.stride())
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # runs over several processes (torchrun)
 
 

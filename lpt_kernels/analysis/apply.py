@@ -400,6 +400,7 @@ def _source_job(info, axes) -> tuple:
 
 def _named_tensors(obj, what: str) -> Dict[str, torch.Tensor]:
     if isinstance(obj, torch.nn.Module):
+        distributed.settle(obj)  # FSDP2: write the sharded parameters, never unsharded copies
         return dict(obj.named_parameters(remove_duplicate=False))
     if isinstance(obj, Mapping):
         bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
