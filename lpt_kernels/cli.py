@@ -159,9 +159,12 @@ def _rollback(a) -> int:
     from lpt_kernels.analysis.apply import rollback_checkpoint
     from lpt_kernels.analysis.selection import Selection
 
+    from lpt_kernels import distributed
+
+    rank, world = distributed.world()
     info = rollback_checkpoint(a.target, a.source, Selection.load(a.select), a.out, alpha=a.alpha,
-                               progress=not a.quiet, strict=a.strict)
-    if not a.quiet:
+                               progress=not a.quiet and rank == 0, strict=a.strict, distributed=world > 1)
+    if not a.quiet and rank == 0:
         print(f"wrote {a.out}: " + ", ".join(f"{k} {v}" for k, v in info.items() if isinstance(v, (int, float))))
     return 0
 
@@ -196,13 +199,17 @@ def _sweep(a) -> int:
 
 
 def _diff(a) -> int:
+    from lpt_kernels import distributed
     from lpt_kernels.analysis import diff
 
     labels = a.labels.split(",") if a.labels else None
     groups = None if a.groups is None else tuple(g.strip() for g in a.groups.split(",") if g.strip())
     prof = diff([a.base] + a.ckpts, mode=a.mode, groups=groups, atol=a.atol, rtol=a.rtol, layout=a.layout,
                 intersect=a.intersect, labels=labels, progress=not a.quiet,
-                backend=None if a.backend in (None, "auto") else a.backend)
+                backend=None if a.backend in (None, "auto") else a.backend,
+                distributed=distributed.world()[1] > 1)
+    if prof is None:  # under torchrun: rank 0 writes the profile
+        return 0
     prof.save(a.out)
     if not a.quiet:
         exact, tol = prof.sparsity(), prof.sparsity(tolerance=True)
@@ -279,8 +286,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"lpt {args.cmd}: error: --top must be in (0, 1], got {args.top}", file=sys.stderr)
             return 2
     try:
-        return {"diff": _diff, "overlap": _overlap, "report": _report, "select": _select, "rollback": _rollback,
-                "sweep": _sweep}[args.cmd](args)
+        run = {"diff": _diff, "overlap": _overlap, "report": _report, "select": _select, "rollback": _rollback,
+               "sweep": _sweep}[args.cmd]
+        if args.cmd in ("diff", "rollback"):  # under torchrun: one process group for the ranks (docs/distributed.md)
+            from lpt_kernels import distributed
+            with distributed.from_env():
+                return run(args)
+        return run(args)
     except KeyboardInterrupt:
         print(f"lpt {args.cmd}: interrupted", file=sys.stderr)
         return 130

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from lpt_kernels import distributed, ops
+from lpt_kernels import distributed as _dist  # rollback_checkpoint has an argument of that name
 from lpt_kernels.analysis.selection import Selection
 from lpt_kernels.checkpoint import Checkpoint, CheckpointError, looks_cached
 from lpt_kernels.checkpoint.quantized import FP8_BLOCK, FP8_DTYPES, scale_name
@@ -850,7 +851,7 @@ def _progress_bar(total: int, enabled: bool, desc: str):
 
 
 def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, progress: bool = False, *,
-                        backend: Optional[str] = None, strict: bool = True) -> dict:
+                        backend: Optional[str] = None, strict: bool = True, distributed: bool = False) -> dict:
     """Write a new checkpoint directory `out`: `target` with the units of `selection` rolled back toward `source`
     (``w += alpha * (w_source - w)`` on the selected rows/columns; ``alpha=1`` copies the source bits).
 
@@ -871,6 +872,13 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
     interrupt (KeyboardInterrupt, SIGTERM, SIGHUP) removes the temp directory and re-raises (write errors such as
     ENOSPC or EFBIG as a one-line :class:`RollbackError`); a killed process leaves ``.OUT.tmp-PID-XXXXXXXX`` in
     `out`'s parent, removed by the next call with the same `out`. Checks all come before the first write.
+
+    With `distributed` (``lpt rollback`` under torchrun; every rank calls it with the same arguments, on storage
+    they all see), the files are split across the ranks of the process group balanced by bytes: each rank copies
+    and patches its own files into the one temp directory (rank 0 makes it), fsyncs them, and after every rank
+    reported success rank 0 publishes the directory with the one atomic rename; a failure on any rank removes the
+    temp directory and raises on every rank. The stats are summed over the ranks, with ``world_size`` and
+    ``ranks`` (each rank's files, bytes copied and bytes read).
 
     Returns stats: ``out``, ``tensors``, ``units``, ``elements``, ``bytes_touched``, ``bytes_read`` (from the
     source), ``files_copied``, ``files_patched``, ``bytes_copied``, ``reflinked`` (files), ``stale_removed``
@@ -927,6 +935,8 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
             n = _touched_bytes(ti.shape, 1, s.axes)
             stats["elements"] += n
             stats["bytes_touched"] += n * ti.dtype.itemsize
+        if distributed and _dist.world()[1] > 1:
+            return _write_ranked(files, by_file, sc, stats, out, alpha, backend, t0)
 
         os.makedirs(parent, exist_ok=True)
         stats["stale_removed"] = _remove_stale(parent, name)
@@ -1005,5 +1015,108 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
                 ra.close()
             if bar is not None:
                 bar.close()
+    stats["seconds"] = time.perf_counter() - t0
+    return stats
+
+
+def _write_ranked(files, by_file, sc: Checkpoint, stats: dict, out: str, alpha: float, backend: Optional[str],
+                  t0: float) -> dict:
+    """rollback_checkpoint's write split over the ranks of the process group: rank 0 makes the temp directory,
+    every rank copies and patches the files of its share (balanced by bytes) and fsyncs them, and once all ranks
+    report success rank 0 renames the directory into place; any failure removes it and raises on every rank."""
+    rank, world = _dist.world()
+    parent, name = os.path.dirname(out), os.path.basename(out)
+    mine = _dist.partition([os.path.getsize(p) for p, _ in files], world)[rank]
+    tmp, err = None, None
+    if rank == 0:
+        try:
+            os.makedirs(parent, exist_ok=True)
+            stats["stale_removed"] = _remove_stale(parent, name)
+            tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+            os.mkdir(tmp)
+        except OSError as e:
+            err, tmp = e, None
+    tmp = _dist.broadcast_object(tmp)
+    if tmp is None:
+        if err is not None:
+            raise RollbackError(f"out: cannot create the temp directory beside {out}: {err.strerror or err}")
+        raise RollbackError(f"out: rank 0 could not create the temp directory beside {out}")
+    stats.setdefault("stale_removed", [])
+    copier, current = None, None
+    try:
+        with _Signals():
+            jobs = []
+            for i in mine:
+                src_path, rel = files[i]
+                dst = os.path.join(tmp, rel)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)  # other ranks may make the same directories
+                jobs.append((src_path, dst))
+            copier = _Copier(jobs)
+            copier.start()
+            for k, i in enumerate(mine):
+                src_path, rel = files[i]
+                current, dst = rel, jobs[k][1]
+                items = by_file.get(os.path.abspath(src_path))
+                if items:
+                    ra = _ReadAhead([_source_job(si, s.axes) for s, _, si in items] if _in_place(sc) else [])
+                    try:
+                        ra.consumed(0)
+                        copier.wait_for(k, 0)
+                        p0 = time.perf_counter()
+                        stats["bytes_read"] += _patch_shard(dst, items, sc, alpha, backend, ra,
+                                                            lambda off, k=k: copier.wait_for(k, off))
+                        stats["patch_seconds"] += time.perf_counter() - p0
+                        stats["files_patched"] += 1
+                    finally:
+                        ra.close()
+                copier.wait_for(k, None)
+                stats["files_copied"] += 1
+                stats["bytes_copied"] += os.path.getsize(dst)
+            current = None
+            copier.join()
+            stats["copy_seconds"], stats["reflinked"] = copier.seconds, copier.reflinked
+            s0 = time.perf_counter()
+            for _, dst in jobs:  # each rank makes its own files durable (on shared storage only the writer can)
+                fd = os.open(dst, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            stats["sync_seconds"] = time.perf_counter() - s0
+    except BaseException as e:  # noqa: B902 -- every rank learns of it below
+        if copier is not None:
+            copier.halt()
+        err = e if not isinstance(e, OSError) else RollbackError(
+            f"out: cannot write {out}: {e.strerror or e}" + (f" (writing {current})" if current else "")
+            + "; nothing was written there and the temp dir was removed")
+    failed = _dist.all_ok(err)
+    if failed is None and rank == 0:  # publish: every rank's files are complete and durable
+        try:
+            s0 = time.perf_counter()
+            for d, _, _ in sorted(os.walk(tmp), key=lambda w: -len(w[0])):
+                _fsync_dir(d)
+            _rename_noreplace(tmp, out)
+            _fsync_dir(parent)
+            stats["sync_seconds"] += time.perf_counter() - s0
+        except OSError as e:
+            err = RollbackError(f"out: {out} appeared while the rollback ran; left it alone (nothing written)"
+                                if e.errno == errno.EEXIST else f"out: cannot publish {out}: {e.strerror or e}")
+        failed = _dist.all_ok(err)
+    elif failed is None:
+        failed = _dist.all_ok(None)
+    if failed is not None:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if err is not None:
+            raise err
+        raise RollbackError(f"out: the rollback failed on another rank ({failed}); nothing was written to {out}")
+    parts = _dist.gather_objects({k: stats[k] for k in ("bytes_read", "files_copied", "files_patched",
+                                                         "bytes_copied", "reflinked")})
+    if parts is not None:
+        for k in ("bytes_read", "files_copied", "files_patched", "bytes_copied", "reflinked"):
+            stats[k] = sum(p[k] for p in parts)
+        stats["ranks"] = [{"files": p["files_copied"], "bytes_copied": p["bytes_copied"], "bytes_read": p["bytes_read"]}
+                          for p in parts]
+    stats["world_size"] = world
     stats["seconds"] = time.perf_counter() - t0
     return stats
