@@ -402,10 +402,12 @@ def _share(names: List[str], nbytes: Dict[str, int], lay: Layout, groups, rank: 
 def _gather_partials(names, mine, lay, groups, acc, tensors, hist, nonfinite, tied_differ, me):
     """Rank 0: every rank's per-tensor entries, histogram counts and the per-unit totals of the (group, layer) rows
     it owns, merged in stream order; (tensors, nonfinite, tied_differ, ranks) there, None elsewhere."""
-    rows = {(g, layer) for n in mine for g, layer, _ in lay.member_of(n) if g in groups}
+    rank = distributed.world()[0]
+    rows = {(g, layer) for n in mine for g, layer, _ in lay.member_of(n) if g in groups} if rank else ()
+    # copies: a view would pickle its whole storage (every layer of the group)
     part = {"tensors": tensors, "nonfinite": nonfinite, "tied": tied_differ, "me": me,
-            "rows": {k: acc[k[0]].row(k[1]) for k in sorted(rows)},
-            "hist": (hist.counts, hist.zeros, hist.samples)}
+            "rows": {k: tuple(t.clone() for t in acc[k[0]].row(k[1])) for k in sorted(rows)},
+            "hist": (hist.counts, hist.zeros, hist.samples) if rank else None}
     got = distributed.gather_objects(part)
     if got is None:
         return None
