@@ -1,0 +1,120 @@
+"""What the tracker and the refresh monitor share about a live model: its parameters as 2-D tensors, its layout, and
+the one-line error they raise."""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from lpt_kernels.layout import Layout, LayoutError, Member, load_layout
+
+
+class TrainError(ValueError):
+    """Misuse of the training-loop API or a model it cannot work with (one-line message naming the culprit)."""
+
+
+@dataclass
+class Tensor2D:
+    """One tracked parameter: its name, the parameter, and the (group, layer, member) entries of the layout's groups
+    being tracked (empty: the tensor is tracked as a whole, rows as units)."""
+    name: str
+    param: torch.nn.Parameter
+    members: List[Tuple[str, int, Member]]
+    elements: int
+
+    def live(self) -> torch.Tensor:
+        """The parameter's current values as a 2-D view (1-D tensors as one row, as ``lpt diff`` reads them). Read
+        each time: an optimizer or a wrapper may replace ``param.data``."""
+        return as_2d(self.param.detach())
+
+
+def as_2d(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() == 2:
+        return t
+    return t.reshape(1, -1) if t.dim() != 0 else t.reshape(1, 1)
+
+
+def check_model(model) -> None:
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+
+
+def model_params(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Parameter]]:
+    """The floating-point parameters, tied ones once (the names ``save_pretrained`` writes). A sharded parameter
+    (a DTensor of FSDP2) is refused for now: see docs/train.md, "Sharded models"."""
+    out = []
+    for n, p in model.named_parameters():
+        if not p.is_floating_point():
+            continue
+        if _is_dtensor(p):
+            raise TrainError(f"model: parameter {n} is a DTensor (sharded, e.g. by FSDP2); sharded models are not "
+                             "supported yet (docs/train.md, 'Sharded models')")
+        if p.device.type == "meta":
+            raise TrainError(f"model: parameter {n} is on the meta device (not materialised)")
+        out.append((n, p))
+    if not out:
+        raise TrainError("model: it has no floating-point parameters")
+    return out
+
+
+def _is_dtensor(t) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch without distributed
+        return False
+    return isinstance(t, DTensor)
+
+
+def config_dict(model) -> Optional[dict]:
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    return dict(cfg) if isinstance(cfg, Mapping) else None
+
+
+def model_layout(model, params, layout, groups: Sequence[str]) -> Layout:
+    """The layout of ``model`` (a Layout, a spec dict or path, a built-in family name, or None to detect), validated
+    against the shapes of ``params``; the groups asked for must be in it."""
+    shapes = {n: tuple(p.shape) for n, p in params}
+    try:
+        if isinstance(layout, Layout):
+            lay = layout
+            lay.validate(shapes)
+        else:
+            lay = load_layout(layout, shapes, config_dict(model), groups=tuple(groups))
+    except LayoutError as e:
+        raise TrainError(f"model {type(model).__name__}: {e}") from None
+    missing = [g for g in groups if g not in lay.groups]
+    if missing:
+        raise TrainError(f"groups: layout {lay.name!r} has no group {missing[0]!r} (it has "
+                         f"{', '.join(lay.groups) or 'none'})")
+    return lay
+
+
+def plan(params, layout: Layout, groups: Sequence[str]) -> List[Tensor2D]:
+    return [Tensor2D(n, p, [e for e in layout.member_of(n) if e[0] in groups], p.numel()) for n, p in params]
+
+
+def check_name(name, what: str) -> str:
+    if not isinstance(name, str) or not name:
+        raise TrainError(f"{what}: expected a non-empty string, got {name!r}")
+    if "/" in name or "|" in name:
+        raise TrainError(f"{what}: {name!r} may not contain '/' or '|' (they separate the parts of array names)")
+    return name
+
+
+def check_every(every) -> int:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise TrainError(f"every: expected a positive int, got {every!r}")
+    return every
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``; from pinned host memory the copy is asynchronous (stream-ordered, no host sync)."""
+    if t.device == device:
+        return t
+    return t.to(device, non_blocking=t.is_pinned())
