@@ -508,6 +508,45 @@ def mesh_size(mesh) -> int:
     return 1 if mesh is None else int(mesh.size())
 
 
+def as_2d(x):
+    """A DTensor as the 2-D DTensor the kernels take, with its local shard as a view (no communication): a 1-D tensor
+    becomes one row (``Shard(0)`` -> ``Shard(1)``), a tensor of more dims ``[d0, rest]`` when it is not sharded past
+    dim 0. Plain tensors are returned as they are."""
+    if not is_dtensor(x) or x.dim() == 2:
+        return x
+    local = local_tensor(x)
+    shape = tuple(x.shape)
+    if x.dim() == 0:
+        new_shape, lview, dmap = (1, 1), local.reshape(1, 1), {}
+    elif x.dim() == 1:
+        new_shape, lview, dmap = (1, shape[0]), local.reshape(1, -1), {0: 1}
+    else:
+        rest = 1
+        for s in shape[1:]:
+            rest *= s
+        new_shape, lview, dmap = (shape[0], rest), local.reshape(local.shape[0], -1), {0: 0}
+    placements = []
+    for p in x.placements:
+        if _is_shard(p):
+            d = p.dim % x.dim()
+            if d not in dmap:
+                raise ValueError(f"a DTensor of shape {shape} sharded on dim {d} has no 2-D view with a local shard")
+            placements.append(type(p)(dmap[d]))
+        else:
+            placements.append(p)
+    DTensor = _dtensor_module().DTensor
+    return DTensor.from_local(lview, x.device_mesh, placements, run_check=False, shape=new_shape,
+                              stride=(new_shape[1], 1))
+
+
+def count_nonfinite(x) -> int:
+    """Non-finite elements of `x` (a DTensor: over every rank's shard, one all-reduce; call it on every rank)."""
+    if not is_dtensor(x):
+        return int((~torch.isfinite(x)).sum())
+    c = (~torch.isfinite(local_tensor(x))).sum().to(torch.int64).reshape(1)
+    return int(reduce_partial(c, x)[0])
+
+
 def like(local: torch.Tensor, ref) -> torch.Tensor:
     """A DTensor of `ref`'s mesh, placements and global shape whose local shard is `local` (no communication)."""
     DTensor = _dtensor_module().DTensor

@@ -1,7 +1,8 @@
 """Models sharded with FSDP2 (``fully_shard`` on a CPU device mesh over gloo, 2 and 3 processes): ActivationStats
-(each rank its own batches, result() reduces), GradientGram (sharded gradients, through domain() and accumulate()) and
-rollback_model_ (from a safetensors checkpoint, a verl checkpoint and a state dict) give the numbers of one process
-that sees every rank's batches on the unsharded model."""
+(each rank its own batches, result() reduces), GradientGram (sharded gradients, through domain() and accumulate()),
+rollback_model_ (from a safetensors checkpoint, a verl checkpoint and a state dict) and DeltaTracker (local snapshot
+shards in RAM or a file per rank; step metrics and profile()) give the numbers of one process on the unsharded model
+(that sees every rank's batches, or holds the same values)."""
 import copy
 import json
 import os
@@ -35,6 +36,14 @@ def _batches(world, steps, seed):
             row.append((ids, mask))
         out.append(row)
     return out
+
+
+def sync(model, ref):
+    """Copy the sharded model's values into the single-process one (the gather moves weights: test only)."""
+    with torch.no_grad():
+        for (n, p), (m, q) in zip(model.named_parameters(), ref.named_parameters()):
+            assert n == m
+            q.copy_(p.full_tensor())
 
 
 def _fsdp_worker(rank, world, root):
@@ -149,6 +158,47 @@ def _fsdp_worker(rank, world, root):
             for name, p in model.named_parameters():
                 assert torch.equal(p.full_tensor(), want_sd[name]), (sname, alpha, name)
     assert names
+
+    # ---- DeltaTracker: each rank snapshots its local shards; metrics and profile() of the whole model
+    from lpt_kernels.train import DeltaTracker
+    with torch.no_grad():  # back to the initial values; the single-process model follows the sharded one exactly
+        for n, p in model.named_parameters():
+            ld.local_tensor(p).copy_(orig[n])
+    for snap in ("cpu", "disk:" + os.path.join(root, "snaps")):
+        sync(model, ref)
+        tr = DeltaTracker(model, groups=("mlp", "attn"), snapshot=snap, atol=1e-4)
+        rt = DeltaTracker(ref, groups=("mlp", "attn"), snapshot="cpu", atol=1e-4)
+        assert tr.memory()["snapshots"] == 0 and DeltaTracker.snapshot_bytes(model) < DeltaTracker.snapshot_bytes(ref)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5)
+        for d, seed in (("code", 21), ("math", 22)):
+            tr.start_domain(d)
+            rt.start_domain(d)
+            for step in _batches(world, 2, seed):
+                ids, mask = step[rank]
+                model(ids, attention_mask=mask, labels=ids).loss.backward()
+                opt.step()
+                opt.zero_grad()
+                sync(model, ref)
+                got, want = tr.step(), rt.step()
+                assert sorted(got) == sorted(want) and got, (sorted(got), sorted(want))
+                for k in want:
+                    assert abs(got[k] - want[k]) <= 1e-5 * max(1.0, abs(want[k])) or (
+                        got[k] != got[k] and want[k] != want[k]), (snap, k, got[k], want[k])
+        pg, pw = tr.profile(), rt.profile()
+        assert sorted(pg.arrays) == sorted(pw.arrays) and sorted(pg.hist) == sorted(pw.hist)
+        for k in pw.arrays:
+            if k.endswith(("zeros", "near_zeros")):
+                assert torch.equal(pg.arrays[k], pw.arrays[k]), k
+            else:
+                _close(pg.arrays[k], pw.arrays[k], f"tracker {k}", 1e-5)
+        for k in pw.hist:
+            assert torch.equal(pg.hist[k], pw.hist[k]), k
+        for n, e in pw.tensors.items():
+            assert pg.tensors[n]["zeros"] == e["zeros"] and pg.tensors[n]["shape"] == e["shape"], n
+        tr.close()
+        rt.close()
+    assert sorted(os.listdir(os.path.join(root, "snaps")))[:2] == ["00-base.rank0.safetensors",
+                                                                     "00-base.rank1.safetensors"]
     if rank == 0:
         with open(os.path.join(root, "fsdp.ok"), "w") as f:
             f.write("ok")
