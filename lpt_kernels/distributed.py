@@ -82,16 +82,15 @@ def shard_region(shape, mesh_shape, coord, placements, where: str = "tensor",
     sums, strided shards)."""
     offsets, sizes = [0] * len(shape), list(shape)
     for i, p in enumerate(placements):
+        if hasattr(p, "split_factor"):  # _StridedShard (FSDP2 over tensor parallelism): interleaved pieces
+            raise error(f"{where}: placement {p} (strided sharding, FSDP over tensor parallelism) is not supported")
         if _is_shard(p):
-            if hasattr(p, "split_factor"):  # _StridedShard (FSDP2 over tensor parallelism): interleaved pieces
-                raise error(f"{where}: placement {p} (strided sharding, FSDP over tensor parallelism) is not "
-                            f"supported")
             d = p.dim % len(shape) if shape else 0
             off, size = chunk_extent(sizes[d], mesh_shape[i], coord[i])
             offsets[d] += off
             sizes[d] = size
         elif not _is_replicate(p):
-            raise error(f"{where}: placement {p} is not supported (Shard or Replicate only, not partial sums)")
+            raise error(f"{where}: placement {p} is not supported (Shard or Replicate only: not partial sums)")
     return tuple(offsets), tuple(sizes)
 
 

@@ -184,3 +184,39 @@ def test_pieces_cover_the_local_range():
                         assert u0 == g0 // block and (g0 + ln - 1) // block == u0 + cnt - 1
                         seen[g0:g0 + ln] += 1
                 assert torch.equal(seen, torch.ones(n, dtype=torch.int64)), (n, parts, block)
+
+
+def test_partition_balances_bytes():
+    from lpt_kernels.distributed import partition
+    sizes = [389, 75, 75, 75, 75, 21, 21, 21, 21, 5, 5, 5, 5, 1, 1]
+    for parts in (1, 2, 3, 4):
+        out = partition(sizes, parts)
+        assert sorted(i for p in out for i in p) == list(range(len(sizes)))
+        assert all(p == sorted(p) for p in out)
+        loads = [sum(sizes[i] for i in p) for p in out]
+        assert max(loads) - min(loads) <= max(sizes) or parts == 1, loads
+    assert partition([], 3) == [[], [], []]
+
+
+def test_shard_region_follows_torch_chunk_and_refuses_other_placements():
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import Partial
+
+    from lpt_kernels.distributed import shard_region
+    for n in range(0, 12):
+        for parts in (1, 2, 3, 5):
+            chunks = torch.arange(n).chunk(parts) if n else []
+            for k in range(parts):
+                off, size = shard_region((n, 4), (parts,), (k,), (Shard(0),))
+                want = chunks[k] if k < len(chunks) else torch.empty(0)
+                assert size == (want.numel(), 4) and (not want.numel() or off[0] == int(want[0]))
+    assert shard_region((6, 5), (2, 3), (1, 2), (Shard(0), Shard(1))) == ((3, 4), (3, 1))
+    assert shard_region((6, 5), (2, 3), (1, 2), (Replicate(), Shard(0))) == ((4, 0), (2, 5))
+    with pytest.raises(ValueError, match="partial sums"):
+        shard_region((6, 5), (2,), (0,), (Partial(),))
+    try:
+        from torch.distributed.tensor.placement_types import _StridedShard
+    except ImportError:
+        return
+    with pytest.raises(ValueError, match="strided"):
+        shard_region((6, 5), (2,), (0,), (_StridedShard(0, split_factor=2),))
