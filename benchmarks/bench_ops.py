@@ -151,7 +151,10 @@ def _close(a, b, rtol=1e-3, atol=1e-6):
     return torch.allclose(a.double().cpu(), b.double().cpu(), rtol=rtol, atol=atol)
 
 
-def build_cases(pools, backend: str, device: str, gen: torch.Generator, cpu_ceilings: bool, threads: int):
+def build_cases(pools, backend: str, device: str, gen: torch.Generator, cpu_ceilings: bool, threads: int,
+                gpu_extras: bool = False):
+    """The cases of one backend. gpu_extras adds what the GPU floors of issue 16 name beyond the CPU table: unit_gram
+    K=5 on down_proj columns and act_stats_ at 1e5 tokens (pools["acts_long"])."""
     gate, up, down, acts, targets = pools["gate"], pools["up"], pools["down"], pools["acts"], pools["targets"]
     C = None
     if cpu_ceilings:
@@ -212,6 +215,15 @@ def build_cases(pools, backend: str, device: str, gen: torch.Generator, cpu_ceil
         nbytes=sum(t.numel() * t.element_size() for t in dpairs[0]),
         ceiling=read_ceiling(lambda s: s), check=ug_check(1, 2)))
 
+    if gpu_extras:  # unit_gram K=5, axis 1: down_proj columns of 5 checkpoints
+        dfives = [tuple(down[0:5]), tuple(down[4:9])]
+        cases.append(Case(
+            "unit_gram", "K=5 axis1 down cols", dfives,
+            ours=lambda s: lpt_kernels.unit_gram(list(s), axis=1, mode="consecutive", atol=ATOL, backend=backend),
+            peer=unit_gram_peer(1, ATOL, 0.0), peer_args=lambda s: s,
+            nbytes=sum(t.numel() * t.element_size() for t in dfives[0]),
+            ceiling=read_ceiling(lambda s: s), check=ug_check(1, 5)))
+
     # masked_cosine of u = (w0, w1) and v = (w1, w2) (a chain: 3 tensors read) over 10% of the units. Disjoint
     # triples x 10 disjoint index sets in rotation. Ceiling: the bytes the gather must bring in, read contiguously
     # from each tensor (rows: as many bytes; columns: the cache lines touched).
@@ -261,7 +273,6 @@ def build_cases(pools, backend: str, device: str, gen: torch.Generator, cpu_ceil
     cases.append(mc_case(1, [down], "10% axis1 down cols"))
 
     # act_stats_ over [tokens, 9728] bf16 activations, a few buffers in rotation, one float64 accumulator each.
-    asets = [(x, ops.new_act_stats(x.shape[-1], device=x.device)) for x in acts]
     apeer = act_stats_peer(ACT_THRESHOLD)
 
     def act_check(s):
@@ -271,11 +282,13 @@ def build_cases(pools, backend: str, device: str, gen: torch.Generator, cpu_ceil
         lpt_kernels.act_stats_(x, a, threshold=ACT_THRESHOLD, backend=backend)
         apeer(x, b)
         return "ok" if _close(a, b, 1e-4, 1e-6) else "MISMATCH vs eager"
-    cases.append(Case(
-        "act_stats_", f"[{acts[0].shape[0]}, {acts[0].shape[1]}] bf16", asets,
-        ours=lambda s: lpt_kernels.act_stats_(s[0], s[1], threshold=ACT_THRESHOLD, backend=backend),
-        peer=apeer, peer_args=lambda s: s, nbytes=acts[0].numel() * acts[0].element_size(),
-        ceiling=read_ceiling(lambda s: [s[0]]), check=act_check))
+    for xs in [acts] + ([pools["acts_long"]] if gpu_extras and "acts_long" in pools else []):
+        asets = [(x, ops.new_act_stats(x.shape[-1], device=x.device)) for x in xs]
+        cases.append(Case(
+            "act_stats_", f"[{xs[0].shape[0]}, {xs[0].shape[1]}] bf16", asets,
+            ours=lambda s: lpt_kernels.act_stats_(s[0], s[1], threshold=ACT_THRESHOLD, backend=backend),
+            peer=apeer, peer_args=lambda s: s, nbytes=xs[0].numel() * xs[0].element_size(),
+            ceiling=read_ceiling(lambda s: [s[0]]), check=act_check))
 
     # rollback_ of 2% of the rows of gate_proj-shaped bf16 targets from separate sources (the gate chain). Each call
     # takes the next (target, source) pair and, per pair, the next of disjoint index sets, so touched rows are cold.
@@ -508,6 +521,20 @@ def cpu_section(args):
 
 # ---- GPU section -------------------------------------------------------------------------------------------------------
 
+# Peak HBM bandwidth (bytes/s) by device name: the "% of peak" column (issue 16's floor: >= 85% on Qwen3-4B shapes).
+PEAK_HBM = [("H200", 4.8e12), ("H100 NVL", 3.9e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12), ("GH200", 4.0e12),
+            ("A100-SXM4-80GB", 2.039e12), ("A100 80GB PCIe", 1.935e12), ("A100", 1.555e12), ("L40S", 0.864e12),
+            ("B200", 8.0e12)]
+
+
+def peak_hbm(name: str) -> Optional[float]:
+    """Nominal HBM bandwidth of a device from its name (None if unknown: the column then shows the copy ceiling)."""
+    for key, bw in PEAK_HBM:
+        if key.lower() in name.lower():
+            return bw
+    return None
+
+
 def gpu_section(args, device="cuda", bench=None, backends=None, quick=None):
     """The same cases on a GPU. `device`, `bench` and `backends` are parameters so that the code path can be
     exercised on CPU (see --gpu-dry-run); normally it runs on CUDA with triton.testing.do_bench."""
@@ -529,12 +556,14 @@ def gpu_section(args, device="cuda", bench=None, backends=None, quick=None):
                 backends.append(name)
             except RuntimeError as e:
                 print(f"backend {name}: unavailable ({e})")
-    l2 = 0
+    l2, peak = 0, None
     if device == "cuda":
         props = torch.cuda.get_device_properties(0)
         l2 = getattr(props, "L2_cache_size", 0) or 50 * 2**20
+        peak = peak_hbm(props.name)
         print(f"device: {props.name} | {props.multi_processor_count} SMs | L2 {l2 / 2**20:.0f} MiB | "
-              f"memory {props.total_memory / 2**30:.0f} GiB")
+              f"memory {props.total_memory / 2**30:.0f} GiB | peak HBM "
+              f"{f'{peak / 1e12:.2f} TB/s' if peak else 'unknown'}")
     # device-copy ceiling: 1 GiB (or 4x L2, whichever is larger) copied, counted as read + write
     n = max(2**30, 4 * l2) // 2 if not quick else 2**26
     src = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
@@ -544,11 +573,15 @@ def gpu_section(args, device="cuda", bench=None, backends=None, quick=None):
     del src, dst
     print(f"device-copy ceiling: {copy_gbs:.0f} GB/s (dst.copy_(src) of {n * 2 / 2**20:.0f} MiB, read + write)")
     pools, gen = make_pools(quick, device=device, seed=1)
+    if device == "cuda":  # act_stats_ at 1e5 tokens (two buffers of 1.9 GB in rotation)
+        t_long = 100_000 if not quick else 20_000
+        pools["acts_long"] = [torch.randn(t_long, INTER, device=device).to(torch.bfloat16) for _ in range(2)]
     total = sum(t.numel() * t.element_size() for p in pools.values() for t in p)
     print(f"inputs: {total / GB:.2f} GB, rotated per call (L2 {l2 / 2**20:.0f} MiB)")
     rows = []
     for backend in backends:
-        cases = build_cases(pools, backend, device, gen, cpu_ceilings=False, threads=args.threads)
+        cases = build_cases(pools, backend, device, gen, cpu_ceilings=False, threads=args.threads,
+                            gpu_extras=device == "cuda")
         for case in cases:
             if args.cases and not re.search(args.cases, f"{case.op} {case.case}"):
                 continue
@@ -563,6 +596,7 @@ def gpu_section(args, device="cuda", bench=None, backends=None, quick=None):
                 row["ours_gbs"] = case.nbytes / t / GB
                 row["us"] = t * 1e6
                 row["frac"] = row["ours_gbs"] / copy_gbs
+                row["peak_frac"] = row["ours_gbs"] * GB / peak if peak else "-"
             except Exception as e:  # noqa: BLE001 - report and go on
                 row.update(check=f"error: {type(e).__name__}: {str(e)[:80]}", ours_gbs="-", us="-", frac="-")
             try:
@@ -581,14 +615,15 @@ def gpu_section(args, device="cuda", bench=None, backends=None, quick=None):
                     row["compile_gbs"] = case.nbytes / tc / GB
             rows.append(row)
             print(f"  done: {backend} {case.op} {case.case}", flush=True)
-    cols = ["backend", "op", "case", "bytes", "us", "ours GB/s", "of copy ceiling", "eager GB/s", "compile GB/s",
-            "check"]
+    cols = ["backend", "op", "case", "bytes", "us", "ours GB/s", "of peak HBM", "of copy ceiling", "eager GB/s",
+            "compile GB/s", "check"]
 
     def fmt(r):
         def f(v, spec):
             return spec.format(v) if isinstance(v, (int, float)) else str(v)
         return [r["backend"], r["op"], r["case"], f(r["bytes"] / 1e6, "{:.1f} MB"), f(r["us"], "{:.1f}"),
-                f(r["ours_gbs"], "{:.0f}"), f(r["frac"], "{:.0%}"), f(r["eager_gbs"], "{:.0f}"),
+                f(r["ours_gbs"], "{:.0f}"), f(r.get("peak_frac", "-"), "{:.0%}"), f(r["frac"], "{:.0%}"),
+                f(r["eager_gbs"], "{:.0f}"),
                 f(r["compile_gbs"], "{:.0f}"), r["check"]]
     print()
     if rows:
@@ -602,6 +637,9 @@ def gpu_section(args, device="cuda", bench=None, backends=None, quick=None):
         print("no GPU backend could run")
     for r in rows:
         r["copy_ceiling_gbs"] = copy_gbs
+    if peak:
+        print(f"of peak HBM: ours / {peak / 1e12:.2f} TB/s (nominal); the copy ceiling measured here is "
+              f"{copy_gbs * GB / peak:.0%} of it")
     return rows
 
 
@@ -614,11 +652,12 @@ def main(argv: Optional[Sequence[str]] = None):
     p.add_argument("--csv", help="also write the rows to this CSV file")
     p.add_argument("--cases", help="only cases whose 'op case' matches this regex")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
+    p.add_argument("--gpu-only", action="store_true", help="skip the CPU section")
     p.add_argument("--gpu-dry-run", action="store_true", help=argparse.SUPPRESS)  # run the GPU code path on CPU
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     machine_facts(args.threads)
-    rows = cpu_section(args)
+    rows = [] if args.gpu_only else cpu_section(args)
     if args.gpu_dry_run:
         def bench(fn):
             fn()
@@ -631,7 +670,7 @@ def main(argv: Optional[Sequence[str]] = None):
     if args.csv:
         keys = ["section", "backend", "op", "case", "bytes", "ours_ms", "us", "ours_gbs", "ceiling_gbs",
                 "ceiling_kind", "ratio", "ours_best_gbs", "ceiling_best_gbs", "eager_gbs", "compile_gbs", "x_eager",
-                "x_compile", "frac",
+                "x_compile", "frac", "peak_frac",
                 "copy_ceiling_gbs", "reps", "peer_reps", "check", "load", "threads", "isa"]
         from lpt_kernels.backends import cpu as cpu_backend
         isa = cpu_backend.isa() if cpu_backend.AVAILABLE else ""

@@ -5,6 +5,7 @@ naming the argument; the custom ops then call the chosen backend (see ``lpt_kern
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -118,11 +119,19 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
 
 # ---- validation ------------------------------------------------------------------------------------------------
 
-def _check_tensor(t, name: str) -> None:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+def _check_dtype(t: torch.Tensor, name: str) -> None:
+    """A float dtype the kernels read (quantized or integer data, e.g. int8/uint8 packs or float8 codes, must be
+    dequantized by the caller: their raw codes are not weights)."""
     if t.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: dtype {t.dtype} is not supported (expected bfloat16, float16 or float32)")
+
+
+def _check_tensor(t, name: str) -> None:
+    """A 2-D float tensor: unit_gram, masked_cosine and rollback_ work on weight matrices (a unit is a block of rows
+    or columns), so 0-d and 1-D tensors are refused; zero-size dimensions are fine."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    _check_dtype(t, name)
     if t.dim() != 2:
         raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
 
@@ -137,8 +146,13 @@ def _check_axis_block(shape, axis, block, what: str = "tensor") -> int:
     return shape[axis] // block
 
 
-def _as_index(index, device: torch.device, name: str = "index") -> torch.Tensor:
-    """A 1-D int64 tensor of unit ids on `device` (values are checked by `_check_index_values`)."""
+def _host_index(index, name: str = "index") -> torch.Tensor:
+    """Unit ids as a contiguous 1-D int64 CPU tensor (values are checked by `_check_index_values`).
+
+    Ids are range-checked and (for rollback_) de-duplicated on the host and moved to a GPU without a
+    synchronisation (`_to_device`). Ids that already live on a GPU are copied back once for the check (one
+    synchronisation): pass a list, an array or a CPU tensor to avoid it. Any strides are accepted.
+    """
     if isinstance(index, torch.Tensor):
         idx = index
     else:
@@ -152,32 +166,46 @@ def _as_index(index, device: torch.device, name: str = "index") -> torch.Tensor:
         raise TypeError(f"{name}: expected integer unit ids, got dtype {idx.dtype}")
     if idx.dim() != 1:
         raise ValueError(f"{name}: expected a 1-D list of unit ids, got shape {tuple(idx.shape)}")
-    return idx.to(device=device, dtype=torch.int64)
+    return idx.to(device="cpu", dtype=torch.int64).contiguous()
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor (ids, a gathered source) onto `device` without a host synchronisation: a pinned,
+    stream-ordered copy to a GPU (the caching host allocator keeps the pinned buffer until the copy has run)."""
+    if t.device == device:
+        return t
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _index_order(idx: torch.Tensor, n_units: int) -> Optional[int]:
-    """For CPU ids, one C++ scan: -1 if one is out of [0, n_units), 1 if strictly increasing, else 0; None where
-    that scan is not available (other devices, no CPU extension)."""
+    """For contiguous CPU ids, one C++ scan: -1 if one is out of [0, n_units), 1 if strictly increasing, else 0;
+    None where that scan is not available (no CPU extension)."""
     if idx.device.type != "cpu" or not idx.is_contiguous():
         return None
     from lpt_kernels.backends import cpu
     return cpu.index_order(idx, n_units) if cpu.AVAILABLE else None
 
 
-def _check_index_values(idx: torch.Tensor, n_units: int, name: str = "index") -> None:
-    """Range check of unit ids. Runs inside the custom ops (eagerly, also under torch.compile, where the values are
-    not known while tracing), always before a kernel touches memory."""
+def _check_index_values(idx: torch.Tensor, n_units: int, name: str = "index") -> torch.Tensor:
+    """Range check of unit ids on the host; returns them as a contiguous CPU tensor. Runs inside the custom ops
+    (eagerly, also under torch.compile, where the values are not known while tracing), always before a kernel
+    touches memory."""
+    idx = _host_index(idx, name)
     if idx.numel() and _index_order(idx, n_units) in (None, -1):
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0:
             raise ValueError(f"{name}: negative unit id {lo}")
         if hi >= n_units:
             raise ValueError(f"{name}: unit id {hi} out of range (there are {n_units} units)")
+    return idx
 
 
 def _unique_index(idx: torch.Tensor, n_units: int, name: str = "index") -> torch.Tensor:
-    """The unit ids range-checked, sorted and without duplicates. Ids already strictly increasing (the usual
-    selection) come back as they are after one scan on the CPU, skipping a sort and two reductions."""
+    """The unit ids range-checked, sorted and without duplicates, on the host. Ids already strictly increasing (the
+    usual selection) come back as they are after one C++ scan, skipping a sort and two reductions."""
+    idx = _host_index(idx, name)
     order = _index_order(idx, n_units) if idx.numel() else 1
     if order == 1:
         return idx
@@ -224,11 +252,11 @@ def _run(op, impl, tensors, *args):
 def _unit_gram_impl(ws: List[torch.Tensor], axis: int, block: int, mode: str, index: Optional[torch.Tensor],
                     atol: float, rtol: float, backend: str) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                       torch.Tensor, torch.Tensor]:
+    for i, w in enumerate(ws):  # also for direct torch.ops.lpt calls, which skip unit_gram()'s checks
+        _check_dtype(w, f"ws[{i}]")
     if index is not None:
-        _check_index_values(index, ws[0].shape[axis] // block)
-    trivial = ws[0].numel() == 0 or (index is not None and index.numel() == 0)
-    impl = reference if trivial else _load(backend)  # nothing to stream: no kernel launch
-    return tuple(impl.unit_gram(list(ws), axis, block, mode, index, atol, rtol))
+        index = _to_device(_check_index_values(index, ws[0].shape[axis] // block), ws[0].device)
+    return tuple(_load(backend).unit_gram(list(ws), axis, block, mode, index, atol, rtol))
 
 
 _unit_gram_op = torch.library.custom_op("lpt::unit_gram", _unit_gram_impl, mutates_args=())
@@ -253,7 +281,9 @@ def unit_gram(ws: Sequence[torch.Tensor], *, axis: int = 0, block: int = 1, mode
         axis, block: unit u covers indices ``[u*block, (u+1)*block)`` along ``axis`` (0: rows, 1: columns).
         mode: ``"consecutive"`` d_m = ws[m+1] - ws[m]; ``"base"`` d_m = ws[m+1] - ws[0]; ``"given"`` d_m = ws[m]
             (already deltas, e.g. gradients).
-        index: optional unit ids (list, array or int64 tensor; duplicates allowed) to compute, in that order.
+        index: optional unit ids (list, array or integer tensor, any strides; duplicates allowed) to compute, in
+            that order. They are range-checked on the host and moved to the inputs' device without a
+            synchronisation; ids already on a GPU cost one device-to-host copy for the check.
         atol, rtol: a delta counts as near zero when |d| <= atol + rtol * |w_ref| (w_ref the subtrahend; 0 in
             ``given`` mode).
         backend: ``reference``, ``cpu``, ``triton`` or ``cuda``; default: ``LPT_BACKEND`` or the best available.
@@ -283,7 +313,7 @@ def unit_gram(ws: Sequence[torch.Tensor], *, axis: int = 0, block: int = 1, mode
     if _num_deltas(mode, len(ws)) < 1:
         raise ValueError(f"ws: mode {mode!r} needs at least 2 tensors")
     n_units = _check_axis_block(shape, axis, block, "inputs")
-    idx = None if index is None else _as_index(index, device)
+    idx = None if index is None else _host_index(index)
     atol = _check_float(atol, "atol", 0.0)
     rtol = _check_float(rtol, "rtol", 0.0)
     name = resolve_backend(backend, device)
@@ -300,8 +330,10 @@ def _cosine(dot: torch.Tensor, aa: torch.Tensor, bb: torch.Tensor) -> torch.Tens
 
 def _masked_cosine_impl(ws: List[torch.Tensor], mode: str, a: int, b: int, index: torch.Tensor, axis: int,
                         block: int, backend: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    _check_index_values(index, ws[0].shape[axis] // block)
-    impl = reference if ws[0].numel() == 0 or index.numel() == 0 else _load(backend)
+    for i, w in enumerate(ws):  # (direct torch.ops.lpt calls: masked_cosine() named u and v already)
+        _check_dtype(w, f"ws[{i}]")
+    index = _to_device(_check_index_values(index, ws[0].shape[axis] // block), ws[0].device)
+    impl = _load(backend)
     if hasattr(impl, "masked_cosine"):  # a backend's own finish (see lpt_kernels.backends)
         return impl.masked_cosine(list(ws), mode, a, b, index, axis, block)
     g = impl.unit_gram(list(ws), axis, block, mode, index, 0.0, 0.0)[0]
@@ -368,7 +400,7 @@ def masked_cosine(u: UpdateLike, v: UpdateLike, index, *, axis: int = 0, block: 
     n_units = _check_axis_block(shape, axis, block, "updates")
     if index is None:
         raise ValueError("index: masked_cosine needs the unit ids to restrict to")
-    idx = _as_index(index, device)
+    idx = _host_index(index)
     name = resolve_backend(backend, device)
     return _run(_masked_cosine_op, _masked_cosine_impl, [*ws, idx], ws, mode, a, b, idx, axis, block, name)
 
@@ -380,8 +412,10 @@ ACT_STAT_ROWS = ("tokens", "abs_sum", "sq_sum", "abs_max", "active")
 
 def _act_stats_impl(x: torch.Tensor, stats: torch.Tensor, token_mask: Optional[torch.Tensor], threshold: float,
                     backend: str) -> None:
-    if x.shape[0]:
-        _load(backend).act_stats_(x, stats, token_mask, threshold)
+    _check_dtype(x, "x")
+    if token_mask is not None:
+        token_mask = token_mask.reshape(-1)  # 0-d for a 1-D x (one token)
+    _load(backend).act_stats_(x, stats, token_mask, threshold)
 
 
 _act_stats_op = torch.library.custom_op("lpt::act_stats_", _act_stats_impl, mutates_args=("stats",))
@@ -401,18 +435,22 @@ def act_stats_(x: torch.Tensor, stats: torch.Tensor, *, token_mask: Optional[tor
                threshold: float = 0.0, backend: Optional[str] = None) -> torch.Tensor:
     """Accumulate per-channel activation statistics of ``x [..., C]`` into ``stats [5, C]`` float64, in place.
 
-    Rows of ``stats``: tokens counted, sum|x|, sum x^2, max|x| (a running maximum), count(|x| > threshold).
-    ``token_mask`` (bool, shape ``x.shape[:-1]``) skips padding tokens where False. No host synchronisation: safe
-    in a forward hook on a GPU. Returns ``stats``.
+    Rows of ``stats``: tokens counted, sum|x|, sum x^2, max|x| (a running maximum; NaN values are ignored by it,
+    while the sums propagate them), count(|x| > threshold). Every position of the leading dimensions is a token: a
+    1-D ``x [C]`` is one token, and leading dimensions of size 0 (or ``C == 0``) add nothing. ``token_mask`` (bool,
+    shape ``x.shape[:-1]``) skips padding tokens where False. No host synchronisation: safe in a forward hook on a
+    GPU. Returns ``stats``.
+
+    Raises TypeError (x not a bf16/fp16/fp32 tensor, stats not float64, token_mask not bool) or ValueError (a 0-d
+    x, shapes or devices that do not match), naming the argument.
     """
     if distributed.is_dtensor(x):
         return distributed.act_stats_(x, stats, token_mask=token_mask, threshold=threshold, backend=backend)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dtype not in FLOAT_DTYPES:
-        raise TypeError(f"x: dtype {x.dtype} is not supported (expected bfloat16, float16 or float32)")
+    _check_dtype(x, "x")
     if x.dim() < 1:
-        raise ValueError("x: expected at least one dimension (the channels)")
+        raise ValueError("x: expected at least one dimension (the channels), got a 0-d tensor")
     if not isinstance(stats, torch.Tensor):
         raise TypeError(f"stats: expected a torch.Tensor, got {type(stats).__name__}")
     if stats.dtype != torch.float64:
@@ -435,7 +473,8 @@ def act_stats_(x: torch.Tensor, stats: torch.Tensor, *, token_mask: Optional[tor
         mask = token_mask.reshape(-1)
     threshold = _check_float(threshold, "threshold", float("-inf"))
     name = resolve_backend(backend, x.device)
-    _run(_act_stats_op, _act_stats_impl, [x, stats, mask], x.reshape(-1, c), stats, mask, threshold, name)
+    tokens = math.prod(x.shape[:-1])  # explicit: reshape(-1, 0) cannot infer the token count
+    _run(_act_stats_op, _act_stats_impl, [x, stats, mask], x.reshape(tokens, c), stats, mask, threshold, name)
     return stats
 
 
@@ -443,12 +482,11 @@ def act_stats_(x: torch.Tensor, stats: torch.Tensor, *, token_mask: Optional[tor
 
 def _rollback_impl(target: torch.Tensor, source: torch.Tensor, index: torch.Tensor, axis: int, block: int,
                    alpha: float, compact: bool, backend: str) -> None:
-    if compact:  # gathered by the caller, which checked and de-duplicated the ids
-        _load(backend).rollback_(target, source, index, axis, block, alpha, True)
-        return
-    index = _unique_index(index, target.shape[axis] // block)  # sorted; duplicates applied once
-    if index.numel() and target.numel():
-        _load(backend).rollback_(target, source, index, axis, block, alpha, False)
+    _check_dtype(target, "target")
+    _check_dtype(source, "source")
+    if not compact:  # (compact: gathered by the caller, which checked and de-duplicated the ids)
+        index = _unique_index(index, target.shape[axis] // block)  # sorted; duplicates applied once
+    _load(backend).rollback_(target, source, _to_device(index, target.device), axis, block, alpha, compact)
 
 
 _rollback_op = torch.library.custom_op("lpt::rollback_", _rollback_impl, mutates_args=("target",))
@@ -470,10 +508,11 @@ def rollback_(target: torch.Tensor, source: torch.Tensor, index, *, axis: int = 
               alpha: float = 1.0, backend: Optional[str] = None) -> torch.Tensor:
     """In place on the listed units: ``target += alpha * (source - target)``; returns ``target``.
 
-    Computed in fp32 and rounded to target's dtype; ``alpha=1`` copies the source values exactly (rounded to
-    target's dtype if the source's differs). ``source`` may be on another device (e.g. a CPU memory-mapped
-    checkpoint for a GPU model) and of another dtype: only the listed units are read and moved. Duplicate unit ids
-    are applied once. Nothing is written unless every argument is valid.
+    Computed in fp32 and rounded to target's dtype; ``alpha=1`` copies the source values exactly (the raw words
+    when the dtypes match, NaN payloads included; rounded to target's dtype if the source's differs). ``source``
+    may be on another device (e.g. a CPU memory-mapped checkpoint for a GPU model) and of another dtype: only the
+    listed units are read and moved. ``index``: unit ids (list, array or integer tensor, any strides), checked and
+    de-duplicated on the host (duplicates are applied once). Nothing is written unless every argument is valid.
     """
     if distributed.is_dtensor(target) or distributed.is_dtensor(source):
         return distributed.rollback_(target, source, index, axis=axis, block=block, alpha=alpha, backend=backend)
@@ -488,12 +527,20 @@ def rollback_(target: torch.Tensor, source: torch.Tensor, index, *, axis: int = 
     name = resolve_backend(backend, target.device)
     if source.device != target.device:
         # Read only the listed units on the source's device, then move just those.
-        idx = _unique_index(_as_index(index, source.device), n_units)
-        pos = (idx[:, None] * block + torch.arange(block, device=idx.device)).reshape(-1)
-        _rollback_compact_(target, source.index_select(axis, pos).to(target.device), idx.to(target.device), axis,
-                           block, alpha, name)
+        idx = _unique_index(index, n_units)
+        pos = _to_device((idx[:, None] * block + torch.arange(block)).reshape(-1), source.device)
+        if source.device.type == "cpu" and target.device.type == "cuda":
+            # Gather straight into pinned memory: one host copy, then a stream-ordered upload (no sync).
+            shape = list(source.shape)
+            shape[axis] = pos.numel()
+            part = torch.index_select(source, axis, pos,
+                                      out=torch.empty(shape, dtype=source.dtype, pin_memory=True))
+            part = part.to(target.device, non_blocking=True)
+        else:
+            part = source.index_select(axis, pos).to(target.device)
+        _rollback_compact_(target, part, idx, axis, block, alpha, name)
     else:
-        idx = _as_index(index, target.device)
+        idx = _host_index(index)
         _run(_rollback_op, _rollback_impl, [target, source, idx], target, source, idx, axis, block, alpha, False,
              name)
     return target

@@ -1,15 +1,19 @@
-"""Test setup: Triton runs under its interpreter on CPU (set before triton is imported), and every backend that can
-run here is parametrised into the kernel tests; one that cannot is reported as skipped with the reason."""
+"""Test setup: without a GPU, Triton runs under its interpreter on CPU (set before triton is imported; importing
+torch does not import triton), and every backend that can run here is parametrised into the kernel tests; one that
+cannot is reported as skipped with the reason. With a GPU the triton and cuda backends run on it for real."""
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from lpt_kernels import ops  # noqa: E402
+from lpt_kernels import ops  # noqa: E402  (after TRITON_INTERPRET is settled)
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
+# Examples per property test and backend (benchmarks/gpu_check.py lowers it to fit a short GPU window).
+PROPERTY_EXAMPLES = int(os.environ.get("LPT_PROPERTY_EXAMPLES", "25"))
 DTYPES = (BF16, FP16, FP32)
 
 
@@ -71,3 +75,16 @@ def poison_allocator(*shapes):
     """Fill freed CPU memory of these sizes with NaN so that uninitialised outputs would show up as NaN."""
     junk = [torch.full(s, float("nan")) for s in shapes]
     del junk
+
+
+def gpu_params():
+    """(id, backend) for the GPU backends, each skipped with its reason where it cannot run on a CUDA device."""
+    out = []
+    for name in ("triton", "cuda"):
+        try:
+            ops._load(name)
+            why = None if torch.cuda.is_available() else "no CUDA device on this machine"
+        except RuntimeError as e:
+            why = str(e)
+        out.append(pytest.param(name, id=name, marks=pytest.mark.skip(reason=why) if why else []))
+    return out

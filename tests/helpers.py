@@ -37,3 +37,41 @@ def ulp(x: torch.Tensor, dtype) -> torch.Tensor:
     mant = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}[dtype]
     e = torch.floor(torch.log2(x.abs().clamp_min(torch.finfo(dtype).tiny)))
     return torch.exp2(e - mant)
+
+
+INDEX_LAYOUTS = ("list", "tensor", "strided", "int32", "expanded")
+
+
+def index_as(ids, layout, gen=None):
+    """The unit ids `ids` (a list) passed the way `layout` says: a list, a contiguous int64 tensor, a strided view
+    (column 0 of an int64 [n, 2] tensor whose other column is junk), an int32 tensor, or, for a single repeated id,
+    an expanded (stride 0) view. Every backend must read them as the same ids."""
+    if layout == "list":
+        return list(ids)
+    if layout == "tensor":
+        return torch.tensor(ids, dtype=torch.int64)
+    if layout == "int32":
+        return torch.tensor(ids, dtype=torch.int32)
+    if layout == "strided":
+        two = torch.full((len(ids), 2), 10 ** 6, dtype=torch.int64)  # junk in column 1: out of any range
+        two[:, 0] = torch.tensor(ids, dtype=torch.int64)
+        return two[:, 0]
+    if layout == "expanded":
+        if len(set(ids)) == 1:
+            return torch.tensor(ids[:1], dtype=torch.int64).expand(len(ids))
+        return torch.tensor(ids, dtype=torch.int64)[::1]
+    raise ValueError(layout)
+
+
+def strided_view(t: torch.Tensor, layout: str) -> torch.Tensor:
+    """A copy of `t` (2-D) laid out contiguous, transposed (the values in column-major storage) or as a strided
+    slice of a larger buffer, holding the same values."""
+    r, c = t.shape
+    if layout == "transposed":
+        return t.t().contiguous().t()
+    if layout == "sliced":
+        big = torch.zeros(r + 2, 2 * c + 1, dtype=t.dtype, device=t.device)
+        v = big[2:, 1::2]
+        v.copy_(t)
+        return v
+    return t.clone()

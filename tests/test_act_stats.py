@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lpt_kernels as L
-from conftest import DTYPES, is_slow
+from conftest import DTYPES, PROPERTY_EXAMPLES, is_slow
 
 
 def _check(got, ref, n_tokens):
@@ -60,13 +60,121 @@ def test_strided_stats_and_empty_input(backend):
     assert torch.equal(stats, before)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(t=st.integers(0, 40), c=st.integers(1, 70), dtype=st.sampled_from(DTYPES), masked=st.booleans(),
+def test_noncontiguous_mask_and_stats(backend):
+    """A token mask that is a strided view (every other column of a larger bool tensor, and a transposed one) and
+    stats that are a transposed view are read and written through their strides."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(8)
+    t, c = (6, 9) if is_slow(name) else (40, 70)
+    x = torch.randn(2, t, c, generator=gen).to(device)
+    wide = torch.rand(2, 2 * t, generator=gen) > 0.5
+    for mask in (wide[:, ::2], (torch.rand(t, 2, generator=gen) > 0.3).t()):
+        assert not mask.is_contiguous()
+        stats = torch.rand(c, 5, dtype=torch.float64, generator=gen).to(device).t()
+        want = stats.clone()
+        L.act_stats_(x, stats, token_mask=mask.to(device), threshold=0.25, backend=name)
+        L.act_stats_(x, want, token_mask=mask.contiguous().to(device), threshold=0.25, backend="reference")
+        _check(stats, want, t)
+    flat = torch.rand(3 * t, generator=gen) > 0.5  # one sequence: a 1-D mask with stride 3
+    x1 = x[0]
+    stats, want = L.new_act_stats(c, device), L.new_act_stats(c, device)
+    L.act_stats_(x1, stats, token_mask=flat[::3].to(device), backend=name)
+    L.act_stats_(x1, want, token_mask=flat[::3].contiguous().to(device), backend="reference")
+    _check(stats, want, t)
+
+
+@pytest.mark.parametrize("shape", [(0, 7), (3, 0), (0, 0), (2, 0, 7), (0, 3, 0), (7,), (0,)])
+def test_zero_size_and_one_token(backend, shape):
+    """Leading dimensions of size 0 add nothing; C == 0 has no statistics to add; a 1-D x [C] is one token."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(2)
+    c = shape[-1]
+    x = torch.randn(shape, generator=gen).to(torch.bfloat16).to(device)
+    init = torch.rand(5, c, dtype=torch.float64, generator=gen).to(device)
+    got = L.act_stats_(x, init.clone(), threshold=0.1, backend=name)
+    ref = L.act_stats_(x, init.clone(), threshold=0.1, backend="reference")
+    _check(got, ref, 1)
+    tokens = x.numel() // c if c else 0
+    assert torch.equal(got[0].cpu(), init[0].cpu() + tokens)
+    if x.dim() == 1:  # the mask of one token is 0-d
+        got = L.act_stats_(x, init.clone(), token_mask=torch.tensor(False, device=device), backend=name)
+        assert torch.equal(got.cpu(), init.cpu())
+
+
+def test_nan_rule(backend):
+    """max|x| ignores NaN (0 for a channel of NaN only) while sums propagate it; NaN is not > threshold."""
+    name, device = backend
+    x = torch.randn(9, 6)
+    x[2, 1] = float("nan")
+    x[:, 3] = float("nan")
+    for b in (name, "reference"):
+        s = L.act_stats_(x.to(device), L.new_act_stats(6, device), threshold=0.0, backend=b).cpu()
+        assert torch.equal(s[3], torch.nan_to_num(x, nan=0.0).abs().amax(0).double()), b
+        assert s[1].isnan().tolist() == [False, True, False, True, False, False], b
+        assert torch.equal(s[4], (x.abs() > 0).sum(0).double()), b
+
+
+def _triton_programs(monkeypatch, n):
+    import importlib
+    monkeypatch.setattr(importlib.import_module("lpt_kernels.backends.triton.act_stats"), "TARGET_PROGRAMS", n)
+
+
+def test_many_chunks(backend, monkeypatch):
+    """Several token chunks per channel tile (the GPU grid's split, forced here off CUDA), with a mask."""
+    name, device = backend
+    if name == "triton":
+        _triton_programs(monkeypatch, 5)
+    gen = torch.Generator().manual_seed(6)
+    t, c = (300, 11) if is_slow(name) else (3000, 33)
+    x = torch.randn(t, c, generator=gen).to(torch.float16)
+    mask = torch.rand(t, generator=gen) > 0.2
+    got = L.act_stats_(x.to(device), L.new_act_stats(c, device), token_mask=mask.to(device), backend=name)
+    _check(got, L.act_stats_(x, L.new_act_stats(c), token_mask=mask, backend="reference"), t)
+
+
+def test_long_runs_fold_into_float64(backend, monkeypatch):
+    """4096 tokens in one chunk (one program per channel tile): the fp32 sums are folded into float64 every few
+    hundred tokens, so their error does not grow with the token count. |x| = 1000.1 rounds the same way at every
+    fp32 addition: a sum kept in fp32 over all the tokens is ~4e-6 off, folded sums ~2.5e-7."""
+    name, device = backend
+    if name == "triton":
+        _triton_programs(monkeypatch, 1)
+    t, c = 4096, 2
+    x = torch.full((t, c), 1000.1, dtype=torch.float32)
+    x[::2, 1] *= -1
+    got = L.act_stats_(x.to(device), L.new_act_stats(c, device), backend=name).cpu()
+    exact = x.double().abs().sum(0)
+    err = ((got[1] - exact).abs() / exact).max().item()
+    assert err < 1.5e-6, f"abs_sum relative error {err:.1e}"
+    exact_sq = (x.double() ** 2).sum(0)
+    assert ((got[2] - exact_sq).abs() / exact_sq).max().item() < 1.5e-6
+
+
+@settings(max_examples=PROPERTY_EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(lead=st.lists(st.integers(0, 5), min_size=0, max_size=2), t=st.integers(0, 40), c=st.integers(0, 70),
+       dtype=st.sampled_from(DTYPES), masked=st.booleans(), mask_layout=st.sampled_from(["contiguous", "strided"]),
+       stats_layout=st.sampled_from(["contiguous", "transposed"]), x_layout=st.sampled_from(["contiguous", "sliced"]),
        threshold=st.floats(0, 2), seed=st.integers(0, 2 ** 31))
-def test_property_cpu(t, c, dtype, masked, threshold, seed):
+def test_property(backend, lead, t, c, dtype, masked, mask_layout, stats_layout, x_layout, threshold, seed):
+    """Every backend against the reference: any leading shape (zero sizes included), strided x, masks and stats."""
+    name, device = backend
+    if is_slow(name):
+        t, c = min(t, 12), min(c, 20)
     gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(t, c, generator=gen).to(dtype)
-    mask = (torch.rand(t, generator=gen) > 0.5) if masked else None
-    got = L.act_stats_(x, L.new_act_stats(c), token_mask=mask, threshold=threshold, backend="cpu")
-    ref = L.act_stats_(x, L.new_act_stats(c), token_mask=mask, threshold=threshold, backend="reference")
-    _check(got, ref, t)
+    shape = (*lead, t, c)
+    x = torch.randn(shape, generator=gen).to(dtype)
+    if x_layout == "sliced":
+        x = torch.cat([x, x], -1)[..., ::2]
+    mask = None
+    if masked:
+        mask = torch.rand(*lead, 2 * t, generator=gen) > 0.5
+        mask = mask[..., ::2] if mask_layout == "strided" else mask[..., :t].contiguous()
+    init = torch.rand(5, c, dtype=torch.float64, generator=gen)
+    stats = torch.empty(c, 5, dtype=torch.float64, device=device).t() if stats_layout == "transposed" else \
+        torch.empty(5, c, dtype=torch.float64, device=device)
+    stats.copy_(init)
+    got = L.act_stats_(x.to(device), stats, token_mask=None if mask is None else mask.to(device),
+                       threshold=threshold, backend=name)
+    ref = L.act_stats_(x, init.clone(), token_mask=mask, threshold=threshold, backend="reference")
+    _check(got, ref, max(t, 1))

@@ -73,6 +73,7 @@ def headers(draw):
                                           "shape_neg", "shape_float", "offs_len", "meta_ok", "meta_bad", "extra",
                                           "lead_ws", "trail_ws", "nan", "utf8", "hlen", "not_obj", "zero_beyond",
                                           "drop_field", "bool_shape", "reverse"]), max_size=3))
+    muts.sort(key=lambda m: m == "drop_field")  # last: the other mutations read the fields it may drop
     hlen_delta = 0
     meta = None
     for m in muts:
@@ -113,8 +114,9 @@ def headers(draw):
             entries.append({"dtype": "F32", "shape": [0], "data_offsets": [data_len + 3, data_len + 3]})
             names.append(f"z{len(names)}")
         elif entries and m == "drop_field":
-            del entries[draw(st.integers(0, len(entries) - 1))][draw(st.sampled_from(["dtype", "shape",
-                                                                                      "data_offsets"]))]
+            # pop: another mutation may have dropped the same field already
+            entries[draw(st.integers(0, len(entries) - 1))].pop(draw(st.sampled_from(["dtype", "shape",
+                                                                                      "data_offsets"])), None)
         elif entries and m == "bool_shape":
             entries[draw(st.integers(0, len(entries) - 1))]["shape"] = [True]
         elif m == "reverse":

@@ -5,8 +5,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lpt_kernels as L
-from conftest import DTYPES, is_slow
-from helpers import rand, ulp
+from conftest import DTYPES, PROPERTY_EXAMPLES, is_slow
+from helpers import INDEX_LAYOUTS, index_as, rand, strided_view, ulp
 
 
 def _unit_mask(shape, axis, block, index):
@@ -88,20 +88,82 @@ def test_alpha_zero_and_empty_index(backend):
     assert torch.equal(t, before)
 
 
-@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=st.integers(1, 20), cols=st.integers(1, 20), axis=st.sampled_from([0, 1]), block=st.integers(1, 3),
+@pytest.mark.parametrize("dtype,bits", [(torch.bfloat16, [0x7F81, 0xFF81, 0x7FC1, 0x7F80]),
+                                        (torch.float16, [0x7C01, 0x7E01, 0xFC01, 0x7C00]),
+                                        (torch.float32, [0x7F800001, 0x7FC00001, -0x007FFFFF, 0x7F800000])])
+def test_alpha_one_copies_raw_words(backend, dtype, bits):
+    """alpha = 1 with equal dtypes copies the raw words: NaN payloads (signalling ones included) survive on every
+    backend, as the CPU backend always did (a trip through fp32 turns bf16 0x7F81 into 0x7FC1)."""
+    name, device = backend
+    words = torch.int16 if dtype != torch.float32 else torch.int32
+    w = torch.tensor(bits * 3, dtype=torch.int64).to(words).reshape(-1, 4)  # [3, 4] of raw words
+    for axis in (0, 1):
+        source = w.view(dtype).to(device)
+        target = torch.zeros(3, 4, dtype=dtype, device=device)
+        L.rollback_(target, source, [0, 2] if axis == 0 else [1, 3], axis=axis, backend=name)
+        got = target.cpu().view(words)
+        m = torch.zeros(3, 4, dtype=torch.bool)
+        if axis == 0:
+            m[[0, 2]] = True
+        else:
+            m[:, [1, 3]] = True
+        assert torch.equal(got[m], w[m]), f"axis {axis}: {[hex(v & 0xFFFFFFFF) for v in got[m].tolist()]}"
+        assert not got[~m].any()
+
+
+def test_strided_index_and_target(backend):
+    """A strided index (column 0 of an int64 [n, 2] tensor) and non-contiguous targets on every backend."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(4)
+    ids = torch.tensor([[4, 0], [1, 99], [4, 7]])
+    for layout in ("contiguous", "transposed", "sliced"):
+        for axis in (0, 1):
+            base = torch.randn(6, 5, generator=gen)
+            source = torch.randn(6, 5, generator=gen)
+            target = strided_view(base, layout).to(device)
+            want = base.clone()
+            L.rollback_(target, source.to(device), ids[:, 0], axis=axis, alpha=0.5, backend=name)
+            L.rollback_(want, source, [4, 1], axis=axis, alpha=0.5, backend="reference")
+            assert torch.allclose(target.cpu(), want, rtol=1e-6, atol=1e-7), (layout, axis)
+
+
+@pytest.mark.parametrize("shape,axis,index", [((0, 4), 0, []), ((5, 0), 0, [4, 1]), ((0, 3), 1, [2, 0]),
+                                               ((0, 0), 1, [])])
+def test_zero_size(backend, shape, axis, index):
+    """Zero-size targets: the listed units hold no elements; nothing is read or written, no error."""
+    name, device = backend
+    t = torch.empty(shape, dtype=torch.bfloat16, device=device)
+    s = torch.empty(shape, device=device)
+    assert L.rollback_(t, s, index, axis=axis, alpha=0.5, backend=name) is t
+    assert L.rollback_(t, s.to(torch.bfloat16), index, axis=axis, backend=name).shape == shape
+
+
+@settings(max_examples=PROPERTY_EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(0, 20), cols=st.integers(0, 20), axis=st.sampled_from([0, 1]), block=st.integers(1, 3),
        tdtype=st.sampled_from(DTYPES), sdtype=st.sampled_from(DTYPES), alpha=st.sampled_from([1.0, 0.5, 0.0]),
-       layout=st.sampled_from(["contiguous", "transposed", "sliced"]), data=st.data())
-def test_property_cpu(rows, cols, axis, block, tdtype, sdtype, alpha, layout, data):
+       layout=st.sampled_from(["contiguous", "transposed", "sliced"]),
+       source_layout=st.sampled_from(["contiguous", "transposed", "sliced"]),
+       index_layout=st.sampled_from(INDEX_LAYOUTS),
+       data=st.data())
+def test_property(backend, rows, cols, axis, block, tdtype, sdtype, alpha, layout, source_layout, index_layout, data):
+    """Every backend against the reference: zero-size and odd shapes, any strides of target (the output) and source,
+    ids as lists, tensors and strided / int32 / expanded views (duplicates applied once)."""
+    name, device = backend
+    if is_slow(name):
+        rows, cols = min(rows, 10), min(cols, 10)
     shape = [rows, cols]
-    shape[axis] = max(block, shape[axis] - shape[axis] % block)
+    shape[axis] -= shape[axis] % block
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 31)))
     target = rand(tuple(shape), tdtype, "cpu", gen, layout=layout)
-    source = rand(tuple(shape), sdtype, "cpu", gen)
-    index = data.draw(st.lists(st.integers(0, shape[axis] // block - 1), max_size=6))
-    got, ref = target.clone(), target.clone()
-    L.rollback_(got, source, index, axis=axis, block=block, alpha=alpha, backend="cpu")
+    source = rand(tuple(shape), sdtype, "cpu", gen, layout=source_layout)
+    n_units = shape[axis] // block
+    index = data.draw(st.lists(st.integers(0, n_units - 1), max_size=6)) if n_units else []
+    got, ref = strided_view(target, layout).to(device), target.clone()
+    L.rollback_(got, source.to(device), index_as(index, index_layout), axis=axis, block=block, alpha=alpha,
+                backend=name)
     L.rollback_(ref, source, index, axis=axis, block=block, alpha=alpha, backend="reference")
+    got = got.cpu()
     if alpha == 1.0:
         assert torch.equal(got, ref)
     else:

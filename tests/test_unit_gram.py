@@ -7,8 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import lpt_kernels as L
-from conftest import DTYPES, is_slow, poison_allocator
-from helpers import assert_gram_close, rand
+from conftest import DTYPES, PROPERTY_EXAMPLES, is_slow, poison_allocator
+from helpers import INDEX_LAYOUTS, assert_gram_close, index_as, rand
 
 
 def _inputs(k, shape, dtypes, device, gen, layout="contiguous", shared_rows=()):
@@ -113,19 +113,139 @@ def test_bf16_differences_are_exact(backend):
     assert torch.allclose(g.abs_sum.cpu(), torch.full((3, 1), 5 * 2.0 ** -7))
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(rows=st.integers(1, 24), cols=st.integers(1, 24), k=st.integers(1, 6), axis=st.sampled_from([0, 1]),
+def test_strided_index_is_read_as_listed(backend):
+    """A strided index (column 0 of an int64 [3, 2] tensor: [5, 2, 9]) means those units on every backend, not the
+    first three words of its storage ([5, 0, 2]); an expanded (stride 0) index repeats its one id."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(16)
+    ws = _inputs(3, (12, 7), (torch.bfloat16,), device, gen)
+    ids = torch.tensor([[5, 0], [2, 7], [9, 1]])
+    for axis, kw in ((0, {}), (1, dict(block=1))):
+        w = ws if axis == 0 else [x.t() for x in ws]
+        got = L.unit_gram(w, axis=axis, index=ids[:, 0], mode="base", backend=name, **kw)
+        want = L.unit_gram(w, axis=axis, index=[5, 2, 9], mode="base", backend="reference", **kw)
+        assert_gram_close(got, want, 7)
+    got = L.unit_gram(ws, index=torch.tensor([4]).expand(3), backend=name)
+    assert_gram_close(got, L.unit_gram(ws, index=[4, 4, 4], backend="reference"), 7)
+
+
+# fp32 w_ref and w with atol = 1e-3, rtol = 1e-2: d = w - w_ref equals the bound atol + rtol*|w_ref| when the product is
+# rounded before the sum (the contract) and exceeds it when the two are fused into one fma.
+W_REF_BITS, W_BITS = 0x3AC7C022, 0x3B2668F7
+
+
+def _f32(bits):
+    return torch.tensor([bits], dtype=torch.int64).to(torch.int32).view(torch.float32)[0]
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("mode", ["consecutive", "base"])
+def test_near_zero_bound_is_rounded_not_fused(backend, mode, axis):
+    name, device = backend
+    shape = (3, 37) if is_slow(name) else (9, 67)  # vector strips and scalar tails on the CPU
+    w_ref = torch.full(shape, _f32(W_REF_BITS).item()).to(device)
+    w = torch.full(shape, _f32(W_BITS).item()).to(device)
+    assert (w - w_ref).abs()[0, 0] == (torch.tensor(1e-2, dtype=torch.float32) * w_ref.abs()
+                                       + torch.tensor(1e-3, dtype=torch.float32))[0, 0]
+    ws = [w_ref, w] if mode == "consecutive" else [w_ref, w, w]  # base: both deltas are w - w_ref
+    g = L.unit_gram(ws, axis=axis, mode=mode, atol=1e-3, rtol=1e-2, backend=name)
+    per_unit = shape[1 - axis]
+    assert g.near_zeros.cpu().tolist() == [[per_unit] * g.near_zeros.shape[1]] * shape[axis], \
+        "a boundary delta was not counted"
+    assert torch.equal(g.near_zeros.cpu(), L.unit_gram(ws, axis=axis, mode=mode, atol=1e-3, rtol=1e-2,
+                                                      backend="reference").near_zeros)
+
+
+def _boundary_pairs(n, atol, rtol, gen):
+    """fp32 (w_ref, w) whose difference lies within 2 ulps of the rounded bound atol + rtol*|w_ref| (either sign),
+    and how many of them the fused bound would classify differently (> 0: the data can tell the two apart)."""
+    a32, r32 = torch.tensor(atol, dtype=torch.float32), torch.tensor(rtol, dtype=torch.float32)
+    w_ref = (torch.rand(n, generator=gen, dtype=torch.float64) * 1e-3 + 1e-3).float()
+    bound = r32 * w_ref.abs() + a32  # two roundings
+    w = (w_ref.double() + bound.double()).float()
+    for _ in range(2):
+        step = torch.randint(-1, 2, (n,), generator=gen)
+        w = torch.where(step > 0, torch.nextafter(w, torch.tensor(1.0)),
+                        torch.where(step < 0, torch.nextafter(w, torch.tensor(0.0)), w))
+    sign = torch.where(torch.rand(n, generator=gen) < 0.5, -1.0, 1.0)
+    w_ref, w = w_ref * sign, w * sign
+    d = (w - w_ref).abs()
+    fused = (r32.double() * w_ref.double().abs() + a32.double()).float()  # one rounding (double rounding aside)
+    return w_ref, w, int(((d <= bound) != (d <= fused)).sum())
+
+
+@pytest.mark.parametrize("axis", [0, 1])
+def test_near_zero_boundary_pairs(backend, axis):
+    name, device = backend
+    gen = torch.Generator().manual_seed(31)
+    shape = (16, 64) if is_slow(name) else (61, 67)
+    w_ref, w, teeth = _boundary_pairs(shape[0] * shape[1], 1e-3, 1e-2, gen)
+    assert teeth > 0, "no pair where fma and rounding disagree: the test would not see a fused bound"
+    ws = [w_ref.reshape(shape).to(device), w.reshape(shape).to(device)]
+    got = L.unit_gram(ws, axis=axis, atol=1e-3, rtol=1e-2, backend=name)
+    ref = L.unit_gram(ws, axis=axis, atol=1e-3, rtol=1e-2, backend="reference")
+    assert torch.equal(got.near_zeros.cpu(), ref.near_zeros)
+
+
+def test_nan_rule(backend):
+    """Maxima ignore NaN (the largest non-NaN |d|, 0 if none); sums propagate it; NaN is neither zero nor near zero."""
+    name, device = backend
+    w0 = torch.zeros(4, 37)
+    w1 = torch.arange(4 * 37, dtype=torch.float32).reshape(4, 37) / 100 - 0.7
+    w1[1, 5] = float("nan")
+    w1[2, :] = float("nan")
+    w1[3, 9] = -float("nan")
+    ws = [w0.to(device), w1.to(device)]
+    for g in (L.unit_gram(ws, atol=0.5, backend=name), L.unit_gram(ws, atol=0.5, backend="reference")):
+        g = [t.cpu() for t in g]
+        finite = torch.nan_to_num(w1, nan=0.0).abs()
+        assert torch.equal(g[2][:, 0], finite.amax(1)), "abs_max"
+        assert g[1][:, 0].isnan().tolist() == [False, True, True, True], "abs_sum"
+        assert g[3][:, 0].tolist() == [(w1[u] == 0).sum().item() for u in range(4)]
+        assert g[4][:, 0].tolist() == [(w1[u].abs() <= 0.5).sum().item() for u in range(4)]
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (6, 0), (0, 0)])
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.parametrize("mode,k", [("consecutive", 2), ("base", 4), ("given", 1)])
+def test_zero_size(backend, shape, axis, mode, k):
+    """Zero-size dimensions in any position: U = shape[axis] // block units with zero statistics."""
+    name, device = backend
+    ws = [torch.empty(shape, dtype=DTYPES[i % 3], device=device) for i in range(k)]
+    m = k if mode == "given" else k - 1
+    for index, block in [(None, 1), (None, 3), ([], 1)] + ([([shape[axis] - 1, 0, 0], 1)] if shape[axis] else []):
+        if shape[axis] % block:
+            continue
+        g = L.unit_gram(ws, axis=axis, block=block, mode=mode, index=index, atol=1e-3, rtol=1e-2, backend=name)
+        u = shape[axis] // block if index is None else len(index)
+        assert g.gram.shape == (u, m, m) and g.zeros.shape == (u, m) and g.zeros.dtype == torch.int64
+        for t in g:
+            assert not t.any(), "statistics of empty units must be 0"
+
+
+@settings(max_examples=PROPERTY_EXAMPLES, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@given(rows=st.integers(0, 24), cols=st.integers(0, 24), k=st.integers(1, 6), axis=st.sampled_from([0, 1]),
        mode=st.sampled_from(["consecutive", "base", "given"]), block=st.integers(1, 4),
        dtypes=st.lists(st.sampled_from(DTYPES), min_size=1, max_size=3),
-       layout=st.sampled_from(["contiguous", "transposed", "sliced"]), data=st.data())
-def test_property_cpu(rows, cols, k, axis, mode, block, dtypes, layout, data):
+       layout=st.sampled_from(["contiguous", "transposed", "sliced"]), index_layout=st.sampled_from(INDEX_LAYOUTS),
+       data=st.data())
+def test_property(backend, rows, cols, k, axis, mode, block, dtypes, layout, index_layout, data):
+    """Every backend against the reference: odd and zero-size shapes, mixed dtypes, any strides, ids as lists,
+    tensors, strided / int32 / expanded views."""
+    name, device = backend
+    if is_slow(name):
+        rows, cols, k = min(rows, 10), min(cols, 10), min(k, 4)
     if mode != "given" and k < 2:
         k = 2
     shape = [rows, cols]
-    shape[axis] = max(block, shape[axis] - shape[axis] % block)
+    shape[axis] -= shape[axis] % block  # may leave 0 units
     gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 31)))
-    ws = _inputs(k, tuple(shape), dtypes, "cpu", gen, layout=layout, shared_rows=(0,))
+    ws = _inputs(k, tuple(shape), dtypes, device, gen, layout=layout, shared_rows=(0,))
     n_units = shape[axis] // block
-    index = data.draw(st.none() | st.lists(st.integers(0, n_units - 1), max_size=8))
+    index = data.draw(st.none() | st.lists(st.integers(0, n_units - 1), max_size=8)) if n_units else \
+        data.draw(st.none() | st.just([]))
+    if index is not None:
+        index = index_as(index, index_layout)
     atol, rtol = data.draw(st.sampled_from([(1e-3, 1e-2), (0.0, 0.0), (1e-2, 0.0), (0.0, 1e-1)]))
-    _check(("cpu", None), ws, axis=axis, block=block, mode=mode, index=index, atol=atol, rtol=rtol)
+    _check(backend, ws, axis=axis, block=block, mode=mode, index=index, atol=atol, rtol=rtol)

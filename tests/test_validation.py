@@ -111,3 +111,96 @@ def test_c_extension_rejects_bad_arguments_without_crashing():
         cpu._C.unit_gram([W.data_ptr()], [7], [4], [1], 6, 4, 0, 1, 2, 0, 6, 0.0, 0.0, 1, 1, 1, 1, 1, 1)
     with pytest.raises(ValueError):
         cpu._C.set_isa("sse9")
+
+
+NON_FLOAT = [torch.int8, torch.uint8, torch.int32, torch.bool, torch.float64, torch.float8_e4m3fn, torch.float8_e5m2]
+
+
+def _as(dtype, t):
+    return t.to(dtype) if dtype != torch.bool else t > 0
+
+
+def _one_line_naming(e, *words):
+    msg = str(e.value)
+    assert "\n" not in msg, msg
+    for w in words:
+        assert w in msg, f"{w!r} not in {msg!r}"
+
+
+@pytest.mark.parametrize("dtype", NON_FLOAT, ids=str)
+def test_non_float_dtypes_name_argument_and_dtype(dtype):
+    """Quantized or integer data (int8/uint8 packs, float8 codes) is refused with a one-line TypeError naming the
+    argument and the dtype, by every op, through the public functions and the torch.ops entry points alike."""
+    bad = _as(dtype, torch.randn(6, 4) * 3)
+    good = torch.randn(6, 4)
+    stats = L.new_act_stats(4)
+    calls = [
+        (lambda: L.unit_gram([good, bad]), "ws[1]"),
+        (lambda: L.masked_cosine(bad, good, [0]), "u"),
+        (lambda: L.masked_cosine(good, (good, bad), [0]), "v[1]"),
+        (lambda: L.act_stats_(bad, stats), "x"),
+        (lambda: L.rollback_(good.clone(), bad, [1]), "source"),
+        (lambda: L.rollback_(bad.clone(), good, [1]), "target"),
+        (lambda: torch.ops.lpt.unit_gram(ws=[good, bad], axis=0, block=1, mode="consecutive", index=None, atol=0.0,
+                                         rtol=0.0, backend="cpu"), "ws[1]"),
+        (lambda: torch.ops.lpt.act_stats_(bad, stats, None, 0.0, "cpu"), "x"),
+        (lambda: torch.ops.lpt.rollback_(good.clone(), bad, torch.tensor([1]), 0, 1, 1.0, False, "cpu"), "source"),
+        (lambda: torch.ops.lpt.masked_cosine([good, bad], "given", 0, 1, torch.tensor([0]), 0, 1, "cpu"), "ws[1]"),
+    ]
+    for call, arg in calls:
+        with pytest.raises(TypeError) as e:
+            call()
+        _one_line_naming(e, arg, str(dtype))
+    assert torch.equal(stats, L.new_act_stats(4))
+
+
+def test_backend_entry_points_name_argument_and_dtype():
+    """The CPU backend's own entry points say which argument has which dtype (not a bare KeyError)."""
+    from lpt_kernels.backends import cpu
+    if not cpu.AVAILABLE:
+        pytest.skip("CPU extension not built")
+    bad = torch.zeros(3, 2, dtype=torch.int8)
+    with pytest.raises(TypeError) as e:
+        cpu.unit_gram([torch.zeros(3, 2), bad], 0, 1, "consecutive", None, 0.0, 0.0)
+    _one_line_naming(e, "ws[1]", "torch.int8")
+    with pytest.raises(TypeError) as e:
+        cpu.act_stats_(bad, L.new_act_stats(2), None, 0.0)
+    _one_line_naming(e, "x", "torch.int8")
+
+
+@pytest.mark.parametrize("shape", [(), (5,), (2, 3, 4)])
+def test_two_d_ops_refuse_other_ranks(shape):
+    """unit_gram, masked_cosine and rollback_ work on weight matrices: 0-d, 1-D and 3-D tensors are refused with
+    one line naming the argument and the shape (zero-size 2-D tensors are fine); act_stats_ refuses only 0-d x."""
+    t = torch.zeros(shape)
+    with pytest.raises(ValueError) as e:
+        L.unit_gram([t, t])
+    _one_line_naming(e, "ws[0]", "2-D", str(tuple(shape)))
+    with pytest.raises(ValueError) as e:
+        L.masked_cosine(t, t, [])
+    _one_line_naming(e, "u", "2-D")
+    with pytest.raises(ValueError) as e:
+        L.rollback_(t, t, [])
+    _one_line_naming(e, "target", "2-D")
+    if shape == ():
+        with pytest.raises(ValueError) as e:
+            L.act_stats_(t, L.new_act_stats(1))
+        _one_line_naming(e, "x", "0-d")
+
+
+def test_c_extension_accepts_empty_tensors_and_refuses_null_data():
+    """A zero-size tensor may carry a null data pointer; the C++ layer accepts that (nothing is read) and still
+    refuses a null pointer for a tensor that has elements."""
+    from lpt_kernels.backends import cpu
+    if not cpu.AVAILABLE:
+        pytest.skip("CPU extension not built")
+    out = [torch.zeros(2, 1), torch.zeros(2, 1), torch.ones(2, 1), torch.ones(2, 1, dtype=torch.int64),
+           torch.ones(2, 1, dtype=torch.int64)]
+    ptrs = [o.data_ptr() for o in out]
+    cpu._C.unit_gram([0, 0], [0, 0], [0, 0], [1, 1], 2, 0, 0, 1, 0, 0, 2, 0.0, 0.0, *ptrs[:1], ptrs[1], ptrs[2],
+                     ptrs[3], ptrs[4], 1)
+    assert not any(o.any() for o in out)
+    with pytest.raises(ValueError, match="null data pointer"):
+        cpu._C.unit_gram([0, 0], [0, 0], [2, 2], [1, 1], 2, 2, 0, 1, 0, 0, 2, 0.0, 0.0, *ptrs, 1)
+    cpu._C.act_stats(0, 0, 0, 1, 0, 3, 0, L.new_act_stats(3).data_ptr(), 3, 1, 0.0, 1)
+    cpu._C.rollback(0, 0, 0, 1, 0, 0, 0, 1, 0, 4, 0, 0, 0, 1, 1.0, False, 1)

@@ -76,13 +76,16 @@ void unit_gram(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtype
   if (mode < lpt::kConsecutive || mode > lpt::kGiven) throw std::invalid_argument("unit_gram: bad mode");
   if (lpt::num_deltas(mode, k) < 1) throw std::invalid_argument("unit_gram: this mode needs at least 2 inputs");
   if (axis != 0 && axis != 1) throw std::invalid_argument("unit_gram: axis must be 0 or 1");
+  if (rows < 0 || cols < 0 || n_units < 0) throw std::invalid_argument("unit_gram: negative extent");
   const int64_t extent = axis == 0 ? rows : cols;
   if (block < 1 || extent % block) throw std::invalid_argument("unit_gram: block must divide the axis");
-  if (!index && n_units != extent / block) throw std::invalid_argument("unit_gram: unit count mismatch");
+  // No index: every unit. An empty index may come with a null pointer (n_units == 0).
+  if (!index && n_units != 0 && n_units != extent / block)
+    throw std::invalid_argument("unit_gram: unit count mismatch");
   if (n_units > 0 && !(gram && abs_sum && abs_max && zeros && near_zeros))
     throw std::invalid_argument("unit_gram: null output pointer");
   std::vector<Tensor2D> ws;
-  for (int i = 0; i < k; ++i) ws.push_back(tensor(ptrs[i], dtypes[i], s0[i], s1[i], "unit_gram input"));
+  for (int i = 0; i < k; ++i) ws.push_back(tensor(ptrs[i], dtypes[i], s0[i], s1[i], rows * cols, "unit_gram input"));
   GramOut out{(float*)gram, (float*)abs_sum, (float*)abs_max, (int64_t*)zeros, (int64_t*)near_zeros};
   py::gil_scoped_release nogil;
   LPT_DISPATCH(unit_gram, ws.data(), k, rows, cols, axis, block, mode, (const int64_t*)index, n_units, atol, rtol,
@@ -91,8 +94,9 @@ void unit_gram(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtype
 
 void act_stats(uintptr_t x, int dtype, int64_t s0, int64_t s1, int64_t tokens, int64_t channels, uintptr_t mask,
                uintptr_t stats, int64_t ss0, int64_t ss1, float threshold, int threads) {
-  if (!stats) throw std::invalid_argument("act_stats_: null stats pointer");
-  const Tensor2D t = tensor(x, dtype, s0, s1, "act_stats_ input");
+  if (tokens < 0 || channels < 0) throw std::invalid_argument("act_stats_: negative extent");
+  if (!stats && channels > 0) throw std::invalid_argument("act_stats_: null stats pointer");
+  const Tensor2D t = tensor(x, dtype, s0, s1, tokens * channels, "act_stats_ input");
   py::gil_scoped_release nogil;
   LPT_DISPATCH(act_stats, t, tokens, channels, (const uint8_t*)mask, (double*)stats, ss0, ss1, threshold,
                threads < 1 ? 1 : threads);
@@ -102,10 +106,16 @@ void rollback(uintptr_t target, int tdtype, int64_t ts0, int64_t ts1, uintptr_t 
               int64_t ss1, int64_t rows, int64_t cols, uintptr_t index, int64_t n_index, int axis, int64_t block,
               float alpha, bool compact, int threads) {
   check_dtype(tdtype, "rollback_ target");
-  if (!target) throw std::invalid_argument("rollback_: null target pointer");
+  if (rows < 0 || cols < 0 || n_index < 0) throw std::invalid_argument("rollback_: negative extent");
+  if (!target && rows * cols > 0) throw std::invalid_argument("rollback_: null target pointer");
   if (axis != 0 && axis != 1) throw std::invalid_argument("rollback_: axis must be 0 or 1");
+  if (block < 1 || (axis == 0 ? rows : cols) % block)
+    throw std::invalid_argument("rollback_: block must divide the axis");
   if (n_index > 0 && !index) throw std::invalid_argument("rollback_: null index pointer");
-  const Tensor2D s = tensor(source, sdtype, ss0, ss1, "rollback_ source");
+  // A compact source holds n_index * block lines along the axis; otherwise target's shape.
+  const int64_t s_elems = compact ? n_index * block * (axis == 0 ? cols : rows) : rows * cols;
+  const Tensor2D s = tensor(source, sdtype, ss0, ss1, s_elems, "rollback_ source");
+  if (n_index == 0 || rows * cols == 0) return;  // nothing to move
   py::gil_scoped_release nogil;
   LPT_DISPATCH(rollback, (void*)target, tdtype, ts0, ts1, s, rows, cols, (const int64_t*)index, n_index, axis, block,
                alpha, compact, threads < 1 ? 1 : threads);

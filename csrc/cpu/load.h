@@ -187,6 +187,21 @@ LPT_VINLINE vf vfma(vf a, vf b, vf c) {
 #endif
 }
 
+// a * b rounded lane-wise on its own: lpt/element.h's mul_rn (the near-zero bound is never an fma, on any ISA). The
+// empty asm hides the product from -ffp-contract and emits nothing.
+LPT_VINLINE vf vmul_rn(vf a, vf b) {
+  vf p = a * b;
+#if defined(__x86_64__) || defined(__i386__)
+  __asm__("" : "+v"(p));
+#elif defined(__aarch64__)
+  __asm__("" : "+w"(p));
+#else
+  volatile vf v = p;
+  p = v;
+#endif
+  return p;
+}
+
 // |x| with the sign bit cleared. Observably the same as lpt/element.h's x < 0 ? -x : x in every statistic here:
 // the two differ only on -0 (gives +0: same sums, maxima and comparisons) and on the sign of a NaN (still NaN).
 LPT_VINLINE vf vabs(vf x) { return (vf)((vu)x & 0x7fffffffu); }

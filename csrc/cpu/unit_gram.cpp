@@ -14,7 +14,8 @@
 //   kFoldRows rows. The block's row streams are prefetched in software.
 //
 // The near-zero test is specialised on the tolerances (NearZero): with atol = rtol = 0 it is the zero test and is not
-// computed twice; with rtol = 0 the bound is the constant atol; only rtol > 0 needs |w_ref| per element.
+// computed twice; with rtol = 0 the bound is the constant atol; only rtol > 0 needs |w_ref| per element, and there the
+// product rtol * |w_ref| is rounded before atol is added (vmul_rn: never an fma, the contract of every backend).
 //
 // Up to kStaticM deltas (K <= 5) the accumulators are sized at compile time and live in registers (StaticKern); more
 // deltas use runtime-sized accumulators in L1 (DynKern: the rare K > 5, kept generic to keep the build small). The
@@ -269,7 +270,7 @@ struct VAcc {
     for (int x = 0; x < M; ++x)
       for (int y = x; y < M; ++y, ++p) g[p][u] += d[x] * d[y];
     vf thr_base = {};
-    if (MODE == kBase && NZ == kNzRel) thr_base = atol + rtol * vabs(w[0]);
+    if (MODE == kBase && NZ == kNzRel) thr_base = vmul_rn(vf{} + rtol, vabs(w[0])) + atol;
     for (int m = 0; m < M; ++m) {
       const vf a = vabs(d[m]);
       s[m][u] += a;
@@ -278,7 +279,7 @@ struct VAcc {
       if (NZ == kNzAbs) {
         nz[m][u] = a <= thr0 ? nz[m][u] + one : nz[m][u];
       } else if (NZ == kNzRel) {
-        const vf thr = MODE == kBase ? thr_base : atol + rtol * vabs(w[m]);
+        const vf thr = MODE == kBase ? thr_base : vmul_rn(vf{} + rtol, vabs(w[m])) + atol;
         nz[m][u] = a <= thr ? nz[m][u] + one : nz[m][u];
       }
     }
@@ -359,10 +360,9 @@ struct VAccDyn {
       z[m] = d[m] == zero ? z[m] + one : z[m];
       vf thr;
       if (mode == kGiven) {
-        const float r = 0.0f;  // the reference of a given delta
-        thr = zero + (atol + rtol * r);
+        thr = zero + near_bound(0.0f, atol, rtol);  // the reference of a given delta is 0
       } else {
-        thr = atol + rtol * vabs(mode == kConsecutive ? w[m] : w[0]);
+        thr = vmul_rn(zero + rtol, vabs(mode == kConsecutive ? w[m] : w[0])) + atol;
       }
       nz[m] = a <= thr ? nz[m] + one : nz[m];
     }
@@ -422,7 +422,7 @@ struct StaticKern {
     const char* p[K];
     for (int k = 0; k < K; ++k) p[k] = a.q[k];
     const int64_t st = a.st, pfo = a.pfo;
-    const float atol = c.atol, rtol = c.rtol, r0 = 0.0f, thr0 = atol + rtol * r0;
+    const float atol = c.atol, rtol = c.rtol, thr0 = near_bound(0.0f, atol, rtol);
     if (a.prefetch) {
       for (int64_t j = 0, off = 0; j < a.n; ++j, off += st) {
         for (int k = 0; k < K; ++k)

@@ -26,7 +26,8 @@ struct ActArgs {
 // 6 per byte, below the ~9 per byte an H100 issues at 3.35 TB/s, so memory-bound (fp32 inputs: 3 per byte). Sums
 // run in fp32 over 64 tokens and are then folded into fp64 registers, so precision does not depend on T. The mask
 // of 64 tokens is fetched once per warp (a ballot), so loads of x never wait on a mask load; masked-out tokens are
-// not read. Commit: 5 double atomics per channel per chunk (chunks are sized for ~16 CTAs per SM).
+// not read. Commit: 5 double atomics per channel per chunk. Chunks are sized from the kernel's measured occupancy
+// so that the grid is whole waves of resident CTAs (fit_split).
 template <int DT, bool MASK>
 __global__ void __launch_bounds__(kThreads) act_stats_kernel(const ActArgs a) {
   const int64_t c = (int64_t)blockIdx.x * kThreads + threadIdx.x;
@@ -74,10 +75,20 @@ __global__ void __launch_bounds__(kThreads) act_stats_kernel(const ActArgs a) {
   atomicAdd(s + 4 * a.ss0, count);
 }
 
+template <int DT, bool MASK>
+int launch(ActArgs a, int device, int sms, cudaStream_t s) {
+  int per_sm = 0;
+  if (int rc = resident_ctas<act_stats_kernel<DT, MASK>>(device, kThreads, &per_sm)) return rc;
+  const int64_t col_blocks = ceil_div(a.C, kThreads);
+  int64_t chunks = clamp64(fit_split(col_blocks, ceil_div(a.T, kSub), (int64_t)sms * per_sm), 1, 65535);
+  a.chunk = split(a.T, chunks, kSub, &chunks);
+  act_stats_kernel<DT, MASK><<<dim3((unsigned)col_blocks, (unsigned)chunks), kThreads, 0, s>>>(a);
+  return check_launch("act_stats_");
+}
+
 template <int DT>
-void launch(const ActArgs& a, dim3 grid, cudaStream_t s) {
-  if (a.mask) act_stats_kernel<DT, true><<<grid, kThreads, 0, s>>>(a);
-  else act_stats_kernel<DT, false><<<grid, kThreads, 0, s>>>(a);
+int launch_dt(const ActArgs& a, int device, int sms, cudaStream_t s) {
+  return a.mask ? launch<DT, true>(a, device, sms, s) : launch<DT, false>(a, device, sms, s);
 }
 
 }  // namespace
@@ -110,14 +121,10 @@ extern "C" int lpt_cuda_act_stats(const void* x, int dtype, int64_t T, int64_t C
   a.mask = (const unsigned char*)mask;
   a.ms = mask_stride;
   a.threshold = threshold;
-  const int64_t col_blocks = ceil_div(C, kThreads);
-  if (col_blocks > 0x7fffffff) return fail(LPT_CUDA_EINVAL, "act_stats_: %lld channels is too many", (long long)C);
-  int64_t chunks = clamp64(std::min(ceil_div(16 * (int64_t)sms, col_blocks), ceil_div(T, kSub)), 1, 65535);
-  a.chunk = split(T, chunks, kSub, &chunks);
-  const dim3 grid((unsigned)col_blocks, (unsigned)chunks);
+  if (ceil_div(C, kThreads) > 0x7fffffff)
+    return fail(LPT_CUDA_EINVAL, "act_stats_: %lld channels is too many", (long long)C);
   cudaStream_t s = (cudaStream_t)stream;
-  if (dtype == kF32) launch<kF32>(a, grid, s);
-  else if (dtype == kBF16) launch<kBF16>(a, grid, s);
-  else launch<kF16>(a, grid, s);
-  return check_launch("act_stats_");
+  if (dtype == kF32) return launch_dt<kF32>(a, device, sms, s);
+  if (dtype == kBF16) return launch_dt<kBF16>(a, device, sms, s);
+  return launch_dt<kF16>(a, device, sms, s);
 }

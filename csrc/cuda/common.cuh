@@ -8,6 +8,7 @@
 #include <cstdarg>
 #include <cstdio>
 #include <string>
+#include <type_traits>
 
 #include "lpt/element.h"
 #include "lpt_cuda.h"
@@ -59,6 +60,45 @@ inline int sm_count(int device, int* n) {
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 inline int64_t clamp64(int64_t v, int64_t lo, int64_t hi) { return v < lo ? lo : (v > hi ? hi : v); }
+
+// CTAs of `Kernel` that fit on one SM at `threads` threads per CTA: cudaOccupancyMaxActiveBlocksPerMultiprocessor
+// reads the compiled kernel's registers and shared memory (a host computation, no synchronisation). Cached per device
+// (one thread count per kernel instance). The grids below are sized from it, in whole waves.
+template <auto Kernel>
+int resident_ctas(int device, int threads, int* n) {
+  static std::atomic<int> cache[64];
+  if (device < 0 || device >= 64) return fail(LPT_CUDA_EINVAL, "device: %d is not a CUDA device ordinal", device);
+  *n = cache[device].load(std::memory_order_relaxed);
+  if (*n > 0) return LPT_CUDA_OK;
+  const cudaError_t e = cudaOccupancyMaxActiveBlocksPerMultiprocessor(n, Kernel, threads, 0);
+  if (e != cudaSuccess || *n < 1) {
+    cudaGetLastError();
+    return fail(LPT_CUDA_ERUNTIME, "cannot query the occupancy of a kernel on CUDA device %d: %s", device,
+                cudaGetErrorString(e));
+  }
+  cache[device].store(*n, std::memory_order_relaxed);
+  return LPT_CUDA_OK;
+}
+
+// How many parts to split each of `tiles` independent tiles into (at most max_split) so that the grid fills the
+// device's `slots` resident CTAs in whole waves: a partial last wave leaves SMs idle while it runs (e.g. 2128 CTAs on
+// 2112 slots is two waves, the second 1% full). One wave when the tiles are few (slots / tiles parts); otherwise the
+// smallest split up to 32 whose waves are >= 90% used, else the best of those.
+inline int64_t fit_split(int64_t tiles, int64_t max_split, int64_t slots) {
+  if (max_split < 1) max_split = 1;
+  if (tiles < 1 || slots < 1) return 1;
+  if (tiles * max_split <= slots) return max_split;  // not even one wave: all the parallelism there is
+  if (10 * tiles <= slots) return std::min(max_split, slots / tiles);  // one wave, >= 90% of the slots
+  int64_t best = 1;
+  double best_use = 0.0;
+  for (int64_t s = 1; s <= std::min<int64_t>(max_split, 32); ++s) {
+    const int64_t n = tiles * s, waves = (n + slots - 1) / slots;
+    const double use = (double)n / (double)(waves * slots);
+    if (use >= 0.9) return s;
+    if (use > best_use) best = s, best_use = use;
+  }
+  return best;
+}
 
 // Split `n` items into `parts` ~equal chunks (chunk a multiple of `align`); returns the chunk size, sets the count.
 inline int64_t split(int64_t n, int64_t parts, int64_t align, int64_t* count) {

@@ -1,6 +1,6 @@
 // rollback_: in place on the listed units, target = round(fmaf(alpha, source - target, target)) (element.h's lerp
 // and store_from_f32, so the result is bit-identical to the CPU backend's; alpha == 1 copies round(source) and does
-// not read the target).
+// not read the target, and with equal dtypes it copies the raw words: exact, NaN payloads included).
 //
 // Index space as in unit_gram: virtual row v = p*block + i (p-th listed unit, index i inside it) times j along the
 // other dimension. Per element: reads the source (2 or 4 bytes), reads the target unless alpha == 1, writes the
@@ -37,6 +37,19 @@ __device__ __forceinline__ void row_starts(const RbArgs& a, int64_t v, int64_t& 
 // move a load of the source above a store to the target: it cannot know that they do not overlap).
 template <int TD, int SD>
 __device__ __forceinline__ void move(const RbArgs& a, int64_t to, int64_t so, int64_t tstep, int64_t sstep, int n) {
+  if constexpr (TD == SD) {
+    if (a.alpha == 1.0f) {  // the raw words: a conversion through fp32 would quiet NaNs (bf16 0x7f81 -> 0x7fc1)
+      using Word = typename std::conditional<TD == kF32, uint32_t, uint16_t>::type;
+      Word w[kBatch];
+#pragma unroll
+      for (int e = 0; e < kBatch; ++e)
+        if (e < n) w[e] = ((const Word*)a.s)[so + e * sstep];
+#pragma unroll
+      for (int e = 0; e < kBatch; ++e)
+        if (e < n) ((Word*)a.t)[to + e * tstep] = w[e];
+      return;
+    }
+  }
   float s[kBatch], t[kBatch];
 #pragma unroll
   for (int e = 0; e < kBatch; ++e) {
@@ -76,16 +89,26 @@ __global__ void __launch_bounds__(kThreads) rollback_cols(const RbArgs a) {
 }
 
 template <int TD, int SD>
-void launch(const RbArgs& a, bool rows, dim3 grid, cudaStream_t s) {
-  if (rows) rollback_rows<TD, SD><<<grid, kThreads, 0, s>>>(a);
-  else rollback_cols<TD, SD><<<grid, kThreads, 0, s>>>(a);
+int launch(RbArgs a, bool rows, int device, int sms, cudaStream_t s) {
+  if (rows) {
+    const dim3 grid((unsigned)clamp64(ceil_div(a.L, kThreads * kBatch), 1, 65535), (unsigned)clamp64(a.nv, 1, 65535));
+    rollback_rows<TD, SD><<<grid, kThreads, 0, s>>>(a);
+  } else {
+    int per_sm = 0;
+    if (int rc = resident_ctas<rollback_cols<TD, SD>>(device, kThreads, &per_sm)) return rc;
+    const int64_t col_blocks = ceil_div(a.nv, kThreads);
+    int64_t chunks = clamp64(fit_split(col_blocks, ceil_div(a.L, 64), (int64_t)sms * per_sm), 1, 65535);
+    a.chunk = split(a.L, chunks, 1, &chunks);
+    rollback_cols<TD, SD><<<dim3((unsigned)col_blocks, (unsigned)chunks), kThreads, 0, s>>>(a);
+  }
+  return check_launch("rollback_");
 }
 
 template <int TD>
-void launch_sd(int sd, const RbArgs& a, bool rows, dim3 grid, cudaStream_t s) {
-  if (sd == kF32) launch<TD, kF32>(a, rows, grid, s);
-  else if (sd == kBF16) launch<TD, kBF16>(a, rows, grid, s);
-  else launch<TD, kF16>(a, rows, grid, s);
+int launch_sd(int sd, const RbArgs& a, bool rows, int device, int sms, cudaStream_t s) {
+  if (sd == kF32) return launch<TD, kF32>(a, rows, device, sms, s);
+  if (sd == kBF16) return launch<TD, kBF16>(a, rows, device, sms, s);
+  return launch<TD, kF16>(a, rows, device, sms, s);
 }
 
 }  // namespace
@@ -130,18 +153,8 @@ extern "C" int lpt_cuda_rollback(void* target, int target_dtype, int64_t rows, i
   a.alpha = alpha;
   a.compact = compact != 0;
   const bool use_rows = a.tso == 1 || a.tsa != 1;  // the layout of the target (it is read and written)
-  dim3 grid;
-  if (use_rows) {
-    grid = dim3((unsigned)clamp64(ceil_div(L, kThreads * kBatch), 1, 65535), (unsigned)clamp64(a.nv, 1, 65535));
-  } else {
-    const int64_t col_blocks = ceil_div(a.nv, kThreads);
-    int64_t chunks = clamp64(std::min(ceil_div(16 * (int64_t)sms, col_blocks), ceil_div(L, 64)), 1, 65535);
-    a.chunk = split(L, chunks, 1, &chunks);
-    grid = dim3((unsigned)col_blocks, (unsigned)chunks);
-  }
   cudaStream_t s = (cudaStream_t)stream;
-  if (target_dtype == kF32) launch_sd<kF32>(source_dtype, a, use_rows, grid, s);
-  else if (target_dtype == kBF16) launch_sd<kBF16>(source_dtype, a, use_rows, grid, s);
-  else launch_sd<kF16>(source_dtype, a, use_rows, grid, s);
-  return check_launch("rollback_");
+  if (target_dtype == kF32) return launch_sd<kF32>(source_dtype, a, use_rows, device, sms, s);
+  if (target_dtype == kBF16) return launch_sd<kBF16>(source_dtype, a, use_rows, device, sms, s);
+  return launch_sd<kF16>(source_dtype, a, use_rows, device, sms, s);
 }

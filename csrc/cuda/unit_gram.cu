@@ -17,7 +17,17 @@ namespace lpt {
 namespace cuda {
 namespace {
 
-constexpr int kRowThreads = 256;
+// Threads and minimum resident CTAs of gram_rows for K inputs and M deltas. Up to 7 inputs: 256 x 2 (<= 128
+// registers, no spills). The 8-input instances need 146-168 registers: as 256-thread CTAs they ran one per SM, each
+// reading one unit's row and then reducing ~60 values with nothing overlapping it (about a third of HBM bandwidth).
+// As 128-thread CTAs, four per SM (128 registers, no spills on sm_80/sm_90) with 7 deltas, three (168 registers; 128
+// spills on sm_80) with 8 given deltas: one CTA's reduction overlaps the others' loads, and 12-16 warps keep 24-32 KB
+// of 8-input loads in flight per SM instead of 16 KB.
+template <int K, int M>
+struct RowCfg {
+  static constexpr int kThreads = K <= 7 ? 256 : 128;
+  static constexpr int kMinCtas = K <= 7 ? 2 : (M <= 7 ? 4 : 3);
+};
 constexpr int kColThreads = 128;
 constexpr int kColBatch = 4;  // rows whose loads gram_cols issues before using them
 constexpr int kMax = LPT_CUDA_MAX_INPUTS;
@@ -111,13 +121,13 @@ __device__ __forceinline__ void commit_c(const GramArgs& a, int64_t p, int t, in
   atomicAdd((t < M ? a.zeros : a.near_zeros) + p * M + (t < M ? t : t - M), (unsigned long long)v);
 }
 
-template <int M, int MODE, int V>
+template <int M, int MODE, int V, int THREADS>
 __device__ __forceinline__ void row_loop(const GramArgs& a, int64_t unit, int64_t i0, int64_t i1, int64_t j0,
                                          int64_t j1, Acc<M, MODE>& acc) {
   constexpr int K = Acc<M, MODE>::K;
   for (int64_t i = i0; i < i1; ++i) {
     const int64_t row = unit * a.block + i;
-    for (int64_t j = j0 + (int64_t)threadIdx.x * V; j < j1; j += kRowThreads * V) {
+    for (int64_t j = j0 + (int64_t)threadIdx.x * V; j < j1; j += THREADS * V) {
       float w[K][V];
       if constexpr (V == 4) {  // so == 1 and 4-aligned rows (checked on the host)
         uint4 raw[K];
@@ -149,11 +159,13 @@ __device__ __forceinline__ void row_loop(const GramArgs& a, int64_t unit, int64_
 // issues at 3.35 TB/s (132 SMs x 128 lanes x ~1.8 GHz): memory-bound, with vector loads keeping the load count at
 // one instruction per 4 elements per input. Per-thread runs are capped at ~4096 elements (fp32 rounding), the
 // per-CTA reduction (~NF+NC shuffles per warp, NF+NC atomics per CTA) is amortised over >= 4096 elements.
-// At least two CTAs per SM (<= 128 registers) keep >= 16 KB of loads in flight per SM; the 8-input instances would
-// spill under that cap and run one CTA per SM, with 8 inputs' loads in flight per thread instead.
+// At least two 256-thread CTAs per SM (<= 128 registers) keep >= 16 KB of loads in flight per SM; the 8-input
+// instances run three or four 128-thread CTAs per SM instead (RowCfg).
 template <int M, int MODE>
-__global__ void __launch_bounds__(kRowThreads, Acc<M, MODE>::K <= 7 ? 2 : 1) gram_rows(const GramArgs a) {
+__global__ void __launch_bounds__(RowCfg<Acc<M, MODE>::K, M>::kThreads, RowCfg<Acc<M, MODE>::K, M>::kMinCtas)
+    gram_rows(const GramArgs a) {
   using A = Acc<M, MODE>;
+  constexpr int kThreads = RowCfg<A::K, M>::kThreads;
   const int64_t p = blockIdx.x;
   const int64_t unit = a.index ? a.index[p] : p;
   const int64_t rs = blockIdx.y % a.row_splits, cs = blockIdx.y / a.row_splits;
@@ -161,11 +173,11 @@ __global__ void __launch_bounds__(kRowThreads, Acc<M, MODE>::K <= 7 ? 2 : 1) gra
   const int64_t j0 = cs * a.cols_per_split, j1 = min(a.row_len, j0 + a.cols_per_split);
   A acc;
   acc.init();
-  if (a.vec) row_loop<M, MODE, 4>(a, unit, i0, i1, j0, j1, acc);
-  else row_loop<M, MODE, 1>(a, unit, i0, i1, j0, j1, acc);
+  if (a.vec) row_loop<M, MODE, 4, kThreads>(a, unit, i0, i1, j0, j1, acc);
+  else row_loop<M, MODE, 1, kThreads>(a, unit, i0, i1, j0, j1, acc);
 
   // CTA reduction: shuffles within each warp, then one thread per statistic across the warps, then one atomic.
-  constexpr int NW = kRowThreads / 32;
+  constexpr int NW = kThreads / 32;
   __shared__ float sf[NW][A::NF];
   __shared__ int sc[NW][A::NC];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
@@ -278,21 +290,44 @@ __global__ void mirror_gram(float* gram, int64_t U, int M) {
 
 int small_grid(int64_t n, int sms) { return (int)clamp64(ceil_div(n, 256), 1, 4 * (int64_t)sms); }
 
+// The grid of one kernel instance: whole waves of the CTAs that fit on the device (its measured occupancy, see
+// fit_split), per-thread runs bounded for fp32 rounding. gram_rows: U units x splits of each unit's E elements, a CTA
+// taking 16..4096 elements per thread; gram_cols: column blocks x row chunks of 64..2048 rows.
 template <int M, int MODE>
-int launch(const GramArgs& a, bool rows, dim3 grid, cudaStream_t s) {
-  if (rows) gram_rows<M, MODE><<<grid, kRowThreads, 0, s>>>(a);
-  else gram_cols<M, MODE><<<grid, kColThreads, 0, s>>>(a);
+int launch(GramArgs a, bool rows, int64_t U, int device, int sms, cudaStream_t s) {
+  if (rows) {
+    constexpr int T = RowCfg<Acc<M, MODE>::K, M>::kThreads;
+    int per_sm = 0;
+    if (int rc = resident_ctas<gram_rows<M, MODE>>(device, T, &per_sm)) return rc;
+    const int64_t E = a.rows * a.row_len, min_cta = T * 16, max_cta = (int64_t)T * 4096;
+    int64_t splits = std::max(ceil_div(E, max_cta), fit_split(U, ceil_div(E, min_cta), (int64_t)sms * per_sm));
+    splits = clamp64(splits, 1, 65535);
+    int64_t row_splits = std::min(splits, a.rows), col_splits = 1;
+    a.rows_per_split = split(a.rows, row_splits, 1, &row_splits);
+    a.cols_per_split = split(a.row_len, ceil_div(splits, row_splits), 4, &col_splits);
+    if (row_splits * col_splits > 65535) a.cols_per_split = split(a.row_len, 1, 4, &col_splits);
+    a.row_splits = (int)row_splits;
+    gram_rows<M, MODE><<<dim3((unsigned)U, (unsigned)(row_splits * col_splits)), T, 0, s>>>(a);
+  } else {
+    int per_sm = 0;
+    if (int rc = resident_ctas<gram_cols<M, MODE>>(device, kColThreads, &per_sm)) return rc;
+    const int64_t col_blocks = ceil_div(a.nv, kColThreads);
+    int64_t chunks = std::max(ceil_div(a.L, 2048), fit_split(col_blocks, ceil_div(a.L, 64), (int64_t)sms * per_sm));
+    chunks = clamp64(chunks, 1, 65535);
+    a.rows_per_chunk = split(a.L, chunks, 1, &chunks);
+    gram_cols<M, MODE><<<dim3((unsigned)col_blocks, (unsigned)chunks), kColThreads, 0, s>>>(a);
+  }
   return check_launch("unit_gram");
 }
 
 // M = 1..7 for consecutive/base (K = M+1 <= 8), 1..8 for given; base with M = 1 is consecutive (same delta and ref).
 template <int MODE, int M = 1>
-int dispatch(int m, const GramArgs& a, bool rows, dim3 grid, cudaStream_t s) {
+int dispatch(int m, const GramArgs& a, bool rows, int64_t U, int device, int sms, cudaStream_t s) {
   if constexpr (M > kMax || (MODE != kGiven && M + 1 > kMax)) {
     return fail(LPT_CUDA_EINVAL, "unit_gram: %d deltas is out of range", m);
   } else {
-    if (m == M) return launch<M, (MODE == kBase && M == 1) ? kConsecutive : MODE>(a, rows, grid, s);
-    return dispatch<MODE, M + 1>(m, a, rows, grid, s);
+    if (m == M) return launch<M, (MODE == kBase && M == 1) ? kConsecutive : MODE>(a, rows, U, device, sms, s);
+    return dispatch<MODE, M + 1>(m, a, rows, U, device, sms, s);
   }
 }
 
@@ -363,9 +398,8 @@ extern "C" int lpt_cuda_unit_gram(int k, const void* const* ptrs, const int* dty
   if (int rc = check_launch("unit_gram (zero outputs)")) return rc;
   if (L == 0) return LPT_CUDA_OK;  // empty units: all statistics are zero
 
-  // ---- grid: enough CTAs for ~2 waves, per-thread runs bounded for fp32 rounding ------------------------------
+  // ---- layout: which kernel, row geometry (the grid is sized per kernel instance in launch) --------------------
   const bool use_rows = to_rows >= to_cols;
-  dim3 grid;
   if (use_rows) {
     bool merged = block == 1, vec = true;
     if (!merged) {
@@ -380,29 +414,15 @@ extern "C" int lpt_cuda_unit_gram(int k, const void* const* ptrs, const int* dty
             (uintptr_t)ptrs[i] % (uintptr_t)(4 * dtype_size(dtypes[i])) == 0;
     }
     a.vec = vec && a.row_len % 4 == 0;
-    const int64_t E = a.rows * a.row_len, min_cta = kRowThreads * 16, max_cta = (int64_t)kRowThreads * 4096;
-    int64_t splits = std::max(ceil_div(E, max_cta), std::min(ceil_div(8 * (int64_t)sms, U), ceil_div(E, min_cta)));
-    splits = clamp64(splits, 1, 65535);
-    int64_t row_splits = std::min(splits, a.rows), col_splits = 1;
-    a.rows_per_split = split(a.rows, row_splits, 1, &row_splits);
-    a.cols_per_split = split(a.row_len, ceil_div(splits, row_splits), 4, &col_splits);
-    if (row_splits * col_splits > 65535) a.cols_per_split = split(a.row_len, 1, 4, &col_splits);
-    a.row_splits = (int)row_splits;
-    grid = dim3((unsigned)U, (unsigned)(row_splits * col_splits));
   } else {
     a.nv = U * block;
     a.width = block % 32 == 0 ? 32 : (32 % block == 0 ? (int)block : 1);
-    const int64_t col_blocks = ceil_div(a.nv, kColThreads);
-    int64_t chunks = std::max(ceil_div(L, 2048), std::min(ceil_div(16 * (int64_t)sms, col_blocks), ceil_div(L, 64)));
-    chunks = clamp64(chunks, 1, 65535);
-    a.rows_per_chunk = split(L, chunks, 1, &chunks);
-    grid = dim3((unsigned)col_blocks, (unsigned)chunks);
   }
 
   int rc;
-  if (mode == kConsecutive) rc = dispatch<kConsecutive>(M, a, use_rows, grid, s);
-  else if (mode == kBase) rc = dispatch<kBase>(M, a, use_rows, grid, s);
-  else rc = dispatch<kGiven>(M, a, use_rows, grid, s);
+  if (mode == kConsecutive) rc = dispatch<kConsecutive>(M, a, use_rows, U, device, sms, s);
+  else if (mode == kBase) rc = dispatch<kBase>(M, a, use_rows, U, device, sms, s);
+  else rc = dispatch<kGiven>(M, a, use_rows, U, device, sms, s);
   if (rc || M == 1) return rc;
   mirror_gram<<<small_grid(U * M * M, sms), 256, 0, s>>>(gram, U, M);
   return check_launch("unit_gram (mirror)");

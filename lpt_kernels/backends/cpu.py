@@ -17,6 +17,14 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 MODE_CODES = {"consecutive": 0, "base": 1, "given": 2}
 
 
+def _code(t, name: str) -> int:
+    """The extension's dtype code of tensor `t` (argument `name`), or TypeError naming both."""
+    try:
+        return DTYPE_CODES[t.dtype]
+    except KeyError:
+        raise TypeError(f"{name}: dtype {t.dtype} is not supported (expected bfloat16, float16 or float32)") from None
+
+
 def _ext():
     if _C is None:
         raise RuntimeError(f"the CPU backend is not available: {REASON}; reinstall lpt_kernels (pip install .)")
@@ -50,7 +58,7 @@ def unit_gram(ws, axis, block, mode, index, atol, rtol):
     abs_sum, abs_max = torch.empty(n_units, m, **kw), torch.empty(n_units, m, **kw)
     zeros = torch.empty(n_units, m, dtype=torch.int64)
     near = torch.empty(n_units, m, dtype=torch.int64)
-    C.unit_gram([w.data_ptr() for w in ws], [DTYPE_CODES[w.dtype] for w in ws], [w.stride(0) for w in ws],
+    C.unit_gram([w.data_ptr() for w in ws], [_code(w, f"ws[{i}]") for i, w in enumerate(ws)], [w.stride(0) for w in ws],
                 [w.stride(1) for w in ws], rows, cols, axis, block, MODE_CODES[mode],
                 index.data_ptr() if index is not None else 0, n_units, atol, rtol, gram.data_ptr(),
                 abs_sum.data_ptr(), abs_max.data_ptr(), zeros.data_ptr(), near.data_ptr(), torch.get_num_threads())
@@ -99,7 +107,7 @@ def fold_unit_gram(r, acc=None):
 def act_stats_(x, stats, token_mask, threshold):
     C = _ext()
     mask = token_mask.contiguous() if token_mask is not None else None
-    C.act_stats(x.data_ptr(), DTYPE_CODES[x.dtype], x.stride(0), x.stride(1), x.shape[0], x.shape[1],
+    C.act_stats(x.data_ptr(), _code(x, "x"), x.stride(0), x.stride(1), x.shape[0], x.shape[1],
                 mask.data_ptr() if mask is not None else 0, stats.data_ptr(), stats.stride(0), stats.stride(1),
                 threshold, torch.get_num_threads())
 
@@ -107,6 +115,6 @@ def act_stats_(x, stats, token_mask, threshold):
 def rollback_(target, source, index, axis, block, alpha, compact):
     C = _ext()
     index = index.contiguous()
-    C.rollback(target.data_ptr(), DTYPE_CODES[target.dtype], target.stride(0), target.stride(1), source.data_ptr(),
-               DTYPE_CODES[source.dtype], source.stride(0), source.stride(1), target.shape[0], target.shape[1],
+    C.rollback(target.data_ptr(), _code(target, "target"), target.stride(0), target.stride(1), source.data_ptr(),
+               _code(source, "source"), source.stride(0), source.stride(1), target.shape[0], target.shape[1],
                index.data_ptr(), index.numel(), axis, block, alpha, compact, torch.get_num_threads())

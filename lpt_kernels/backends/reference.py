@@ -3,6 +3,12 @@
 Every test compares the other backends against this module, and it is the fallback where no extension runs.
 Deltas are formed exactly as the kernels form them (inputs widened to fp32, then differenced in fp32) and every
 sum is then taken in float64, so counts and maxima must agree exactly and sums to fp32 rounding of the kernels.
+
+Two rules every backend follows bit for bit (docs/kernels.md):
+
+- near-zero bound: ``atol + rtol * |w_ref|`` in fp32 with the product rounded before the sum (no fused
+  multiply-add), as two separate fp32 torch ops compute it here;
+- maxima ignore NaN (the largest non-NaN |value|, 0 when there is none), while sums propagate it.
 """
 from __future__ import annotations
 
@@ -27,17 +33,33 @@ def _per_unit(x: torch.Tensor, axis: int, block: int, index: Optional[torch.Tens
     """[M, R, N] -> [M, U, elements of a unit]."""
     if axis == 1:
         x = x.transpose(1, 2)
-    x = x.reshape(x.shape[0], x.shape[1] // block, -1)
+    x = x.reshape(x.shape[0], x.shape[1] // block, block * x.shape[2])  # explicit: zero sizes are fine
     return x if index is None else x[:, index.to(x.device)]
+
+
+def near_bound(ref32: torch.Tensor, atol: float, rtol: float) -> torch.Tensor:
+    """The near-zero bound atol + rtol * |ref| in fp32: the product rounded to fp32, then the sum (two roundings)."""
+    prod = torch.tensor(rtol, dtype=torch.float32, device=ref32.device) * ref32.abs()
+    return prod + torch.tensor(atol, dtype=torch.float32, device=ref32.device)
+
+
+def nan_ignoring_amax(a: torch.Tensor, dim: int) -> torch.Tensor:
+    """max over `dim` of non-negative values, NaN ignored, 0 for an empty or all-NaN reduction."""
+    a = torch.where(torch.isnan(a), 0.0, a)
+    if a.shape[dim] == 0:
+        shape = list(a.shape)
+        del shape[dim]
+        return a.new_zeros(shape)
+    return a.amax(dim)
 
 
 def unit_gram(ws, axis, block, mode, index, atol, rtol):
     d32, ref32 = deltas(ws, mode)
-    near = d32.abs() <= (torch.tensor(atol, dtype=torch.float32) + torch.tensor(rtol, dtype=torch.float32) * ref32.abs())
+    near = d32.abs() <= near_bound(ref32, atol, rtol)
     d = _per_unit(d32.to(torch.float64), axis, block, index)  # [M, U, E]
     gram = torch.einsum("aue,bue->uab", d, d)
     abs_d = d.abs()
-    abs_max = abs_d.amax(-1) if abs_d.shape[-1] else torch.zeros(abs_d.shape[:2], dtype=torch.float64, device=d.device)
+    abs_max = nan_ignoring_amax(abs_d, -1)
     return (gram.to(torch.float32).contiguous(),
             abs_d.sum(-1).T.to(torch.float32).contiguous(),
             abs_max.T.to(torch.float32).contiguous(),
@@ -54,7 +76,7 @@ def act_stats_(x, stats, token_mask, threshold):
     stats[1] += a.sum(0)
     stats[2] += (a * a).sum(0)
     if a.shape[0]:
-        stats[3] = torch.maximum(stats[3], a.amax(0))
+        stats[3] = torch.maximum(stats[3], nan_ignoring_amax(a, 0))
     stats[4] += (x.to(torch.float32).abs() > thr).sum(0).to(torch.float64)
 
 

@@ -130,10 +130,41 @@ LPT_HD void abs_update(float d, float& abs_sum, float& abs_max) {
 
 LPT_HD int is_zero(float d) { return d == 0.0f ? 1 : 0; }
 
+// a * b rounded to fp32 on its own, never fused with a following addition. The near-zero bound
+// atol + rtol * |w_ref| is contracted into an fma by nvcc, by g++ on FMA-capable ISAs and by Triton's compiler unless
+// told otherwise, and an fma can flip a boundary element; the contract (docs/kernels.md) is the product rounded, then
+// the sum, on every backend and build. nvcc never fuses __fmul_rn; on the host an empty asm makes the product opaque
+// to the compiler's contraction (it emits no instruction).
+LPT_HD float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  float p = a * b;
+#if defined(__x86_64__) || defined(__i386__)
+  __asm__("" : "+x"(p));
+#elif defined(__aarch64__)
+  __asm__("" : "+w"(p));
+#else
+  volatile float v = p;
+  p = v;
+#endif
+  return p;
+#endif
+}
+
+// The near-zero bound atol + rtol * |ref| (see mul_rn).
+LPT_HD float near_bound(float ref, float atol, float rtol) {
+  const float r = ref < 0.0f ? -ref : ref;
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(mul_rn(rtol, r), atol);
+#else
+  return mul_rn(rtol, r) + atol;
+#endif
+}
+
 LPT_HD int is_near_zero(float d, float ref, float atol, float rtol) {
   const float a = d < 0.0f ? -d : d;
-  const float r = ref < 0.0f ? -ref : ref;
-  return a <= atol + rtol * r ? 1 : 0;
+  return a <= near_bound(ref, atol, rtol) ? 1 : 0;
 }
 
 // ---- act_stats_: one activation value ----------------------------------------------------------------------------

@@ -9,42 +9,49 @@ coalesced):
   Tile programs over (column tile, row chunk) read rows coalesced and write per-column partials.
 
 Both write fp32/int32 partials ``[chunks, stat, units]`` that torch ops reduce (sum / amax) and fold over the block
-columns of a unit; no host synchronisation anywhere.
+columns of a unit; no host synchronisation anywhere. Grids are whole waves of the programs that fit on the device
+(the compiled kernel's occupancy, ``_launch``), and every launch runs on the inputs' device.
+
+The near-zero bound ``atol + rtol * |w_ref|`` is a rounded product plus atol, never an fma (the contract of every
+backend, docs/kernels.md): Triton's compiler contracts ``a * b + c`` by default, so on CUDA the bound is PTX
+``mul.rn.f32`` + ``add.rn.f32`` (explicit rounding: never fused, subnormals kept); the interpreter's numpy arithmetic
+never fuses.
 
 Cost per element position (K inputs, M deltas): sum_k itemsize_k bytes read (no writes beyond the tiny partials);
 about M*(M+1) FLOPs for the Gram entries (multiply-add per upper-triangle pair) plus ~8*M for the |d| sum, max and the
 two counts. For K <= 5 bf16 inputs that is < 4 FLOP/byte, well under the H100 ridge (~20 FLOP/byte fp32): memory-bound.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from ._launch import fit_split, on_device, resident_programs
+
 MODES = {"consecutive": 0, "base": 1, "given": 2}
 
-# Programs to aim for on the device (so small unit counts still fill the GPU). None: 4 x SM count on CUDA, 1 elsewhere
-# (the interpreter runs programs one after the other). Tests may set it to exercise the multi-chunk paths.
+# Programs to aim for off CUDA (None: 1, as the interpreter runs programs one after the other); tests set it to
+# exercise the multi-chunk paths. On CUDA the grid is sized from the compiled kernel's occupancy.
 TARGET_PROGRAMS = None
 # None: pick the kernel from the strides; "rows" / "cols" force one (tests).
 FORCE_KERNEL = None
 
 
-def _target_programs(device):
-    if TARGET_PROGRAMS is not None:
-        return TARGET_PROGRAMS
-    return _device_programs(device)
-
-
-@functools.lru_cache(maxsize=None)
-def _device_programs(device):
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 1
-
-
 def _pow2_floor(x):
     return 1 << (max(int(x), 1).bit_length() - 1)
+
+
+@triton.jit
+def _near_bound(r, atol, rtol, RN_LIB: tl.constexpr):
+    # atol + rtol * |r| with the product rounded on its own (never an fma): see the module docstring.
+    if RN_LIB:
+        # PTX mul.rn / add.rn: never contracted, and no flush of subnormals (libdevice's mul_rn would be .ftz).
+        b = tl.inline_asm_elementwise("{ .reg .f32 p; mul.rn.f32 p, $1, $2; add.rn.f32 $0, p, $3; }", "=f,f,f,f",
+                                      [tl.abs(r), rtol + tl.zeros_like(r), atol + tl.zeros_like(r)], dtype=tl.float32,
+                                      is_pure=True, pack=1)
+    else:
+        b = rtol * tl.abs(r)
+        b = b + atol
+    return b
 
 
 @triton.jit
@@ -82,7 +89,7 @@ def _load_all(ptrs, s_line, s_red, line, red, valid, K: tl.constexpr):
 
 @triton.jit
 def _accumulate(acc, w, valid, atol, rtol, M: tl.constexpr, MODE: tl.constexpr, AXIS: tl.constexpr,
-                NEAR: tl.constexpr, USE_REF: tl.constexpr):
+                NEAR: tl.constexpr, USE_REF: tl.constexpr, RN_LIB: tl.constexpr):
     # acc is a flat tuple: NP = M(M+1)/2 Gram pairs (upper triangle, row-major), M abs sums, M abs maxima (fp32),
     # then M zero counts and M near-zero counts (int32). The tile is reduced along AXIS before it is added, so the
     # accumulators stay one vector each (registers), whatever M is.
@@ -96,7 +103,7 @@ def _accumulate(acc, w, valid, atol, rtol, M: tl.constexpr, MODE: tl.constexpr, 
         new = new + (acc[NP + m] + tl.sum(tl.abs(_delta(w, m, MODE)), axis=AXIS),)
     for m in tl.static_range(M):
         a = tl.abs(_delta(w, m, MODE))
-        # a > 0 drops NaN (the max ignores NaN, as on the CPU) and keeps tl.max NaN-free on every backend.
+        # a > 0 drops NaN: maxima ignore NaN on every backend (docs/kernels.md), and tl.max stays NaN-free.
         new = new + (tl.maximum(acc[NP + M + m], tl.max(tl.where(a > 0, a, 0.0), axis=AXIS)),)
     for m in tl.static_range(M):
         d = _delta(w, m, MODE)
@@ -105,7 +112,7 @@ def _accumulate(acc, w, valid, atol, rtol, M: tl.constexpr, MODE: tl.constexpr, 
         if NEAR:
             a = tl.abs(_delta(w, m, MODE))
             if USE_REF:
-                tol = atol + rtol * tl.abs(_ref(w, m, MODE))
+                tol = _near_bound(_ref(w, m, MODE), atol, rtol, RN_LIB)
             else:
                 tol = atol
             new = new + (acc[NP + 3 * M + m] + tl.sum(((a <= tol) & valid).to(tl.int32), axis=AXIS),)
@@ -114,10 +121,11 @@ def _accumulate(acc, w, valid, atol, rtol, M: tl.constexpr, MODE: tl.constexpr, 
     return new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["lines_per"])  # set from this kernel's occupancy: one compile
 def _gram_rows_kernel(ptrs, s_line, s_red, idx_ptr, fsum, fmax, icnt, U, R, block, lines_per, atol, rtol,
                       K: tl.constexpr, M: tl.constexpr, MODE: tl.constexpr, HAS_INDEX: tl.constexpr,
-                      NEAR: tl.constexpr, USE_REF: tl.constexpr, BLOCK_N: tl.constexpr, V: tl.constexpr):
+                      NEAR: tl.constexpr, USE_REF: tl.constexpr, RN_LIB: tl.constexpr, BLOCK_N: tl.constexpr,
+                      V: tl.constexpr):
     # Program (i, s): output unit i, lines [s*lines_per, (s+1)*lines_per) of its block. Each chunk is a
     # [BLOCK_N // V, V] tile whose V contiguous elements sit in one thread (vector loads), reduced in-thread along
     # axis 1 before accumulation. Bytes: sum_k itemsize_k per element; FLOPs: ~M*(M+1) + 8*M per element.
@@ -138,7 +146,7 @@ def _gram_rows_kernel(ptrs, s_line, s_red, idx_ptr, fsum, fmax, icnt, U, R, bloc
             red = c + red0
             valid = red < R
             w = _load_all(ptrs, s_line, s_red, line, red.to(tl.int64), valid, K)
-            acc = _accumulate(acc, w, valid, atol, rtol, M, MODE, 1, NEAR, USE_REF)
+            acc = _accumulate(acc, w, valid, atol, rtol, M, MODE, 1, NEAR, USE_REF, RN_LIB)
     # Partials are [split, stat, U] (stat-major so the host reduction is a plain sum / amax over dim 0).
     fs = fsum + s * (NP + M) * U + i
     for q in tl.static_range(NP + M):
@@ -155,11 +163,11 @@ def _gram_rows_kernel(ptrs, s_line, s_red, idx_ptr, fsum, fmax, icnt, U, R, bloc
             tl.store(ic + (M + m) * U, tl.sum(acc[NP + 2 * M + m].to(tl.int64), axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows_per"])  # set from this kernel's occupancy: one compile
 def _gram_cols_kernel(ptrs, s_line, s_red, idx_ptr, fsum, fmax, icnt, UB, R, block, rows_per, atol, rtol,
                       K: tl.constexpr, M: tl.constexpr, MODE: tl.constexpr, HAS_INDEX: tl.constexpr,
-                      NEAR: tl.constexpr, USE_REF: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-                      V: tl.constexpr):
+                      NEAR: tl.constexpr, USE_REF: tl.constexpr, RN_LIB: tl.constexpr, BLOCK_R: tl.constexpr,
+                      BLOCK_C: tl.constexpr, V: tl.constexpr):
     # Program (c, r): BLOCK_C unit lines (output unit i = c_flat // block, line index[i]*block + c_flat % block)
     # times the rows [r*rows_per, (r+1)*rows_per), in [BLOCK_R, BLOCK_C] tiles read along the contiguous lines.
     # BLOCK_C = V*32*num_warps keeps all threads on the lines, so the row reduction of a tile is in-thread.
@@ -183,7 +191,7 @@ def _gram_cols_kernel(ptrs, s_line, s_red, idx_ptr, fsum, fmax, icnt, UB, R, blo
         rows = r + tl.arange(0, BLOCK_R)
         valid = (rows < r1)[:, None] & cvalid[None, :]
         w = _load_all(ptrs, s_line, s_red, line[None, :], rows[:, None].to(tl.int64), valid, K)
-        acc = _accumulate(acc, w, valid, atol, rtol, M, MODE, 0, NEAR, USE_REF)
+        acc = _accumulate(acc, w, valid, atol, rtol, M, MODE, 0, NEAR, USE_REF, RN_LIB)
     fs = fsum + pr * (NP + M) * UB + cf
     for q in tl.static_range(NP + M):
         tl.store(fs + q * UB, acc[q], mask=cvalid)
@@ -200,6 +208,49 @@ def _gram_cols_kernel(ptrs, s_line, s_red, idx_ptr, fsum, fmax, icnt, UB, R, blo
 
 
 def unit_gram(ws, axis, block, mode, index, atol, rtol):
+    with on_device(ws[0].device):
+        return _unit_gram(ws, axis, block, mode, index, atol, rtol)
+
+
+def rows_meta(K, R):
+    """Block sizes of the rows kernel for K inputs and reduction length R. More inputs -> shorter vectors per thread
+    (the K loaded values and the NP+4M accumulators share registers)."""
+    V = 8 if K <= 4 else 4
+    BLOCK_N = min(V * 32 * 4, max(V, triton.next_power_of_2(R)))
+    return dict(BLOCK_N=BLOCK_N, V=V, num_warps=max(1, min(4, BLOCK_N // (32 * V))))
+
+
+def cols_meta(K, M, UB, R):
+    """Block sizes of the cols kernel for K inputs, M deltas, UB unit lines and R rows. Per-thread lines V: the
+    NP+4M accumulators of V lines each should stay within ~64 registers; rows per tile: ~64 loaded values per thread
+    in flight."""
+    NP = M * (M + 1) // 2
+    V = max(1, min(8, _pow2_floor(64 // (NP + 4 * M))))
+    BLOCK_C = min(V * 32 * 4, triton.next_power_of_2(UB))
+    V = min(V, BLOCK_C)
+    BLOCK_R = max(1, min(16, _pow2_floor(64 // (K * V)), triton.next_power_of_2(R)))
+    return dict(BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, V=V, num_warps=max(1, min(4, BLOCK_C // (32 * V))))
+
+
+_pairs = {}
+
+
+def _symmetric_pairs(M, dev):
+    """[M*M] positions in the upper-triangle partials of every (a, b) entry of the Gram matrix (row-major), on `dev`
+    (made once per device: no per-call index upload)."""
+    key = (M, dev)
+    if key not in _pairs:
+        p = [[0] * M for _ in range(M)]
+        q = 0
+        for a in range(M):
+            for b in range(a, M):
+                p[a][b] = p[b][a] = q
+                q += 1
+        _pairs[key] = torch.tensor(p, dtype=torch.int64).reshape(-1).to(dev)
+    return _pairs[key]
+
+
+def _unit_gram(ws, axis, block, mode, index, atol, rtol):
     K = len(ws)
     MODE = MODES[mode]
     M = K if MODE == 2 else K - 1
@@ -207,29 +258,31 @@ def unit_gram(ws, axis, block, mode, index, atol, rtol):
     dev = ws[0].device
     L, R = ws[0].shape[axis], ws[0].shape[1 - axis]
     U = L // block if index is None else index.numel()
-    if U == 0 or R == 0 or block == 0:
+    if U == 0 or R == 0:
         z = torch.zeros
         return (z(U, M, M, device=dev), z(U, M, device=dev), z(U, M, device=dev),
                 z(U, M, dtype=torch.int64, device=dev), z(U, M, dtype=torch.int64, device=dev))
     ptrs = tuple(ws)
     s_line = tuple(w.stride(axis) for w in ws)
     s_red = tuple(w.stride(1 - axis) for w in ws)
-    idx = index if index is not None else ws[0]  # dummy pointer when there is no index
+    # The kernels read the ids as a dense array (a strided view, e.g. ids[:, 0], would be read wrongly).
+    idx = index.contiguous() if index is not None else ws[0]  # dummy pointer when there is no index
     atol, rtol = float(atol), float(rtol)
     flags = dict(K=K, M=M, MODE=MODE, HAS_INDEX=index is not None, NEAR=not (atol == 0.0 and rtol == 0.0),
-                 USE_REF=rtol != 0.0 and MODE != 2)
-    target = _target_programs(dev)
+                 USE_REF=rtol != 0.0 and MODE != 2, RN_LIB=dev.type == "cuda")
+    key = (tuple(w.dtype for w in ws), tuple(sorted(flags.items())))
     kind = FORCE_KERNEL
     if kind is None:
         # Reduction axis contiguous (or the more nearly so) -> rows kernel; unit axis contiguous -> cols kernel.
         kind = "cols" if (s_line[0] == 1 and s_red[0] != 1 and L > 1) else "rows"
 
     if kind == "rows":
-        # More inputs -> shorter vectors per thread (the K loaded values and the NP+4M accumulators share registers).
-        V = 8 if K <= 4 else 4
-        BLOCK_N = min(V * 32 * 4, max(V, triton.next_power_of_2(R)))
-        num_warps = max(1, min(4, BLOCK_N // (32 * V)))
-        split = min(block, triton.cdiv(target, U))
+        meta = rows_meta(K, R)
+        kw = dict(**meta, **flags)
+        slots = resident_programs(_gram_rows_kernel, dev, ("rows", key, tuple(meta.values())),
+                                  (ptrs, s_line, s_red, idx, torch.float32, torch.float32, torch.int64, U, R, block, 1,
+                                   atol, rtol), kw)
+        split = fit_split(U, block, slots or TARGET_PROGRAMS or 1)
         lines_per = triton.cdiv(block, split)
         split = triton.cdiv(block, lines_per)
         n = U
@@ -237,18 +290,17 @@ def unit_gram(ws, axis, block, mode, index, atol, rtol):
         fmax = torch.empty(split, M, U, device=dev, dtype=torch.float32)
         icnt = torch.empty(split, 2 * M, U, device=dev, dtype=torch.int64)
         _gram_rows_kernel[(U, split)](ptrs, s_line, s_red, idx, fsum, fmax, icnt, U, R, block, lines_per, atol, rtol,
-                                      BLOCK_N=BLOCK_N, V=V, num_warps=num_warps, **flags)
+                                      **kw)
     else:
         UB = U * block
-        # Per-thread lines V: the NP+4M accumulators of V lines each should stay within ~64 registers.
-        V = max(1, min(8, _pow2_floor(64 // (NP + 4 * M))))
-        BLOCK_C = min(V * 32 * 4, triton.next_power_of_2(UB))
-        V = min(V, BLOCK_C)
-        num_warps = max(1, min(4, BLOCK_C // (32 * V)))
-        # Rows per tile: ~64 loaded values per thread in flight.
-        BLOCK_R = max(1, min(16, _pow2_floor(64 // (K * V)), triton.next_power_of_2(R)))
-        ctiles = triton.cdiv(UB, BLOCK_C)
-        chunks = max(1, min(triton.cdiv(target, ctiles), triton.cdiv(R, BLOCK_R)))
+        meta = cols_meta(K, M, UB, R)
+        BLOCK_R = meta["BLOCK_R"]
+        ctiles = triton.cdiv(UB, meta["BLOCK_C"])
+        kw = dict(**meta, **flags)
+        slots = resident_programs(_gram_cols_kernel, dev, ("cols", key, tuple(meta.values())),
+                                  (ptrs, s_line, s_red, idx, torch.float32, torch.float32, torch.int32, UB, R, block, 1,
+                                   atol, rtol), kw)
+        chunks = fit_split(ctiles, triton.cdiv(R, BLOCK_R), slots or TARGET_PROGRAMS or 1)
         rows_per = triton.cdiv(triton.cdiv(R, chunks), BLOCK_R) * BLOCK_R
         chunks = triton.cdiv(R, rows_per)
         n = UB
@@ -256,8 +308,7 @@ def unit_gram(ws, axis, block, mode, index, atol, rtol):
         fmax = torch.empty(chunks, M, UB, device=dev, dtype=torch.float32)
         icnt = torch.empty(chunks, 2 * M, UB, device=dev, dtype=torch.int32)
         _gram_cols_kernel[(ctiles, chunks)](ptrs, s_line, s_red, idx, fsum, fmax, icnt, UB, R, block, rows_per,
-                                            atol, rtol, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C, V=V, num_warps=num_warps,
-                                            **flags)
+                                            atol, rtol, **kw)
 
     fs = fsum.sum(0)
     fm = fmax.amax(0)
@@ -266,11 +317,7 @@ def unit_gram(ws, axis, block, mode, index, atol, rtol):
         fs = fs.view(NP + M, U, block).sum(-1)
         fm = fm.view(M, U, block).amax(-1)
         ic = ic.view(2 * M, U, block).sum(-1)
-    gram = torch.empty(U, M, M, device=dev, dtype=torch.float32)
-    iu = torch.triu_indices(M, M, device=dev)
-    g = fs[:NP].t()
-    gram[:, iu[0], iu[1]] = g
-    gram[:, iu[1], iu[0]] = g
+    gram = fs.index_select(0, _symmetric_pairs(M, dev)).view(M, M, U).permute(2, 0, 1).contiguous()
     # Always copies (never views of one buffer): outputs of a custom op may not alias each other.
     own = lambda x: x.t().clone(memory_format=torch.contiguous_format)  # noqa: E731
     return gram, own(fs[NP:]), own(fm), own(ic[:M]), own(ic[M:])
