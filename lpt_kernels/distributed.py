@@ -226,14 +226,8 @@ def _local_grams(ops, locals_, o: int, n: int, axis: int, block: int, mode: str,
 
 
 def _check_index(ops, index, n_units: int, device) -> torch.Tensor:
-    idx = ops._as_index(index, device)
-    if idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0:
-            raise ValueError(f"index: negative unit id {lo}")
-        if hi >= n_units:
-            raise ValueError(f"index: unit id {hi} out of range (there are {n_units} units)")
-    return idx
+    """Unit ids as an int64 tensor on `device`, range-checked on the host with the single-process op's rules."""
+    return ops._check_index_values(ops._host_index(index, "index"), n_units).to(device)
 
 
 def unit_gram(ws, *, axis: int = 0, block: int = 1, mode: str = "consecutive", index=None, atol: float = 0.0,
