@@ -59,6 +59,9 @@ def _save_worker(rank, world, states_file, root):
         os.makedirs(vdir, exist_ok=True)
         torch.save(dsd, os.path.join(vdir, f"model_world_size_{world}_rank_{rank}.pt"))
         dcp.save(dsd, checkpoint_id=os.path.join(root, "dcp", label))
+        if label == "d1":  # a trainer's nested state: the model under one key, other entries beside it
+            dcp.save({"model": dsd, "extra": {"step": torch.tensor(7), "note": "x"}},
+                     checkpoint_id=os.path.join(root, "dcp-nested"))
         if rank == 0:
             with open(os.path.join(vdir, "fsdp_config.json"), "w") as f:
                 json.dump({"FSDP_version": 2, "world_size": world}, f)
@@ -112,6 +115,18 @@ def test_formats_read_every_tensor_exactly(trainer_ckpts):
                             got = ck.gather(n, ids, axis=axis, within=(2, w.shape[1 - axis] - 1))
                             assert torch.equal(got, w.index_select(axis, torch.tensor(ids)).narrow(
                                 1 - axis, 2, w.shape[1 - axis] - 3)), (fmt, n, axis)
+
+
+def test_dcp_prefix_selects_the_model_of_a_nested_state(trainer_ckpts):
+    from lpt_kernels.checkpoint.dcp import DcpCheckpoint
+    want = trainer_ckpts["states"]["d1"]
+    path = str(trainer_ckpts["root"] / "dcp-nested")
+    with Checkpoint(path) as ck:  # everything, flattened: the model's tensors under "model.", the step beside them
+        assert sorted(ck.names) == sorted(["model." + n for n in want] + ["extra.step"])
+    with DcpCheckpoint(path, prefix="model.") as ck:
+        assert sorted(ck.names) == sorted(want)
+        for n, w in want.items():
+            assert torch.equal(ck.tensor(n), w), n
 
 
 def test_verl_rows_of_one_shard_are_views_of_the_mapping(trainer_ckpts):
