@@ -1,6 +1,6 @@
 """lpt_kernels: fused, memory-bound kernels for studying cross-domain interference in multi-domain RL post-training.
 
-The tensor-level API (DESIGN.md section 4):
+The tensor-level API (docs/kernels.md; the architecture in docs/architecture.md):
 
 - :func:`unit_gram` — per-unit Gram matrix, abs sum/max and (near-)zero counts of K-1 (or K) deltas, one pass;
 - :func:`masked_cosine` — cosine of two updates restricted to listed units, pooled and per unit;

@@ -1,49 +1,115 @@
 """The `lpt` command: a thin shell over lpt_kernels.analysis (everything it does is callable from Python).
 
-Exit codes: 0 success, 1 an error in the inputs or the run (one line on stderr), 2 a usage error.
+Exit codes: 0 success, 1 an error in the inputs or the run (one line on stderr), 2 a usage error (the
+subcommand's usage and one line), 130 interrupted.
+
+Every argument is checked before any heavy work (loading models, streaming checkpoints); every command that writes
+refuses an existing non-empty output, or a checkpoint directory, unless --force, and writes through the atomic writer
+(lpt_kernels/checkpoint/writer.py): the output appears complete or not at all.
+
+A new subcommand adds a ``_add_<name>(sub)`` parser function and a ``_<name>(args)`` handler and lists both in
+``COMMANDS`` (see the end of the file).
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 EPILOG = """examples:
   lpt diff ckpts/base ckpts/code ckpts/math ckpts/qa ckpts/cw --out prof/
   lpt overlap prof/ --top 0.10 --group mlp
   lpt report prof/            # PNGs and a self-contained prof/report/report.html
-  lpt select --profile prof/ --acts acts/ --earlier math --later qa --budget 0.02 --out sel.json
+  lpt select --profile prof/ --acts acts_math/ --earlier math --later qa --budget 0.02 --out sel.json
   lpt rollback ckpts/qa --from ckpts/math --select sel.json --out ckpts/qa-rolled
-  lpt sweep ckpts/qa --from ckpts/math --profile prof/ --acts acts/ --earlier math --later qa
+  lpt sweep ckpts/qa --from ckpts/math --profile prof/ --acts acts_math/ --earlier math --later qa
         --eval my_evals:score --budgets 0.01,0.02,0.04 --out sweep/
-"""
+
+Outputs are never overwritten unless --force; see docs/ for every command."""
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lpt", description="Analyse and intervene on multi-domain RL checkpoints.",
-                                epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+class CliError(ValueError):
+    """A bad argument found by the command's own checks (one line, exit code 1)."""
 
+
+def plural(n: int, word: str, words: Optional[str] = None) -> str:
+    """'1 layer', '2 layers' (``words`` for irregular plurals)."""
+    return f"{n} {word if n == 1 else (words or word + 's')}"
+
+
+class _VersionAction(argparse.Action):
+    """``lpt --version``: the package version, torch's, and the backends that can run here."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        import torch
+
+        import lpt_kernels
+        from lpt_kernels import ops
+
+        names = list(dict.fromkeys(["reference"] + ops.available_backends()))
+        try:
+            from lpt_kernels.backends import cpu
+            if cpu.AVAILABLE:
+                names = [f"cpu ({cpu.isa()})" if n == "cpu" else n for n in names]
+        except ImportError:
+            pass
+        print(f"lpt_kernels {lpt_kernels.__version__} (torch {torch.__version__}; backends here: {', '.join(names)})")
+        parser.exit()
+
+
+_Formatter = argparse.RawDescriptionHelpFormatter
+
+
+def _add_progress(p) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--quiet", "-q", action="store_true", help="no progress bar and no summary")
+    g.add_argument("--progress", action="store_true",
+                   help="show a progress bar even when stderr is not a terminal (default: only on a terminal)")
+
+
+def _add_force(p, what: str = "the output") -> None:
+    p.add_argument("--force", action="store_true",
+                   help=f"replace {what} if it exists (never an input); it is replaced only once the new one is "
+                        "complete")
+
+
+# ---- parsers ------------------------------------------------------------------------------------------------------
+
+def _add_diff(sub):
     d = sub.add_parser("diff", help="profile the updates between checkpoints (one streaming pass)",
-                       description="Stream BASE and every CKPT once and write a per-unit update profile to --out.")
-    d.add_argument("base", metavar="BASE", help="first checkpoint (HF directory or .safetensors file)")
+                       formatter_class=_Formatter,
+                       description="Stream BASE and every CKPT once and write a per-unit update profile "
+                                   "(profile.safetensors, profile.json) to a new directory --out. Deltas are named "
+                                   "after the later checkpoint's directory (ckpts/math -> 'math').")
+    d.add_argument("base", metavar="BASE", help="first checkpoint (HF directory, index or .safetensors file)")
     d.add_argument("ckpts", metavar="CKPT", nargs="+", help="later checkpoints, in training order")
-    d.add_argument("--out", required=True, metavar="DIR", help="output directory (profile.safetensors, profile.json)")
+    d.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty, see --force)")
+    _add_force(d, "an existing --out directory")
     d.add_argument("--mode", choices=("consecutive", "base"), default="consecutive",
                    help="deltas between consecutive checkpoints (default) or each minus BASE")
     d.add_argument("--groups", default=None,
                    help="unit groups to profile (default: every group of the layout; mlp,attn,kv when built in)")
-    d.add_argument("--atol", type=float, default=0.0, help="near-zero: |d| <= atol + rtol*|w| (default 0)")
+    d.add_argument("--atol", type=float, default=0.0,
+                   help="near-zero change: |d| <= atol + rtol*|w|, w the earlier checkpoint's weight (default 0)")
     d.add_argument("--rtol", type=float, default=0.0, help="see --atol (default 0)")
-    d.add_argument("--layout", metavar="SPEC", help="layout spec JSON for architectures not detected, or a built-in family name "
-                        "(qwen3, qwen2, llama, mistral); see docs/layouts.md")
+    d.add_argument("--layout", metavar="SPEC", help="layout spec JSON for architectures not detected, or a built-in "
+                   "family name (qwen3, qwen2, llama, mistral); see docs/layouts.md")
     d.add_argument("--intersect", action="store_true", help="analyse the common tensors if the checkpoints differ")
-    d.add_argument("--labels", help="comma-separated names of the checkpoints (default: directory names)")
+    d.add_argument("--labels", help="comma-separated names of the checkpoints (default: their directory names)")
     d.add_argument("--backend", choices=("auto", "reference", "cpu", "triton", "cuda"), default=None)
-    d.add_argument("--quiet", "-q", action="store_true", help="no progress bar or summary")
+    _add_progress(d)
 
+
+def _add_overlap(sub):
     o = sub.add_parser("overlap", help="Jaccard overlap of top-changed units and shared-unit cosines",
+                       formatter_class=_Formatter,
                        description="Print the Jaccard matrix of the deltas' top units and the layer-averaged cosine "
                                    "of consecutive deltas on their shared top units.")
     o.add_argument("dir", metavar="DIR", help="a profile directory written by `lpt diff`")
@@ -51,55 +117,27 @@ def _parser() -> argparse.ArgumentParser:
     o.add_argument("--group", default=None, help="unit group (default: every group in the profile)")
     o.add_argument("--per-layer", action="store_true", help="take the top fraction within each layer")
     o.add_argument("--csv", metavar="FILE", help="also write the matrices as CSV")
+    _add_force(o, "an existing --csv file")
 
-    r = sub.add_parser("report", help="PNG plots and a self-contained HTML report of a profile")
+
+def _add_report(sub):
+    r = sub.add_parser("report", help="PNG plots and a self-contained HTML report of a profile",
+                       formatter_class=_Formatter,
+                       description="Draw the profile's pictures (update sparsity, change histograms, overlap of "
+                                   "top-changed units, shared-unit cosines, per-layer update norms) as PNG files "
+                                   "and one self-contained report.html with captions, in DIR/report (or --out).")
     r.add_argument("dir", metavar="DIR", help="a profile directory written by `lpt diff`")
     r.add_argument("--top", type=float, default=0.10, help="fraction of units taken as top-changed (default 0.10)")
     r.add_argument("--out", metavar="DIR", help="where to write (default: DIR/report)")
-
-    s = sub.add_parser("select", help="choose units to roll back with the A x M x C conflict selector",
-                       description="Score the units of --later's displacement (A: activation on --earlier's data, "
-                                   "M: displacement magnitude, C: conflict) and write a selection JSON.")
-    _score_args(s)
-    s.add_argument("--selector", default="AMC", help="AMC, AM, AC, MC, A, M, C or random (default AMC)")
-    s.add_argument("--budget", type=float, default=0.02, help="fraction of the groups' units, in (0, 1] (default 0.02)")
-    s.add_argument("--out", required=True, metavar="FILE", help="selection JSON to write")
-    s.add_argument("--plot", metavar="PNG", help="also plot the per-layer budget profile")
-
-    rb = sub.add_parser("rollback", help="write a checkpoint with the selected units rolled back",
-                        description="Copy TARGET to --out with the units of --select moved toward --from "
-                                    "(alpha=1: replaced). TARGET and SOURCE are never modified; --out appears only "
-                                    "when complete.")
-    rb.add_argument("target", metavar="TARGET", help="the damaged checkpoint (after the later domain)")
-    rb.add_argument("--from", dest="source", required=True, metavar="SOURCE", help="the checkpoint to roll back to")
-    rb.add_argument("--select", required=True, metavar="SEL", help="selection JSON from `lpt select`")
-    rb.add_argument("--out", required=True, metavar="DIR", help="new checkpoint directory (must not exist)")
-    rb.add_argument("--alpha", type=float, default=1.0, help="interpolation toward SOURCE in [0, 1] (default 1)")
-    rb.add_argument("--non-strict", dest="strict", action="store_false",
-                    help="compare only the touched tensors of TARGET and SOURCE (e.g. a vocab-resized pair)")
-    rb.add_argument("--quiet", "-q", action="store_true")
-
-    w = sub.add_parser("sweep", help="recovery of the earlier domain over budgets and selectors",
-                       description="Load TARGET with transformers, roll back each selection live, evaluate with "
-                                   "--eval, undo; write sweep.csv and dose_response.png.")
-    w.add_argument("target", metavar="TARGET", help="the damaged checkpoint directory (loadable by transformers)")
-    w.add_argument("--from", dest="source", required=True, metavar="SOURCE", help="the checkpoint before --later")
-    _score_args(w)
-    w.add_argument("--eval", required=True, metavar="MODULE:FUNC",
-                   help="evaluator: FUNC(model) -> {domain: score} (higher is better)")
-    w.add_argument("--before", metavar="JSON", help="scores at SOURCE ({domain: score}); default: evaluate SOURCE")
-    w.add_argument("--budgets", default="0.01,0.02,0.04,0.08", help="comma-separated budgets")
-    w.add_argument("--selectors", default="AMC,MC,random", help="comma-separated selectors")
-    w.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    w.add_argument("--quiet", "-q", action="store_true")
-    return p
+    _add_force(r, "an existing report directory")
 
 
 def _score_args(s) -> None:
     s.add_argument("--profile", required=True, metavar="DIR", help="profile from `lpt diff` holding both deltas")
     s.add_argument("--earlier", required=True, help="delta name of the earlier domain E (e.g. math)")
     s.add_argument("--later", required=True, help="delta name of the later domain L (e.g. qa)")
-    s.add_argument("--acts", metavar="DIR", help="activation statistics of E's data (ActivationResult.save)")
+    s.add_argument("--acts", metavar="DIR", help="activation statistics of E's data on E's model "
+                                                 "(ActivationResult.save); needed by selectors with A")
     s.add_argument("--act-name", help="which run of --acts (if it holds several)")
     s.add_argument("--groups", default="mlp", help="unit groups, e.g. mlp or mlp,attn (default mlp)")
     s.add_argument("--allocation", choices=("conflict", "uniform", "activation"), default="conflict",
@@ -108,188 +146,511 @@ def _score_args(s) -> None:
     s.add_argument("--seed", type=int, default=0, help="seed of the random selector")
 
 
-def _scores(a):
+def _add_select(sub):
+    s = sub.add_parser("select", help="choose units to roll back with the A x M x C conflict selector",
+                       formatter_class=_Formatter,
+                       description="Score the units of --later's displacement (A: activation on --earlier's data, "
+                                   "M: displacement magnitude, C: conflict) and write a selection JSON.")
+    _score_args(s)
+    s.add_argument("--selector", default="AMC", help="AMC, AM, AC, MC, A, M, C or random (default AMC)")
+    s.add_argument("--budget", type=float, default=0.02, help="fraction of the groups' units, in (0, 1] (default 0.02)")
+    s.add_argument("--out", required=True, metavar="FILE", help="selection JSON to write")
+    s.add_argument("--plot", metavar="PNG", help="also plot the per-layer budget profile")
+    _add_force(s, "existing --out and --plot files")
+
+
+def _add_rollback(sub):
+    rb = sub.add_parser("rollback", help="write a checkpoint with the selected units rolled back",
+                        formatter_class=_Formatter,
+                        description="Copy TARGET to --out with the units of --select moved toward --from "
+                                    "(alpha=1: replaced). TARGET and SOURCE are never modified; --out appears only "
+                                    "when complete.")
+    rb.add_argument("target", metavar="TARGET", help="the damaged checkpoint (after the later domain)")
+    rb.add_argument("--from", dest="source", required=True, metavar="SOURCE", help="the checkpoint to roll back to")
+    rb.add_argument("--select", required=True, metavar="SEL", help="selection JSON from `lpt select`")
+    rb.add_argument("--out", required=True, metavar="DIR", help="new checkpoint directory")
+    _add_force(rb, "an existing --out directory")
+    rb.add_argument("--alpha", type=float, default=1.0, help="interpolation toward SOURCE in [0, 1] (default 1)")
+    rb.add_argument("--non-strict", dest="strict", action="store_false",
+                    help="compare only the touched tensors of TARGET and SOURCE (e.g. a vocab-resized pair)")
+    _add_progress(rb)
+
+
+def _add_sweep(sub):
+    w = sub.add_parser("sweep", help="recovery of the earlier domain over budgets and selectors",
+                       formatter_class=_Formatter,
+                       description="Load TARGET with transformers, roll back each selection live, evaluate with "
+                                   "--eval, undo; write sweep.csv (with the before/damaged baselines) and "
+                                   "dose_response.png. The evaluator contract is in docs/sweep.md: FUNC(model) "
+                                   "gets the model on --device in --dtype, in eval mode, and returns "
+                                   "{domain: score} (higher is better); recovery is of --earlier's score.")
+    w.add_argument("target", metavar="TARGET", help="the damaged checkpoint directory (loadable by transformers)")
+    w.add_argument("--from", dest="source", required=True, metavar="SOURCE", help="the checkpoint before --later")
+    _score_args(w)
+    w.add_argument("--eval", required=True, metavar="MODULE:FUNC",
+                   help="evaluator: FUNC(model) -> {domain: score}; MODULE is imported with the current "
+                        "directory on the path (as python -m does)")
+    w.add_argument("--before", metavar="JSON", help="scores at SOURCE ({domain: score}); default: evaluate SOURCE")
+    w.add_argument("--budgets", default="0.01,0.02,0.04,0.08", help="comma-separated budgets in (0, 1]")
+    w.add_argument("--selectors", default="AMC,MC,random", help="comma-separated selectors")
+    w.add_argument("--device", default="cpu", help="device of the models: cpu, cuda, cuda:1, ... (default cpu)")
+    w.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="dtype of the models (default auto: the checkpoint's own)")
+    w.add_argument("--out", required=True, metavar="DIR", help="output directory (new or empty, see --force)")
+    _add_force(w, "an existing --out directory")
+    _add_progress(w)
+
+
+def _parser() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
+    p = argparse.ArgumentParser(prog="lpt", description="Analyse and intervene on multi-domain RL checkpoints.",
+                                epilog=EPILOG, formatter_class=_Formatter)
+    p.add_argument("--version", action=_VersionAction, help="print the version and the backends that run here")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return p, dict(sub.choices)
+
+
+# ---- shared checks ------------------------------------------------------------------------------------------------
+
+def _progress(a) -> bool:
+    """A bar when asked (--progress), else only on a terminal, never with --quiet."""
+    if getattr(a, "progress", False):
+        return True
+    return not getattr(a, "quiet", False) and sys.stderr.isatty()
+
+
+def _csv_list(text: str, what: str) -> List[str]:
+    items = [x.strip() for x in text.split(",")]
+    if not items or any(not x for x in items):
+        raise CliError(f"{what}: expected a comma-separated list, got {text!r}")
+    return items
+
+
+def _budgets(text: str, what: str = "--budgets") -> List[float]:
+    out = []
+    for x in _csv_list(text, what):
+        try:
+            b = float(x)
+        except ValueError:
+            raise CliError(f"{what}: {x!r} is not a number") from None
+        if not 0.0 < b <= 1.0:
+            raise CliError(f"{what}: budgets must be in (0, 1], got {x}")
+        out.append(b)
+    return out
+
+
+def _selectors(names: Sequence[str], what: str) -> List[str]:
+    from lpt_kernels.analysis.select import SELECTORS
+
+    for s in names:
+        if s not in SELECTORS:
+            raise CliError(f"{what}: unknown selector {s!r} (expected one of {', '.join(SELECTORS)})")
+    return list(names)
+
+
+def _finite_nonneg(x: float, what: str) -> None:
+    if not math.isfinite(x) or x < 0:
+        raise CliError(f"{what}: must be a finite number >= 0, got {x}")
+
+
+def _profile_inputs(prof_dir: str) -> List[str]:
+    return [os.path.join(prof_dir, "profile.json"), os.path.join(prof_dir, "profile.safetensors")]
+
+
+def _load_scoring(a, selectors: Sequence[str]):
+    """Load and check everything `select` and `sweep` score with (cheap: no model); returns (profile, acts,
+    groups)."""
     from lpt_kernels.analysis import Profile
-    from lpt_kernels.analysis.select import conflict_scores
-    from lpt_kernels.layout import layout_from_spec
 
     prof = Profile.load(a.profile)
+    for what, d in (("--earlier", a.earlier), ("--later", a.later)):
+        if d not in prof.deltas:
+            raise CliError(f"{what}: {d!r} is not a delta of {a.profile} (has {', '.join(prof.deltas)})")
+    if a.earlier == a.later:
+        raise CliError("--earlier and --later name the same delta")
+    groups = _csv_list(a.groups, "--groups")
+    for g in groups:
+        if g not in prof.groups:
+            raise CliError(f"--groups: {g!r} is not in {a.profile} (has {', '.join(prof.groups)})")
+    needs_a = next((f"selector {s}" for s in selectors if "A" in s), None)
+    if needs_a is None and a.allocation == "activation":
+        needs_a = "--allocation activation"
     acts = None
     if a.acts:
         from lpt_kernels.hooks import ActivationResult
+
         acts = ActivationResult.load(a.acts)
-    groups = tuple(g.strip() for g in a.groups.split(",") if g.strip())
-    scores = conflict_scores(prof, a.earlier, a.later, acts, groups=groups, act_name=a.act_name)
-    layout = layout_from_spec(prof.meta["layout"], list(prof.tensors), None)
-    return scores, layout, groups
-
-
-def _select(a) -> int:
-    from lpt_kernels.analysis.select import select
-
-    scores, layout, groups = _scores(a)
-    if "A" in a.selector and not a.acts:
-        raise ValueError(f"--acts: selector {a.selector} needs activation statistics of the earlier domain")
-    sel = select(scores, layout, a.selector, a.budget, groups, a.allocation, a.norm, a.seed)
-    sel.save(a.out)
-    for g in groups:
-        print(f"{g}: {sel.count(g)} units ({sel.fraction(g):.2%}); per layer: {sel.per_layer(g)}")
-    m = sel.meta
-    print(f"budget: asked {m['budget']:g} of {m['budget_total']} {m['budget_unit']} (target {m['budget_target']}), "
-          f"spent {m['budget_spent']} ({m['budget_spent_fraction']:.2%})")
-    if a.plot:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(8, 3.4))
+        if a.act_name is not None and a.act_name not in acts.names:
+            raise CliError(f"--act-name: {a.act_name!r} is not a run of {a.acts} (has {', '.join(acts.names)})")
+        if a.act_name is None and len(acts.names) > 1:
+            raise CliError(f"--act-name: {a.acts} holds several runs ({', '.join(acts.names)}); say which is "
+                           f"{a.earlier}'s data")
         for g in groups:
-            ax.plot(sel.per_layer(g), marker="o", ms=3, label=g)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("units selected")
-        ax.set_title(f"{a.selector} selection, budget {a.budget:g} ({a.allocation} allocation)")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(a.plot, dpi=110)
-    return 0
+            if g not in acts.groups:
+                raise CliError(f"--acts: {a.acts} has no {g!r} units (has {', '.join(acts.groups)})")
+    elif needs_a:
+        raise CliError(f"--acts: {needs_a} needs activation statistics of {a.earlier}'s data on {a.earlier}'s "
+                       f"model (ActivationResult.save; see docs/hooks.md)")
+    return prof, acts, groups
 
 
-def _rollback(a) -> int:
-    from lpt_kernels.analysis.apply import rollback_checkpoint
-    from lpt_kernels.analysis.selection import Selection
+def _scores(a, prof, acts, groups):
+    from lpt_kernels.analysis.select import conflict_scores
 
-    from lpt_kernels import distributed
-
-    rank, world = distributed.world()
-    info = rollback_checkpoint(a.target, a.source, Selection.load(a.select), a.out, alpha=a.alpha,
-                               progress=not a.quiet and rank == 0, strict=a.strict, distributed=world > 1)
-    if not a.quiet and rank == 0:
-        print(f"wrote {a.out}: " + ", ".join(f"{k} {v}" for k, v in info.items() if isinstance(v, (int, float))))
-    return 0
+    scores = conflict_scores(prof, a.earlier, a.later, acts, groups=tuple(groups), act_name=a.act_name)
+    return scores, prof.layout
 
 
-def _sweep(a) -> int:
-    import importlib
-    import json
+def _plt():
+    import warnings
 
-    from transformers import AutoModelForCausalLM
+    import matplotlib
 
-    from lpt_kernels.analysis.sweep import sweep
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
 
-    mod, _, fn = a.eval.partition(":")
-    try:
-        evaluate = getattr(importlib.import_module(mod), fn)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"--eval: cannot load {a.eval} ({e})") from None
-    scores, layout, groups = _scores(a)
-    budgets = [float(x) for x in a.budgets.split(",") if x]
-    selectors = [x.strip() for x in a.selectors.split(",") if x.strip()]
-    if a.before:
-        with open(a.before) as f:
-            before = json.load(f)
-    else:
-        before = evaluate(AutoModelForCausalLM.from_pretrained(a.source, dtype="auto"))
-    model = AutoModelForCausalLM.from_pretrained(a.target, dtype="auto")
-    rows = sweep(model, a.source, scores, layout, evaluate, a.earlier, before, budgets, selectors, groups,
-                 a.allocation, a.seed, a.out, progress=not a.quiet)
-    for r in rows:
-        print(f"{r['selector']:>8} budget {r['budget']:<6g} units {r['units']:>6}  recovery {r['recovery']:+.1%}")
-    return 0
+    warnings.filterwarnings("ignore", module="matplotlib")
+    return plt
 
+
+# ---- commands -----------------------------------------------------------------------------------------------------
 
 def _diff(a) -> int:
     from lpt_kernels import distributed
+    from lpt_kernels.checkpoint.writer import AtomicDir
+
+    paths = [a.base] + a.ckpts
+    out = AtomicDir(a.out, force=a.force, inputs=paths)  # refuses before the pass, not after it
+    labels = _csv_list(a.labels, "--labels") if a.labels else None
+    if labels is not None and len(labels) != len(paths):
+        raise CliError(f"--labels: {plural(len(labels), 'label')} for {plural(len(paths), 'checkpoint')}")
+    groups = None if a.groups is None else _csv_list(a.groups, "--groups")
+    _finite_nonneg(a.atol, "--atol")
+    _finite_nonneg(a.rtol, "--rtol")
+    for p in paths:
+        if not os.path.exists(p):
+            raise CliError(f"no such checkpoint: {p}")
+
     from lpt_kernels.analysis import diff
 
-    labels = a.labels.split(",") if a.labels else None
-    groups = None if a.groups is None else tuple(g.strip() for g in a.groups.split(",") if g.strip())
-    prof = diff([a.base] + a.ckpts, mode=a.mode, groups=groups, atol=a.atol, rtol=a.rtol, layout=a.layout,
-                intersect=a.intersect, labels=labels, progress=not a.quiet,
+    prof = diff(paths, mode=a.mode, groups=None if groups is None else tuple(groups), atol=a.atol, rtol=a.rtol,
+                layout=a.layout, intersect=a.intersect, labels=labels, progress=_progress(a),
                 backend=None if a.backend in (None, "auto") else a.backend,
                 distributed=distributed.world()[1] > 1)
-    if prof is None:  # under torchrun: rank 0 writes the profile
+    if prof is None:  # under torchrun: the other ranks' partials went to rank 0, which writes the profile
         return 0
-    prof.save(a.out)
+    with out as tmp:
+        prof.save(tmp)
     if not a.quiet:
         exact, tol = prof.sparsity(), prof.sparsity(tolerance=True)
-        print(f"profile of {len(prof.deltas)} deltas ({prof.meta['mode']}), layout {prof.meta['layout']['name']}, "
-              f"{prof.meta['num_layers']} layers -> {a.out}")
-        print("  groups: " + ", ".join(f"{g} ({len(ls)} layers)" for g, ls in prof.meta["group_layers"].items())
-              + (f"; not analysed: {', '.join(prof.meta['groups_left_out'])}" if prof.meta["groups_left_out"] else ""))
+        print(f"profile of {plural(len(prof.deltas), 'delta')} ({prof.meta['mode']}), layout "
+              f"{prof.meta['layout'].get('name', '?')}, {plural(prof.meta['num_layers'], 'layer')} -> {a.out}")
+        left_out = prof.meta.get("groups_left_out") or []
+        print("  groups: " + ", ".join(f"{g} ({plural(len(ls), 'layer')})" for g, ls in
+                                       prof.meta.get("group_layers", {}).items())
+              + (f"; not analysed: {', '.join(left_out)}" if left_out else ""))
+        width = max(len(d) for d in prof.deltas)
         for d in prof.deltas:
-            print(f"  {d:>16}: {exact[d]:7.2%} unchanged, {tol[d]:7.2%} within tolerance")
+            line = f"  {d:>{width}}: {exact[d]:7.2%} of parameters unchanged"
+            if prof.meta["atol"] or prof.meta["rtol"]:
+                line += f", {tol[d]:7.2%} within tolerance"
+            print(line)
         if prof.meta["skipped"]:
-            print(f"  skipped {len(prof.meta['skipped'])} tensors (listed in profile.json)")
+            print(f"  skipped {plural(len(prof.meta['skipped']), 'tensor')} (listed in profile.json)")
         if prof.meta["mixed_dtypes"]:
-            print(f"  {len(prof.meta['mixed_dtypes'])} tensors differ in dtype between checkpoints (allowed)")
+            print(f"  {plural(len(prof.meta['mixed_dtypes']), 'tensor')} differ in dtype between checkpoints "
+                  f"(allowed)")
     return 0
 
 
 def _overlap(a) -> int:
     from lpt_kernels.analysis import Profile
+    from lpt_kernels.analysis.report import changed_deltas
 
+    if a.csv:
+        from lpt_kernels.checkpoint.writer import check_output
+        check_output(a.csv, kind="file", force=a.force, inputs=_profile_inputs(a.dir), what="--csv")
     prof = Profile.load(a.dir)
+    if a.group and a.group not in prof.groups:
+        raise CliError(f"--group: {a.group!r} is not in {a.dir} (has {', '.join(prof.groups)})")
     groups = [a.group] if a.group else prof.groups
     rows = []
     for g in groups:
-        j = prof.jaccard(g, a.top, per_layer=False if not a.per_layer else True)
+        moved = changed_deltas(prof, g)
+        if not moved:
+            print(f"{g}: no delta changed any {g} unit; nothing to overlap")
+            continue
+        j = prof.jaccard(g, a.top, per_layer=a.per_layer)
         if a.per_layer:
             j = j.mean(0)
-        print(f"{g}: Jaccard of top-{a.top:.0%} units" + (" (per layer, averaged)" if a.per_layer else ""))
+        print(f"{g}: Jaccard of the top-{a.top:.0%} changed units" + (" (within each layer, averaged over layers)"
+                                                                      if a.per_layer else ""))
         width = max(len(d) for d in prof.deltas) + 2
         print(" " * width + "".join(f"{d:>{width}}" for d in prof.deltas))
         for i, d in enumerate(prof.deltas):
-            print(f"{d:>{width}}" + "".join(f"{v:>{width}.3f}" for v in j[i].tolist()))
-            rows += [[g, "jaccard", d, e, f"{v:.6f}"] for e, v in zip(prof.deltas, j[i].tolist())]
+            cells = []
+            for k, e in enumerate(prof.deltas):
+                ok = d in moved and e in moved
+                v = j[i, k].item()
+                cells.append(f"{v:>{width}.3f}" if ok else f"{'-':>{width}}")
+                rows.append([g, "jaccard", d, e, "", f"{v:.6f}" if ok else ""])
+            print(f"{d:>{width}}" + "".join(cells))
+        still = [d for d in prof.deltas if d not in moved]
+        if still:
+            print(f"  - : {', '.join(still)} did not change any {g} unit")
         for x, y in zip(prof.deltas[:-1], prof.deltas[1:]):
+            if x not in moved or y not in moved:
+                print(f"  cosine {x} vs {y}: undefined ({x if x not in moved else y} did not change {g})")
+                continue
             c = prof.shared_cosine(x, y, g, a.top, per_layer_top=a.per_layer)
             ok = ~c["pooled"].isnan()
-            mean = c["pooled"][ok].mean().item() if ok.any() else float("nan")
-            print(f"  cosine {x} vs {y} on shared top units: {mean:+.4f} (mean over {int(ok.sum())} layers)")
-            rows += [[g, "shared_cosine", x, y, f"{v:.6f}"] for v in c["pooled"].tolist()]
+            if not ok.any():
+                print(f"  cosine {x} vs {y}: no layer has units in both top sets")
+            else:
+                mean = c["pooled"][ok].mean().item()
+                print(f"  cosine {x} vs {y} on shared top units: {mean:+.4f} (mean over "
+                      f"{plural(int(ok.sum()), 'layer')} of {len(ok)} with shared units)")
+            rows += [[g, "shared_cosine", x, y, str(layer), "" if math.isnan(v) else f"{v:.6f}"]
+                     for layer, v in enumerate(c["pooled"].tolist())]
     if a.csv:
         import csv
 
-        with open(a.csv, "w", newline="") as f:
-            csv.writer(f).writerows([["group", "kind", "a", "b", "value"]] + rows)
+        from lpt_kernels.checkpoint.writer import atomic_file
+
+        with atomic_file(a.csv, force=a.force, what="--csv") as tmp:
+            with open(tmp, "w", newline="") as f:
+                csv.writer(f).writerows([["group", "kind", "a", "b", "layer", "value"]] + rows)
     return 0
 
 
 def _report(a) -> int:
     from lpt_kernels.analysis import Profile
     from lpt_kernels.analysis.report import write_report
+    from lpt_kernels.checkpoint.writer import check_output
 
-    prof = Profile.load(a.dir)
     out = a.out or os.path.join(a.dir, "report")
-    pics = write_report(prof, out, frac=a.top)
-    print(f"wrote {len(pics) - 1} plots and {pics['html']}")
+    check_output(out, kind="dir", force=a.force, inputs=_profile_inputs(a.dir))
+    prof = Profile.load(a.dir)
+    pics = write_report(prof, out, frac=a.top, force=a.force)
+    print(f"wrote {plural(len(pics) - 1, 'plot')} and {pics['html']}")
     return 0
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    args = _parser().parse_args(argv)
-    if args.cmd in ("select", "sweep"):
-        budgets = [args.budget] if args.cmd == "select" else args.budgets.split(",")
-        try:
-            bad = [b for b in budgets if not 0.0 < float(b) <= 1.0]
-        except ValueError:
-            bad = budgets
-        if bad:
-            print(f"lpt {args.cmd}: error: budgets must be in (0, 1], got {bad[0]}", file=sys.stderr)
-            return 2
-    if args.cmd == "rollback" and not 0.0 <= args.alpha <= 1.0:
-        print(f"lpt rollback: error: --alpha must be in [0, 1], got {args.alpha}", file=sys.stderr)
-        return 2
-    if args.cmd == "overlap" or args.cmd == "report":
-        if not 0.0 < args.top <= 1.0:
-            print(f"lpt {args.cmd}: error: --top must be in (0, 1], got {args.top}", file=sys.stderr)
-            return 2
+def _select(a) -> int:
+    from lpt_kernels.checkpoint.writer import atomic_file, check_output
+
+    check_output(a.out, kind="file", force=a.force, inputs=_profile_inputs(a.profile))
+    if a.plot:
+        check_output(a.plot, kind="file", force=a.force, what="--plot")
+    _selectors([a.selector], "--selector")
+    prof, acts, groups = _load_scoring(a, [a.selector])
+
+    from lpt_kernels.analysis.select import select
+
+    scores, layout = _scores(a, prof, acts, groups)
+    sel = select(scores, layout, a.selector, a.budget, groups, a.allocation, a.norm, a.seed)
+    with atomic_file(a.out, force=a.force) as tmp:
+        sel.save(tmp)
+    for g in groups:
+        per = sel.per_layer(g)
+        print(f"{g}: {plural(sel.count(g), 'unit')} selected ({sel.fraction(g):.2%} of {g}); per layer: {per}")
+    m = sel.meta
+    print(f"budget: asked {m['budget']:g} of {m['budget_total']} {m['budget_unit']} (target {m['budget_target']}), "
+          f"spent {m['budget_spent']} ({m['budget_spent_fraction']:.2%})")
+    print(f"wrote {a.out}")
+    if a.plot:
+        plt = _plt()
+        from matplotlib.ticker import MaxNLocator
+
+        fig, ax = plt.subplots(figsize=(8, 3.4))
+        for g in groups:
+            ax.plot(range(len(sel.per_layer(g))), sel.per_layer(g), marker="o", ms=3, label=g)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(0, max(max(sel.per_layer(g)) for g in groups) * 1.15 + 1)
+        ax.set_xlim(-0.5, layout.num_layers - 0.5)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("units selected")
+        ax.set_title(f"{a.selector} selection, budget {a.budget * 100:g}% of the {'+'.join(groups)} "
+                     f"{'units' if len(groups) == 1 else 'parameters'} ({a.allocation} allocation)")
+        if len(groups) > 1:
+            ax.legend()
+        fig.tight_layout()
+        with atomic_file(a.plot, force=a.force, what="--plot") as tmp:
+            fig.savefig(tmp, dpi=110, format="png")
+        plt.close(fig)
+    return 0
+
+
+def _rollback(a) -> int:
+    if not 0.0 <= a.alpha <= 1.0:
+        raise CliError(f"--alpha: must be in [0, 1], got {a.alpha}")
+    from lpt_kernels.analysis.apply import rollback_checkpoint
+    from lpt_kernels.analysis.selection import Selection
+    from lpt_kernels.checkpoint.writer import check_output
+
+    from lpt_kernels import distributed
+
+    check_output(a.out, kind="dir", force=a.force, inputs=(a.target, a.source))
+    rank, world = distributed.world()
+    info = rollback_checkpoint(a.target, a.source, Selection.load(a.select), a.out, alpha=a.alpha,
+                               progress=_progress(a) and rank == 0, strict=a.strict, force=a.force,
+                               distributed=world > 1)
+    if not a.quiet and rank == 0:
+        mb = info["bytes_touched"] / 2**20
+        print(f"wrote {a.out}: {plural(info['units'], 'unit')} in {plural(info['tensors'], 'tensor')} rolled back "
+              f"({mb:.2f} MiB changed, {plural(info['files_copied'], 'file')} copied, "
+              f"{info['seconds']:.2f} s)")
+        if info.get("world_size", 1) > 1:
+            print(f"  world_size {info['world_size']}: files per rank "
+                  + ", ".join(str(r["files"]) for r in info["ranks"]) + "; MiB copied per rank "
+                  + ", ".join(f"{r['bytes_copied'] / 2**20:.2f}" for r in info["ranks"]))
+    return 0
+
+
+def load_evaluator(spec: str, what: str = "--eval") -> Callable:
+    """Import ``MODULE:FUNC`` with the current directory first on sys.path (as ``python -m`` does)."""
+    import importlib
+
+    mod, sep, fn = spec.partition(":")
+    if not sep or not mod or not fn:
+        raise CliError(f"{what}: expected MODULE:FUNC (e.g. my_evals:score), got {spec!r}")
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
     try:
-        run = {"diff": _diff, "overlap": _overlap, "report": _report, "select": _select, "rollback": _rollback,
-               "sweep": _sweep}[args.cmd]
+        module = importlib.import_module(mod)
+    except ImportError as e:
+        raise CliError(f"{what}: cannot import {mod!r} ({e}; looked in {cwd} and the installed packages)") from None
+    except Exception as e:  # noqa: BLE001 -- the user's module failed while importing
+        raise CliError(f"{what}: importing {mod!r} failed: {type(e).__name__}: {e}") from None
+    obj = module
+    for part in fn.split("."):
+        if not hasattr(obj, part):
+            raise CliError(f"{what}: module {mod!r} ({getattr(module, '__file__', '?')}) has no {fn!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise CliError(f"{what}: {spec} is a {type(obj).__name__}, not a function")
+    return obj
+
+
+def _device_dtype(a):
+    import torch
+
+    try:
+        device = torch.device(a.device)
+    except (RuntimeError, ValueError):
+        raise CliError(f"--device: {a.device!r} is not a torch device (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CliError(f"--device: {a.device} requested but no CUDA device is available here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise CliError(f"--device: {a.device}: only {plural(torch.cuda.device_count(), 'CUDA device')}")
+    dtype = "auto" if a.dtype == "auto" else getattr(torch, a.dtype)
+    return device, dtype
+
+
+def _before_scores(a) -> Optional[dict]:
+    if not a.before:
+        return None
+    import json
+
+    try:
+        with open(a.before) as f:
+            before = json.load(f)
+    except OSError as e:
+        raise CliError(f"--before: cannot read {a.before} ({e.strerror})") from None
+    except ValueError as e:
+        raise CliError(f"--before: {a.before} is not valid JSON ({e})") from None
+    from lpt_kernels.analysis.sweep import check_scores
+
+    return check_scores(before, f"--before {a.before}", a.earlier)
+
+
+def _sweep(a) -> int:
+    from lpt_kernels.checkpoint.writer import check_output
+
+    check_output(a.out, kind="dir", force=a.force, inputs=[a.target, a.source, *_profile_inputs(a.profile)])
+    evaluate = load_evaluator(a.eval)
+    budgets = _budgets(a.budgets)
+    selectors = _selectors(_csv_list(a.selectors, "--selectors"), "--selectors")
+    device, dtype = _device_dtype(a)
+    before = _before_scores(a)
+    for what, p in (("TARGET", a.target), ("--from", a.source)):
+        if not os.path.isdir(p):
+            raise CliError(f"{what}: {p} is not a checkpoint directory (transformers loads directories)")
+    prof, acts, groups = _load_scoring(a, selectors)
+    scores, layout = _scores(a, prof, acts, groups)
+
+    # the heavy part: models
+    from transformers import AutoModelForCausalLM
+
+    from lpt_kernels.analysis.sweep import call_evaluator, sweep
+
+    if not _progress(a):  # transformers' own loading bars follow ours: only on a terminal, or when asked
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+    def load(path):
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+
+    if before is None:  # the scores at SOURCE, then SOURCE's model is dropped before TARGET's is loaded
+        src = load(a.source)
+        before = call_evaluator(evaluate, src, a.earlier, a.eval)
+        del src
+    model = load(a.target)
+    rows = sweep(model, a.source, scores, layout, evaluate, a.earlier, before, budgets, selectors, groups,
+                 a.allocation, a.seed, a.out, progress=_progress(a), force=a.force, evaluator_name=a.eval)
+    if not a.quiet:
+        for r in rows:
+            print(f"{r['selector']:>8} budget {r['budget']:>6.2%} {plural(r['units'], 'unit'):>12}  recovery of "
+                  f"{a.earlier} {r['recovery']:+.1%}")
+        print(f"wrote {os.path.join(a.out, 'sweep.csv')} and {os.path.join(a.out, 'dose_response.png')}")
+    return 0
+
+
+# ---- dispatch -----------------------------------------------------------------------------------------------------
+
+# name -> (add the subparser, run it). The demo command registers here too.
+COMMANDS: Dict[str, Tuple[Callable, Callable]] = {
+    "diff": (_add_diff, _diff),
+    "overlap": (_add_overlap, _overlap),
+    "report": (_add_report, _report),
+    "select": (_add_select, _select),
+    "rollback": (_add_rollback, _rollback),
+    "sweep": (_add_sweep, _sweep),
+}
+
+
+def _usage_checks(a, subs) -> None:
+    """Range checks argparse cannot express: usage errors (exit 2) with the subcommand's usage."""
+    p = subs[a.cmd]
+    if a.cmd == "select" and not 0.0 < a.budget <= 1.0:
+        p.error(f"argument --budget: must be in (0, 1], got {a.budget}")
+    if a.cmd == "sweep":
+        try:
+            _budgets(a.budgets)
+        except CliError as e:
+            p.error(f"argument {e}")
+    if a.cmd == "rollback" and not 0.0 <= a.alpha <= 1.0:
+        p.error(f"argument --alpha: must be in [0, 1], got {a.alpha}")
+    if a.cmd in ("overlap", "report") and not 0.0 < a.top <= 1.0:
+        p.error(f"argument --top: must be in (0, 1], got {a.top}")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser, subs = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # a mistyped flag: the subcommand's usage, not the top-level one
+        subs[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
+    _usage_checks(args, subs)
+    try:
+        run = COMMANDS[args.cmd][1]
         if args.cmd in ("diff", "rollback"):  # under torchrun: one process group for the ranks (docs/distributed.md)
             from lpt_kernels import distributed
+
             with distributed.from_env():
                 return run(args)
         return run(args)
@@ -297,6 +658,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"lpt {args.cmd}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, TypeError, OSError, RuntimeError) as e:
+        if os.environ.get("LPT_DEBUG"):
+            raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"lpt {args.cmd}: error: {msg}", file=sys.stderr)
         return 1

@@ -119,7 +119,8 @@ def _top_mask(score: torch.Tensor, frac: float, per_layer: bool) -> torch.Tensor
     score = torch.nan_to_num(score.double(), nan=-1.0)
     flat = score if per_layer else score.reshape(1, -1)
     k = max(1, int(math.ceil(frac * flat.shape[1])))
-    idx = flat.topk(min(k, flat.shape[1]), dim=1).indices
+    # a stable sort, not topk: ties at the cut go to the earlier position (lower layer, then lower unit)
+    idx = torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :k]
     mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, True) & (flat > 0)
     return mask.reshape(score.shape)
 
@@ -484,6 +485,11 @@ class ActivationResult:
 
     meta: dict
     arrays: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        runs = ", ".join(f"{n}: {self.tokens(n)} tokens" for n in self.names)
+        units = ", ".join(f"{g} {self.meta['units'][g]}" for g in self.groups)
+        return f"ActivationResult({runs}; {self.meta['num_layers']} layers; units per layer: {units})"
 
     @property
     def names(self) -> List[str]:
@@ -931,6 +937,9 @@ class GramResult:
     meta: dict
     param_gram: Dict[str, torch.Tensor]
     arrays: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        return (f"GramResult(domains {self.domains}, {len(self.param_gram)} parameters, groups {self.groups})")
 
     @property
     def domains(self) -> List[str]:

@@ -1,4 +1,4 @@
-"""Which tensor slices make up a *unit* (an MLP neuron, an attention head) of a model (DESIGN.md section 3).
+"""Which tensor slices make up a *unit* (an MLP neuron, an attention head) of a model (docs/layouts.md, docs/architecture.md).
 
 A *group* is a family of units of one layer with the same structure; each of its *members* is a
 ``(tensor name, axis, block)``: unit ``u`` covers ``[u*block, (u+1)*block)`` along ``axis`` of that 2-D tensor.

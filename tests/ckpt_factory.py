@@ -13,9 +13,10 @@ def tiny_qwen3_config(layers=3, tie=True):
                        max_position_embeddings=64)
 
 
-def save_chain(root, n_domains=3, seed=0, dtype=torch.bfloat16, config=None, shard="60KB", frac=0.3):
-    """Save base + n_domains checkpoints under root/{base,d1,...}; each domain changes a random `frac` of the rows
-    of every weight by a small amount. Returns the list of directories and their state dicts (as saved)."""
+def save_chain(root, n_domains=3, seed=0, dtype=torch.bfloat16, config=None, shard="60KB", frac=0.3, names=None):
+    """Save base + n_domains checkpoints under root/{base,d1,...} (or root/{names...}: the first is the base);
+    each domain changes a random `frac` of the rows of every weight by a small amount. Returns the list of
+    directories and their state dicts (as saved)."""
     from transformers import Qwen3ForCausalLM
 
     torch.manual_seed(seed)
@@ -23,7 +24,7 @@ def save_chain(root, n_domains=3, seed=0, dtype=torch.bfloat16, config=None, sha
     model = Qwen3ForCausalLM(cfg).to(dtype)
     gen = torch.Generator().manual_seed(seed + 1)
     dirs, states = [], []
-    names = ["base"] + [f"d{i}" for i in range(1, n_domains + 1)]
+    names = list(names) if names else ["base"] + [f"d{i}" for i in range(1, n_domains + 1)]
     for i, name in enumerate(names):
         if i:
             with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Comparison helpers with the tolerances of DESIGN.md section 4."""
+"""Comparison helpers with the tolerances of docs/architecture.md (the kernel contract)."""
 import math
 
 import torch

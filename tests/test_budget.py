@@ -59,7 +59,7 @@ def test_diff_with_a_moe_spec_analyses_every_group_and_says_so(moe, capsys, tmp_
     assert prof.meta["group_layers"]["mlp"] == [0] and prof.meta["group_layers"]["expert.2"] == [1, 2, 3]
     assert main(["diff", *dirs, "--layout", spec, "--out", str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out
-    assert "expert.3 (3 layers)" in out and "mlp (1 layers)" in out
+    assert "expert.3 (3 layers)" in out and "mlp (1 layer)" in out
     # asking for a subset: the rest is listed as not analysed
     assert main(["diff", *dirs, "--layout", spec, "--groups", "mlp,attn,kv", "--out", str(tmp_path / "q")]) == 0
     assert "not analysed: expert.0, expert.1, expert.2, expert.3" in capsys.readouterr().out

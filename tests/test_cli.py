@@ -33,7 +33,7 @@ def test_diff_overlap_report(chain):
     r = lpt("overlap", out, "--top", "0.1", "--group", "mlp", "--csv", str(root / "ov.csv"))
     assert r.returncode == 0, r.stderr
     assert "Jaccard" in r.stdout and "cosine d1 vs d2" in r.stdout
-    assert open(root / "ov.csv").read().startswith("group,kind,a,b,value")
+    assert open(root / "ov.csv").read().startswith("group,kind,a,b,layer,value")
 
     r = lpt("report", out)
     assert r.returncode == 0, r.stderr
@@ -97,3 +97,264 @@ def test_mismatched_checkpoints_and_intersect(chain, tmp_path):
     assert r.returncode == 0, r.stderr
     meta = json.load(open(tmp_path / "o" / "profile.json"))["meta"]
     assert any("layers.2" in n for n in meta["skipped"])
+
+
+# ---- issue 12: outputs are protected, arguments checked first, messages a new user can act on ----------------------
+# These run `lpt` in this process (cli.main with its output captured): the same code as the command, without a torch
+# import per call. The tests above run the installed command as a subprocess.
+
+def lpt_in(*args, cwd=None):
+    """cli.main(args) in this process: a CompletedProcess with its exit code, stdout and stderr."""
+    import contextlib
+    import io
+
+    from lpt_kernels import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    old_cwd, old_path = os.getcwd(), list(sys.path)
+    try:
+        if cwd:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                rc = cli.main([str(a) for a in args])
+            except SystemExit as e:  # argparse: usage errors and --version
+                rc = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(old_cwd)
+        sys.path[:] = old_path
+    return subprocess.CompletedProcess(list(args), rc, out.getvalue(), err.getvalue())
+
+
+def _mlp_only_chain(root, layers=1):
+    """base -> math -> qa where only MLP weights move (the kv and attn groups never change), fp32, sharded."""
+    import torch
+    from transformers import Qwen3ForCausalLM
+
+    from ckpt_factory import tiny_qwen3_config
+
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(tiny_qwen3_config(layers=layers)).float().eval()
+    gen = torch.Generator().manual_seed(3)
+    dirs = []
+    for i, name in enumerate(("base", "math", "qa")):
+        if i:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if ".mlp." in n:
+                        p.add_(torch.randn(p.shape, generator=gen) * 0.05)
+        d = os.path.join(root, name)
+        model.save_pretrained(d, max_shard_size="60KB")
+        dirs.append(d)
+    return dirs
+
+
+@pytest.fixture(scope="module")
+def mlp_chain(tmp_path_factory):
+    return _mlp_only_chain(str(tmp_path_factory.mktemp("mlp_chain")))
+
+
+def _snapshot(d):
+    return {os.path.relpath(os.path.join(r, f), d): open(os.path.join(r, f), "rb").read()
+            for r, _, fs in os.walk(d) for f in fs}
+
+
+def _no_temps(parent):
+    return not [e for e in os.listdir(parent) if ".tmp-" in e or ".old-" in e]
+
+
+def test_outputs_are_refused_unless_force(chain, tmp_path):
+    root, dirs = chain
+    out = tmp_path / "prof"
+    assert lpt_in("diff", *dirs[:3], "--out", str(out), "-q").returncode == 0
+    assert lpt_in("report", str(out)).returncode == 0
+    before = _snapshot(out)
+    # the same command again: refused before any reading (the output is checked before the inputs)
+    r = lpt_in("diff", str(tmp_path / "missing_ckpt"), dirs[1], "--out", str(out))
+    _one_line_error(r, "--out", "already exists and is not empty", "--force")
+    assert _snapshot(out) == before
+    # --force replaces the whole directory: the report of the earlier profile goes with it
+    r = lpt_in("diff", *dirs[:2], "--out", str(out), "--force", "-q")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out)) == ["profile.json", "profile.safetensors"]
+    assert json.load(open(out / "profile.json"))["meta"]["deltas"] == ["d1"]
+    assert _no_temps(tmp_path)
+    # into a checkpoint directory, an input, a path inside an input, an existing file
+    other = tmp_path / "other_ckpt"
+    import shutil
+    shutil.copytree(dirs[3], other)
+    _one_line_error(lpt_in("diff", *dirs[:2], "--out", str(other)), "is a checkpoint directory")
+    _one_line_error(lpt_in("diff", *dirs[:2], "--out", dirs[1], "--force"), "is the input")
+    _one_line_error(lpt_in("diff", *dirs[:2], "--out", os.path.join(dirs[1], "prof")), "is inside the input")
+    f = tmp_path / "a_file"
+    f.write_text("x")
+    _one_line_error(lpt_in("diff", *dirs[:2], "--out", str(f)), "is an existing file")
+    assert f.read_text() == "x" and os.listdir(dirs[1]) == os.listdir(dirs[2])
+    # the report: refused, then replaced with --force
+    assert lpt_in("report", str(out)).returncode == 0
+    _one_line_error(lpt_in("report", str(out)), "already exists", "--force")
+    assert lpt_in("report", str(out), "--force").returncode == 0
+    _one_line_error(lpt_in("report", str(out), "--out", str(out), "--force"), "contains the input")
+    # overlap --csv
+    csv_path = tmp_path / "o.csv"
+    csv_path.write_text("mine")
+    _one_line_error(lpt_in("overlap", str(out), "--csv", str(csv_path)), "--csv", "already exists")
+    assert csv_path.read_text() == "mine"
+
+
+def test_select_and_rollback_refuse_existing_outputs(chain, tmp_path):
+    root, dirs = chain
+    prof = tmp_path / "prof"
+    assert lpt_in("diff", *dirs[:3], "--out", str(prof), "-q").returncode == 0
+    sel = tmp_path / "sel.json"
+    args = ["select", "--profile", str(prof), "--earlier", "d1", "--later", "d2", "--selector", "MC",
+            "--budget", "0.05", "--out", str(sel)]
+    r = lpt_in(*args)
+    assert r.returncode == 0, r.stderr
+    assert "units selected" in r.stdout
+    first = sel.read_text()
+    _one_line_error(lpt_in(*args), "--out", "already exists", "--force")
+    assert sel.read_text() == first
+    assert lpt_in(*args, "--force").returncode == 0
+    # rollback: an existing non-empty output is refused; --force replaces it once complete; an input never
+    out = tmp_path / "rolled"
+    rb = ["rollback", dirs[2], "--from", dirs[1], "--select", str(sel), "--out", str(out)]
+    r = lpt_in(*rb)
+    assert r.returncode == 0 and "wrote" in r.stdout and "1 units" not in r.stdout, r.stderr
+    (out / "marker").write_text("old")
+    _one_line_error(lpt_in(*rb), "is a checkpoint directory", "--force")
+    assert (out / "marker").exists()
+    assert lpt_in(*rb, "--force", "-q").returncode == 0
+    assert not (out / "marker").exists() and os.path.isfile(out / "model.safetensors.index.json")
+    _one_line_error(lpt_in("rollback", dirs[2], "--from", dirs[1], "--select", str(sel), "--out", dirs[2], "--force"),
+                    "is the input")
+    assert _no_temps(tmp_path)
+
+
+def test_usage_errors_name_the_subcommand():
+    r = lpt_in("diff", "a", "b", "--out", "o", "--atoll", "1e-8")
+    assert r.returncode == 2
+    assert "usage: lpt diff" in r.stderr and "unrecognized arguments: --atoll" in r.stderr
+    r = lpt_in("select", "--profile", "p", "--earlier", "a", "--later", "b", "--out", "s.json", "--budget", "2")
+    assert r.returncode == 2 and "usage: lpt select" in r.stderr and "--budget" in r.stderr
+    r = lpt_in("--version")
+    assert r.returncode == 0 and r.stdout.startswith("lpt_kernels ") and "backends here: reference" in r.stdout
+    r = lpt_in("report", "--help")
+    assert r.returncode == 0 and "self-contained report.html" in r.stdout and "--force" in r.stdout
+
+
+def test_labels_plurals_unchanged_groups_and_no_bars(mlp_chain, tmp_path):
+    base, math_dir, qa = mlp_chain
+    out = tmp_path / "prof"
+    # an index path is labelled by its directory
+    r = lpt_in("diff", base, os.path.join(math_dir, "model.safetensors.index.json"), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "profile of 1 delta (consecutive), layout qwen3, 1 layer" in r.stdout
+    assert json.load(open(out / "profile.json"))["meta"]["deltas"] == ["math"]
+    assert "%|" not in r.stderr and "lpt diff" not in r.stderr  # no progress bar when stderr is not a terminal
+    r = lpt_in("diff", base, math_dir, qa, "--out", str(tmp_path / "p2"), "--progress")
+    assert r.returncode == 0 and "%|" in r.stderr  # asked for
+    # kv and attn never changed: said in words, no NaN, no empty matrices
+    r = lpt_in("overlap", str(tmp_path / "p2"))
+    assert r.returncode == 0, r.stderr
+    assert "kv: no delta changed any kv unit" in r.stdout and "attn: no delta changed any attn unit" in r.stdout
+    assert "nan" not in r.stdout.lower() and "mlp: Jaccard" in r.stdout
+    r = lpt_in("report", str(tmp_path / "p2"))
+    assert r.returncode == 0 and not r.stderr.strip(), r.stderr  # no matplotlib warnings either
+    pngs = {p for p in os.listdir(tmp_path / "p2" / "report") if p.endswith(".png")}
+    assert "jaccard_mlp.png" in pngs and not any(p.endswith(("_kv.png", "_attn.png")) for p in pngs)
+    html = open(tmp_path / "p2" / "report" / "report.html").read()
+    assert html.count("No delta changed any unit of this group") == 2
+    assert html.count("<figcaption>") == html.count("<img ") == len(pngs)
+    assert "hist_abs" not in html.replace("hist_abs.png", "")  # sections are titled in words, not file stems
+    assert "an MLP neuron j = row j of gate_proj + row j of up_proj + column j of down_proj" in html
+
+
+def test_short_reprs(mlp_chain):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lpt_kernels.analysis import diff
+    from lpt_kernels.hooks import ActivationStats
+
+    prof = diff(mlp_chain, progress=False)
+    assert len(repr(prof)) < 300 and "math" in repr(prof)
+    model = AutoModelForCausalLM.from_pretrained(mlp_chain[1]).eval()
+    with torch.inference_mode(), ActivationStats(model, name="math") as acts:
+        model(input_ids=torch.randint(0, 128, (2, 8)))
+    res = acts.result()
+    assert repr(res) == str(res) and len(repr(res)) < 300 and "math: 16 tokens" in repr(res)
+
+
+EVALS = """
+import os
+import torch
+
+def _mark():
+    open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "evaluated"), "a").write("x")
+
+def score(model):
+    _mark()
+    assert not model.training
+    assert next(model.parameters()).dtype == torch.float32
+    out = {}
+    for i, d in enumerate(("math", "qa")):
+        ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(i))
+        out[d] = -model(input_ids=ids, labels=ids).loss.item()
+    return out
+
+def a_float(model):
+    _mark()
+    return 0.5
+
+not_a_function = 3
+"""
+
+
+def test_sweep_checks_before_loading_and_writes_baselines(mlp_chain, tmp_path):
+    base, math_dir, qa = mlp_chain
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "issue12_evals.py").write_text(EVALS)
+    prof = str(tmp_path / "prof")
+    assert lpt_in("diff", base, math_dir, qa, "--out", prof, "-q").returncode == 0
+    common = ["sweep", qa, "--from", math_dir, "--profile", prof, "--earlier", "math", "--later", "qa"]
+
+    def sweep(*extra):
+        return lpt_in(*common, *extra, cwd=str(work))
+
+    evaluated = work / "evaluated"
+    # every bad argument is refused before a model is loaded or evaluated
+    _one_line_error(sweep("--eval", "issue12_evals", "--out", "o"), "--eval", "MODULE:FUNC")
+    _one_line_error(sweep("--eval", "nope_evals:score", "--out", "o"), "--eval", "nope_evals")
+    _one_line_error(sweep("--eval", "issue12_evals:missing", "--out", "o"), "has no 'missing'")
+    _one_line_error(sweep("--eval", "issue12_evals:not_a_function", "--out", "o"), "not a function")
+    _one_line_error(sweep("--eval", "issue12_evals:score", "--selectors", "MC,XYZ", "--out", "o"), "XYZ")
+    _one_line_error(sweep("--eval", "issue12_evals:score", "--selectors", "AMC", "--out", "o"), "--acts")
+    _one_line_error(sweep("--eval", "issue12_evals:score", "--earlier", "code", "--out", "o"), "'code' is not a delta")
+    _one_line_error(sweep("--eval", "issue12_evals:score", "--device", "cuda:7", "--out", "o"), "--device")
+    r = sweep("--eval", "issue12_evals:score", "--dtype", "float8", "--out", "o")
+    assert r.returncode == 2 and "usage: lpt sweep" in r.stderr
+    (work / "full").mkdir()
+    (work / "full" / "x").write_text("x")
+    _one_line_error(sweep("--eval", "issue12_evals:score", "--out", "full"), "already exists")
+    assert not evaluated.exists() and not (work / "o").exists()
+    # an evaluator returning a float: one line naming it
+    _one_line_error(sweep("--eval", "issue12_evals:a_float", "--selectors", "MC", "--out", "o"), "issue12_evals:a_float",
+                    "returned a float",
+                    "expected a dict")
+    assert not (work / "o").exists()
+    # the real thing, with the module found in the current directory
+    r = sweep("--eval", "issue12_evals:score", "--selectors", "M,random", "--budgets", "0.5,1", "--device", "cpu",
+              "--dtype", "float32", "--out", "o")
+    assert r.returncode == 0, r.stderr
+    assert "Loading weights" not in r.stderr and "%|" not in r.stderr
+    import csv
+    rows = list(csv.DictReader(open(work / "o" / "sweep.csv")))
+    assert [r["selector"] for r in rows[:2]] == ["before", "damaged"]
+    assert float(rows[0]["recovery"]) == 1.0 and float(rows[1]["recovery"]) == 0.0
+    full = [r for r in rows if r["selector"] == "M" and float(r["budget"]) == 1.0]
+    assert abs(float(full[0]["recovery"]) - 1.0) < 1e-6  # every MLP unit rolled back: the Math model exactly
+    assert abs(float(full[0]["score/math"]) - float(rows[0]["score/math"])) < 1e-6
+    assert "collateral/qa" in rows[0] and os.path.isfile(work / "o" / "dose_response.png")
+    sys.modules.pop("issue12_evals", None)

@@ -1,4 +1,4 @@
-"""Layouts (DESIGN.md section 3) against real transformers models built from tiny configs: names, shapes, config."""
+"""Layouts (docs/layouts.md) against real transformers models built from tiny configs: names, shapes, config."""
 import json
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Rollback application: revert the selected units of a model or a checkpoint toward a source (DESIGN.md section 4.4).
+"""Rollback application: revert the selected units of a model or a checkpoint toward a source (docs/rollback.md).
 
 Two entry points share one plan (which tensor slices a :class:`~lpt_kernels.analysis.selection.Selection` touches,
 validated in full before the first byte is written) and one kernel (:func:`lpt_kernels.rollback_`):
@@ -10,22 +10,20 @@ validated in full before the first byte is written) and one kernel (:func:`lpt_k
 - :func:`rollback_checkpoint` — *files*: TARGET with the selected units of SOURCE written into a new checkpoint
   directory OUT. Every file of TARGET is copied (a reflink where the filesystem has them, else an in-kernel
   ``copy_file_range`` — never a hard link); the touched coordinates are then patched in place through a shared
-  writable mapping of the *copy*. The result is built in a hidden temp directory beside OUT
-  (``.OUT.tmp-PID-XXXXXXXX``), fsynced, and renamed to OUT only when complete; TARGET and SOURCE are only read.
-  A failure or an interrupt removes the temp directory; a SIGKILL leaves it behind (hidden), and the next
-  ``rollback_checkpoint`` to the same OUT removes such leftovers whose process is gone.
+  writable mapping of the *copy*. The result is built by the package's atomic writer
+  (:class:`lpt_kernels.checkpoint.writer.AtomicDir`: a hidden temp directory ``.OUT.tmp-PID-XXXXXXXX`` beside OUT,
+  fsynced, renamed to OUT only when complete); TARGET and SOURCE are only read. A failure or an interrupt removes the
+  temp directory; a SIGKILL leaves it behind (hidden), and the next write to the same OUT removes such leftovers
+  whose process is gone.
 
 This module sits in the analysis layer: it composes the checkpoint package, layout/selection and ops.py.
 """
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import mmap
 import os
 import re
-import secrets
 import shutil
 import signal
 import threading
@@ -42,6 +40,7 @@ from lpt_kernels.analysis.selection import Selection
 from lpt_kernels.checkpoint import Checkpoint, CheckpointError, looks_cached
 from lpt_kernels.checkpoint.quantized import FP8_BLOCK, FP8_DTYPES, scale_name
 from lpt_kernels.checkpoint.streaming import tied_head_absence
+from lpt_kernels.checkpoint.writer import AtomicDir, OutputError
 
 __all__ = ["RollbackError", "rollback_model_", "rollback_checkpoint", "touched_elements"]
 
@@ -521,40 +520,6 @@ def _test_pause(stage: str) -> None:
         time.sleep(float(secs or 1))
 
 
-_libc = None
-
-
-def _rename_noreplace(src: str, dst: str) -> None:
-    """rename(2) that fails with EEXIST instead of replacing an (empty) directory created at `dst` meanwhile:
-    renameat2(RENAME_NOREPLACE) where libc and the filesystem have it, else a check and rename."""
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            _libc.renameat2  # noqa: B018
-        except (OSError, AttributeError):
-            _libc = False
-    if _libc:
-        AT_FDCWD, RENAME_NOREPLACE = -100, 1
-        rc = _libc.renameat2(AT_FDCWD, os.fsencode(src), AT_FDCWD, os.fsencode(dst), RENAME_NOREPLACE)
-        if rc == 0:
-            return
-        e = ctypes.get_errno()
-        if e not in (errno.EINVAL, errno.ENOSYS):  # EINVAL: the filesystem does not support the flag
-            raise OSError(e, os.strerror(e), dst)
-    if os.path.lexists(dst):
-        raise OSError(errno.EEXIST, os.strerror(errno.EEXIST), dst)
-    os.rename(src, dst)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _try_reflink(src_fd: int, dst_fd: int) -> bool:
     import fcntl
 
@@ -731,36 +696,6 @@ def _patch_shard(dst: str, items, src_ckpt: Checkpoint, alpha: float, backend: O
     return read
 
 
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _remove_stale(parent: str, name: str) -> List[str]:
-    """Remove ``.NAME.tmp-PID-XXXXXXXX`` directories of earlier runs to the same output whose process is gone."""
-    pat = re.compile(r"^\." + re.escape(name) + r"\.tmp-(\d+)-[0-9a-f]{8}$")
-    removed = []
-    try:
-        entries = os.listdir(parent)
-    except OSError:
-        return removed
-    for e in entries:
-        m = pat.match(e)
-        if m and not _pid_alive(int(m.group(1))):
-            p = os.path.join(parent, e)
-            if os.path.isdir(p) and not os.path.islink(p):
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-    return removed
-
-
 def _target_files(ckpt: Checkpoint, target: str) -> Tuple[str, List[Tuple[str, str]]]:
     """(base dir, [(absolute source path, path relative to the output)]) of every file the output gets."""
     if os.path.isdir(target):
@@ -851,7 +786,8 @@ def _progress_bar(total: int, enabled: bool, desc: str):
 
 
 def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, progress: bool = False, *,
-                        backend: Optional[str] = None, strict: bool = True, distributed: bool = False) -> dict:
+                        backend: Optional[str] = None, strict: bool = True, force: bool = False,
+                        distributed: bool = False) -> dict:
     """Write a new checkpoint directory `out`: `target` with the units of `selection` rolled back toward `source`
     (``w += alpha * (w_source - w)`` on the selected rows/columns; ``alpha=1`` copies the source bits).
 
@@ -861,14 +797,17 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
       touched tensors are compared.
     - `selection`: a Selection or the path of its JSON; every tensor it names must be in both checkpoints (one
       consistent name prefix difference is tolerated), 2-D, float, and its unit ids in range.
-    - `out`: a path that must not exist yet (never overwritten); its parent is created if missing.
+    - `out`: a new directory (or an empty one); an existing non-empty directory is refused unless `force` (then it
+      is replaced, in one step, once the new checkpoint is complete); TARGET, SOURCE, a path inside them or one
+      containing them are always refused. Its parent is created if missing.
     - `alpha` in [0, 1]; `progress` shows a tqdm bar on stderr; `backend` picks the kernel backend.
 
     Every file of the target (directory: all files, subdirectories included; a file: its shards, its index and the
     config / generation config / tokenizer files beside it) is copied into a temp directory beside `out` (reflink
     where possible, else copy_file_range; never a hard link); each shard holding a touched tensor is then patched
     in place through a shared writable mapping of the copy, right after its copy. All files and directories are
-    fsynced, the temp directory is renamed to `out` (renameat2 NOREPLACE) and the parent fsynced. Any error or
+    fsynced, the temp directory is renamed to `out` (renameat2 NOREPLACE; RENAME_EXCHANGE to replace an old output
+    with `force`) and the parent fsynced (:class:`lpt_kernels.checkpoint.writer.AtomicDir`). Any error or
     interrupt (KeyboardInterrupt, SIGTERM, SIGHUP) removes the temp directory and re-raises (write errors such as
     ENOSPC or EFBIG as a one-line :class:`RollbackError`); a killed process leaves ``.OUT.tmp-PID-XXXXXXXX`` in
     `out`'s parent, removed by the next call with the same `out`. Checks all come before the first write.
@@ -891,16 +830,11 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
         if not isinstance(p, (str, os.PathLike)):
             raise RollbackError(f"{what}: expected a path, got {type(p).__name__}")
     target, source = os.fspath(target), os.fspath(source)
-    out = os.path.abspath(os.fspath(out))
-    if os.path.lexists(out):
-        raise RollbackError(f"out: {out} already exists; refusing to overwrite it (choose a new directory)")
-    parent, name = os.path.dirname(out), os.path.basename(out)
-    if not name or name in (".", ".."):
-        raise RollbackError(f"out: {out} is not a directory name")
-    for what, p in (("TARGET", target), ("SOURCE", source)):
-        rp = os.path.realpath(p)
-        if os.path.isdir(rp) and (os.path.realpath(parent) + os.sep).startswith(rp + os.sep):
-            raise RollbackError(f"out: {out} is inside {what} {p}; write the new checkpoint elsewhere")
+    try:
+        writer = AtomicDir(out, force=force, inputs=(target, source), what="out")
+    except OutputError as e:
+        raise RollbackError(str(e)) from None
+    out, name = writer.out, writer.name
 
     with Checkpoint(target) as tc, Checkpoint(source) as sc:
         if not _in_place(tc):
@@ -936,18 +870,18 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
             stats["elements"] += n
             stats["bytes_touched"] += n * ti.dtype.itemsize
         if distributed and _dist.world()[1] > 1:
-            return _write_ranked(files, by_file, sc, stats, out, alpha, backend, t0)
+            return _write_ranked(writer, files, by_file, sc, stats, alpha, backend, t0)
 
-        os.makedirs(parent, exist_ok=True)
-        stats["stale_removed"] = _remove_stale(parent, name)
-        tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+        stats["stale_removed"] = []
+        tmp = None
         bar = _progress_bar(total, progress, f"rollback -> {name}")
         ra = None
         copier = None
         current = None
         try:
             with _Signals():
-                os.mkdir(tmp)
+                tmp = writer.open()
+                stats["stale_removed"] = writer.stale_removed
                 dirs = {tmp}
                 jobs = []
                 for src_path, rel in files:
@@ -985,24 +919,17 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
                 copier.join()
                 stats["copy_seconds"], stats["reflinked"] = copier.seconds, copier.reflinked
                 s0 = time.perf_counter()
-                for _, dst in jobs:
-                    fd = os.open(dst, os.O_RDONLY)
-                    try:
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
-                for d in sorted(dirs, key=len, reverse=True):
-                    _fsync_dir(d)
-                _rename_noreplace(tmp, out)
-                _fsync_dir(parent)
+                writer.commit()  # fsync every file and directory, rename into place, fsync the parent
                 stats["sync_seconds"] = time.perf_counter() - s0
         except BaseException as e:
             if copier is not None:
                 copier.halt()
-            shutil.rmtree(tmp, ignore_errors=True)
+            writer.abort()
+            if isinstance(e, OutputError):
+                raise RollbackError(str(e)) from None
             if isinstance(e, OSError):
                 bad = getattr(e, "lpt_dst", None)
-                bad = os.path.relpath(bad, tmp) if bad else current
+                bad = os.path.relpath(bad, tmp) if bad and tmp else current
                 where = f" (writing {bad})" if bad else ""
                 if e.errno == errno.EEXIST and not current:
                     raise RollbackError(f"out: {out} appeared while the rollback ran; left it alone (nothing "
@@ -1019,21 +946,20 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
     return stats
 
 
-def _write_ranked(files, by_file, sc: Checkpoint, stats: dict, out: str, alpha: float, backend: Optional[str],
-                  t0: float) -> dict:
-    """rollback_checkpoint's write split over the ranks of the process group: rank 0 makes the temp directory,
-    every rank copies and patches the files of its share (balanced by bytes) and fsyncs them, and once all ranks
-    report success rank 0 renames the directory into place; any failure removes it and raises on every rank."""
+def _write_ranked(writer: AtomicDir, files, by_file, sc: Checkpoint, stats: dict, alpha: float,
+                  backend: Optional[str], t0: float) -> dict:
+    """rollback_checkpoint's write split over the ranks of the process group: rank 0 opens the writer's temp
+    directory, every rank copies and patches the files of its share (balanced by bytes) and fsyncs them, and once
+    all ranks report success rank 0 commits the writer (the one atomic rename; with ``force`` the swap); any failure
+    removes the temp directory and raises on every rank."""
     rank, world = _dist.world()
-    parent, name = os.path.dirname(out), os.path.basename(out)
+    out = writer.out
     mine = _dist.partition([os.path.getsize(p) for p, _ in files], world)[rank]
     tmp, err = None, None
     if rank == 0:
         try:
-            os.makedirs(parent, exist_ok=True)
-            stats["stale_removed"] = _remove_stale(parent, name)
-            tmp = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-            os.mkdir(tmp)
+            tmp = writer.open()
+            stats["stale_removed"] = writer.stale_removed
         except OSError as e:
             err, tmp = e, None
     tmp = _dist.broadcast_object(tmp)
@@ -1093,20 +1019,18 @@ def _write_ranked(files, by_file, sc: Checkpoint, stats: dict, out: str, alpha: 
     if failed is None and rank == 0:  # publish: every rank's files are complete and durable
         try:
             s0 = time.perf_counter()
-            for d, _, _ in sorted(os.walk(tmp), key=lambda w: -len(w[0])):
-                _fsync_dir(d)
-            _rename_noreplace(tmp, out)
-            _fsync_dir(parent)
+            writer.commit()  # fsync the tree, rename into place (no-replace, or the swap with force), fsync parent
             stats["sync_seconds"] += time.perf_counter() - s0
+        except OutputError as e:
+            err = RollbackError(str(e))
         except OSError as e:
-            err = RollbackError(f"out: {out} appeared while the rollback ran; left it alone (nothing written)"
-                                if e.errno == errno.EEXIST else f"out: cannot publish {out}: {e.strerror or e}")
+            err = RollbackError(f"out: cannot publish {out}: {e.strerror or e}")
         failed = _dist.all_ok(err)
     elif failed is None:
         failed = _dist.all_ok(None)
     if failed is not None:
         if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            writer.abort()
         if err is not None:
             raise err
         raise RollbackError(f"out: the rollback failed on another rank ({failed}); nothing was written to {out}")

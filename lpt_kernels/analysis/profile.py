@@ -13,6 +13,7 @@ import gc
 import json
 import math
 import os
+import re
 import tempfile
 import warnings
 from dataclasses import dataclass, field
@@ -32,14 +33,30 @@ class ProfileError(ValueError):
     """A profile that cannot be built or read (one-line message)."""
 
 
+_GENERIC_STEM = re.compile(r"^(model|pytorch_model|consolidated)(-\d+-of-\d+)?$")
+
+
+def label_of(path: str) -> str:
+    """A checkpoint's default label: its directory's name (``ckpts/math``, ``ckpts/math/model.safetensors`` and
+    ``ckpts/math/model.safetensors.index.json`` are all ``math``); a file with a name of its own gives its stem
+    (``runs/math-step200.safetensors`` is ``math-step200``)."""
+    p = os.path.normpath(str(path))
+    name = os.path.basename(p)
+    if name.endswith((".safetensors", ".json")) and not os.path.isdir(p):
+        stem = re.sub(r"(\.safetensors)?(\.index)?\.json$|\.safetensors$", "", name)
+        if _GENERIC_STEM.match(stem):
+            return os.path.basename(os.path.dirname(os.path.abspath(p))) or stem
+        return stem
+    return name
+
+
 def _labels(paths: Sequence[str], labels: Optional[Sequence[str]]) -> List[str]:
     if labels is not None:
         if len(labels) != len(paths):
             raise ProfileError(f"labels: {len(labels)} labels for {len(paths)} checkpoints")
         out = list(labels)
     else:
-        out = [os.path.basename(os.path.normpath(str(p))).replace(".safetensors", "") or str(i)
-               for i, p in enumerate(paths)]
+        out = [label_of(p) or str(i) for i, p in enumerate(paths)]
     for i, name in enumerate(out):  # keep them unique: they name arrays and plot series
         if out.index(name) != i:
             out[i] = f"{name}#{i}"
@@ -61,6 +78,11 @@ class Profile:
     arrays: Dict[str, torch.Tensor]
     tensors: Dict[str, dict] = field(default_factory=dict)
     hist: Dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def __repr__(self) -> str:
+        m = self.meta
+        return (f"Profile({' -> '.join(m.get('labels', []))}, {m.get('mode')} deltas {self.deltas}, groups "
+                f"{self.groups}, {m.get('num_layers')} layers, {len(self.tensors)} tensors)")
 
     # -- basic accessors ----------------------------------------------------------------------------------------
     @property
@@ -221,7 +243,8 @@ def _top_mask(score: torch.Tensor, frac: float, per_layer: bool) -> torch.Tensor
     score = torch.nan_to_num(score.double(), nan=-1.0)
     flat = score if per_layer else score.reshape(1, -1)
     k = max(1, int(math.ceil(frac * flat.shape[1])))
-    idx = flat.topk(k, dim=1).indices
+    # a stable sort, not topk: ties at the cut go to the earlier position (lower layer, then lower unit; docs/diff.md)
+    idx = torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :k]
     mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, True) & (flat > 0)
     return mask.reshape(score.shape)
 

@@ -56,6 +56,10 @@ class Scores:
     meta: dict
     layout: Optional[object] = None  # the profile's Layout (what select() uses when given none)
 
+    def __repr__(self) -> str:
+        shapes = ", ".join(f"{g} {list(t.shape)}" for g, t in self.M.items())
+        return f"Scores(earlier={self.meta.get('earlier')!r}, later={self.meta.get('later')!r}, {shapes})"
+
     def score(self, selector: str, group: str) -> torch.Tensor:
         """The product of the selector's factors ([layers, units]); ``random`` has no score."""
         if selector not in SELECTORS or selector == "random":

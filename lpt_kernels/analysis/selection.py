@@ -47,6 +47,12 @@ class Selection:
                     raise SelectionError(f"selection: unit {ids[-1] if ids[0] >= 0 else ids[0]} of {g} layer "
                                          f"{layer} is out of range ({n} units)")
 
+    def __repr__(self) -> str:
+        per = ", ".join(f"{g}: {self.count(g)} units in {len(ls)} layers" for g, ls in self.units.items()) or "empty"
+        keys = ("selector", "budget", "earlier", "later")
+        prov = ", ".join(f"{k}={self.meta[k]!r}" for k in keys if k in self.meta)
+        return f"Selection({per}" + (f"; {prov}" if prov else "") + ")"
+
     def count(self, group: str = None) -> int:
         """Number of selected units (in one group, or all)."""
         groups = [group] if group else list(self.units)

@@ -1,4 +1,4 @@
-"""The float64 oracle: the contract of DESIGN.md section 4 written with plain torch ops.
+"""The float64 oracle: the contract of docs/kernels.md written with plain torch ops.
 
 Every test compares the other backends against this module, and it is the fallback where no extension runs.
 Deltas are formed exactly as the kernels form them (inputs widened to fp32, then differenced in fp32) and every
