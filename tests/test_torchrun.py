@@ -119,6 +119,21 @@ def _api_worker(rank, world, dirs, root):
     if rank == 0:
         assert st["world_size"] == world and len(st["ranks"]) == world
         assert sum(r["files"] for r in st["ranks"]) == st["files_copied"]
+    # an existing output: refused on every rank before any work; with force, replaced by the one publish (the swap)
+    forced = os.path.join(root, "forced")
+    if rank == 0:
+        os.makedirs(forced)
+        with open(os.path.join(forced, "old.txt"), "w") as f:
+            f.write("an earlier output")
+    torch.distributed.barrier()
+    with pytest.raises(RollbackError, match="not empty"):
+        rollback_checkpoint(dirs[3], dirs[2], sel, forced, alpha=0.5, distributed=True)
+    torch.distributed.barrier()
+    st = rollback_checkpoint(dirs[3], dirs[2], sel, forced, alpha=0.5, force=True, distributed=True)
+    assert st["world_size"] == world
+    torch.distributed.barrier()
+    assert not os.path.exists(os.path.join(forced, "old.txt"))
+    assert not [e for e in os.listdir(root) if ".tmp-" in e or ".old-" in e]
 
 
 def test_python_api_in_a_spawned_world(chain, tmp_path):
@@ -133,3 +148,6 @@ def test_python_api_in_a_spawned_world(chain, tmp_path):
     assert main(["rollback", dirs[3], "--from", dirs[2], "--select", str(tmp_path / "sel.json"), "--out",
                  str(tmp_path / "one"), "-q"]) == 0
     assert _tree(tmp_path / "one") == _tree(tmp_path / "rolled")
+    assert main(["rollback", dirs[3], "--from", dirs[2], "--select", str(tmp_path / "sel.json"), "--alpha", "0.5",
+                 "--out", str(tmp_path / "half"), "-q"]) == 0
+    assert _tree(tmp_path / "half") == _tree(tmp_path / "forced") != _tree(tmp_path / "one")
