@@ -49,7 +49,7 @@ def _child_single(dirs, out):
     prof = diff(dirs, progress=False)
     dt = time.perf_counter() - t0
     with open(out, "w") as f:
-        json.dump({"seconds": dt, "ranks": prof.meta["ranks"]}, f)
+        json.dump({"seconds": dt, "ranks": prof.meta["ranks"], "checkpoints": len(dirs)}, f)
 
 
 def _child_ranks(dirs, out):
@@ -126,7 +126,10 @@ def main(argv=None):
     a, rest = ap.parse_known_args(argv)
     labels = [x.strip() for x in a.labels.split(",") if x.strip()]
     if a.child:
-        dirs = rest
+        dirs = [a.data_dir] + rest  # the first checkpoint lands in the data_dir positional
+        for d in dirs:
+            if not os.path.isdir(d):
+                raise SystemExit(f"bench_distributed: {d} is not a checkpoint directory")
         return _child_single(dirs, a.out) if a.child == "single" else _child_ranks(dirs, a.out)
     if not a.data_dir:
         ap.error("DATA_DIR is required")
@@ -144,7 +147,7 @@ def main(argv=None):
     me = os.path.abspath(__file__)
     env_cmd = [sys.executable, me]
     res = {"read": [], "single": [], "torchrun": [], "gather": []}
-    last = None
+    last = last_one = None
     pressure = []
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "r.json")
@@ -159,7 +162,7 @@ def main(argv=None):
                          f"--nproc-per-node={a.nproc}", me, "--child", "ranks", "--out", out] + dirs, out)
             res["torchrun"].append(many["seconds"])
             res["gather"].append(many["gather"])
-            last = many
+            last, last_one = many, one
             print(f"# rep {rep + 1}: read {res['read'][-1]:.2f} s, single {one['seconds']:.2f} s, torchrun "
                   f"{many['seconds']:.2f} s (passes {', '.join(f'{p:.2f}' for p in many['pass'])} s, gather "
                   f"{many['gather'] * 1e3:.0f} ms)", flush=True)
@@ -174,6 +177,9 @@ def main(argv=None):
         table.append({"measurement": name, "seconds": round(sec, 4), "GB/s": round(total / 1e9 / sec, 3),
                       "x_ceiling": round(ceiling / sec, 3)})
     rb = [r["bytes"] for r in last["ranks"]]
+    if sum(rb) != last_one["ranks"][0]["bytes"]:  # the ranks together read what one process reads, no more
+        raise SystemExit(f"bench_distributed: the ranks read {sum(rb)} bytes in all, one process "
+                         f"{last_one['ranks'][0]['bytes']}: not the same work")
     imbalance = (max(rb) - min(rb)) / max(rb)
     overhead = med["gather"] / med["single"]
     print(f"\nranks: " + "; ".join(f"rank {i}: {r['tensors']} tensors, {r['bytes'] / 1e9:.3f} GB"
