@@ -251,3 +251,42 @@ def test_bad_trainer_checkpoints_name_the_problem(trainer_ckpts, tmp_path):
     with pytest.raises(CheckpointError, match="no tensor under prefix"):
         from lpt_kernels.checkpoint.dcp import DcpCheckpoint
         DcpCheckpoint(trainer_ckpts["dcp"][0], prefix="optim.")
+
+
+def _ranked_worker(rank, world, ck, sel_path, root):
+    """diff and rollback_checkpoint split over a world of 2 ranks, reading trainer checkpoints written by 2 or 3."""
+    from lpt_kernels.analysis import diff
+    from lpt_kernels.analysis.apply import rollback_checkpoint
+
+    for fmt in ("verl", "dcp"):
+        prof = diff(ck[fmt], labels=ck["labels"], progress=False, distributed=True)
+        assert (prof is None) == (rank != 0)
+        if rank == 0:
+            assert prof.meta["world_size"] == world and len(prof.meta["ranks"]) == world
+            prof.save(os.path.join(root, f"prof-{fmt}"))
+        st = rollback_checkpoint(ck["hf"][2], ck[fmt][1], sel_path, os.path.join(root, f"rolled-{fmt}"), alpha=0.5,
+                                 distributed=True)
+        assert st["world_size"] == world
+
+
+def test_diff_and_rollback_under_a_world_read_trainer_checkpoints(trainer_ckpts, tmp_path):
+    """The ranked diff and rollback (what `lpt diff`/`lpt rollback` do under torchrun) take verl and DCP checkpoints
+    of another world size and give the single-process results of the same weights in safetensors."""
+    from lpt_kernels.analysis import Profile, diff
+    from lpt_kernels.analysis.apply import rollback_checkpoint
+    from lpt_kernels.analysis.select import conflict_scores, select
+
+    labels = trainer_ckpts["labels"]
+    ref = diff(trainer_ckpts["hf"], labels=labels, progress=False)
+    sel = select(conflict_scores(ref, "d1", "d2", None, groups=("mlp",)), ref.layout, "MC", 0.25, ("mlp",))
+    sel.save(str(tmp_path / "sel.json"))
+    rollback_checkpoint(trainer_ckpts["hf"][2], trainer_ckpts["hf"][1], sel, str(tmp_path / "one"), alpha=0.5)
+    ck = {k: trainer_ckpts[k] for k in ("labels", "hf", "verl", "dcp")}
+    spawn(_ranked_worker, 2, ck, str(tmp_path / "sel.json"), str(tmp_path))
+    want = _hf_state(str(tmp_path / "one"))
+    for fmt in ("verl", "dcp"):
+        got = Profile.load(str(tmp_path / f"prof-{fmt}"))
+        _profiles_equal(got, ref)
+        assert got.meta["world_size"] == 2 and sum(r["tensors"] for r in got.meta["ranks"]) == len(ref.tensors)
+        rolled = _hf_state(str(tmp_path / f"rolled-{fmt}"))
+        assert rolled.keys() == want.keys() and all(torch.equal(rolled[k], want[k]) for k in want), fmt
