@@ -233,7 +233,8 @@ def _apply_tensor(target: torch.Tensor, source: torch.Tensor, axes: Dict[int, to
     rows, cols = axes.get(0), axes.get(1)
     esize = source.element_size()
     if rows is not None and rows.numel():
-        ops.rollback_(target, source, rows.to(target.device), axis=0, block=1, alpha=alpha, backend=backend)
+        # host ids: the op checks them on the host and moves them without a sync (ids on a GPU cost one)
+        ops.rollback_(target, source, rows, axis=0, block=1, alpha=alpha, backend=backend)
         read += rows.numel() * target.shape[1] * esize
     if cols is not None and cols.numel():
         if rows is not None and rows.numel() and alpha != 1.0:
@@ -242,10 +243,10 @@ def _apply_tensor(target: torch.Tensor, source: torch.Tensor, axes: Dict[int, to
             s = source.index_select(1, cols.to(source.device)).to(device=target.device, dtype=torch.float32)
             r = rows.to(target.device)
             s[r] = target.index_select(1, cols.to(target.device))[r].float()
-            ops._rollback_compact_(target, s, cols.to(target.device), 1, 1, alpha,
+            ops._rollback_compact_(target, s, cols, 1, 1, alpha,
                                    ops.resolve_backend(backend, target.device))
         else:
-            ops.rollback_(target, source, cols.to(target.device), axis=1, block=1, alpha=alpha, backend=backend)
+            ops.rollback_(target, source, cols, axis=1, block=1, alpha=alpha, backend=backend)
         read += cols.numel() * target.shape[0] * esize
     return read
 
