@@ -1,4 +1,5 @@
-"""Models sharded with FSDP2 (``fully_shard`` on a CPU device mesh over gloo, 2 and 3 processes): ActivationStats
+"""Models sharded with FSDP2 (``fully_shard`` on a CPU device mesh over gloo, 2 processes with Shard(0) and 3 with the
+MLP's column-unit weights on Shard(1) through ``shard_placement_fn``): ActivationStats
 (each rank its own batches, result() reduces), GradientGram (sharded gradients, through domain() and accumulate()),
 rollback_model_ (from a safetensors checkpoint, a verl checkpoint and a state dict) and DeltaTracker (local snapshot
 shards in RAM or a file per rank; step metrics and profile()) give the numbers of one process on the unsharded model
@@ -63,10 +64,19 @@ def _fsdp_worker(rank, world, root):
     ref = Qwen3ForCausalLM(cfg).float()
     model = copy.deepcopy(ref)
     mesh = init_device_mesh("cpu", (world,))
+    # 3 ranks: the MLP's column-unit weights (down_proj) sharded on dim 1 through FSDP2's shard_placement_fn (FSDP2
+    # shards dim 1 only evenly: 96 columns over 3); 2 ranks: FSDP2's default Shard(0) everywhere
+    from torch.distributed.tensor import Shard
+    col_units = {id(layer.mlp.down_proj.weight) for layer in model.model.layers}
+
+    def placement(p):
+        return Shard(1) if world == 3 and id(p) in col_units and p.shape[1] % world == 0 else None
+
     for layer in model.model.layers:
-        fully_shard(layer, mesh=mesh)
+        fully_shard(layer, mesh=mesh, shard_placement_fn=placement)
     fully_shard(model, mesh=mesh)
-    assert ld.is_dtensor(model.model.layers[0].mlp.down_proj.weight)
+    down = model.model.layers[0].mlp.down_proj.weight
+    assert ld.is_dtensor(down) and down.placements == ((Shard(1),) if world == 3 else (Shard(0),))
     data = _batches(world, 2, seed=7)
 
     # ---- ActivationStats: each rank its own batches; result() reduces (two collectives)
@@ -132,7 +142,7 @@ def _fsdp_worker(rank, world, root):
         src_model.save_pretrained(src_dir, max_shard_size="60KB")
     torch.distributed.barrier()
     # the same source as a verl checkpoint written by this world
-    from torch.distributed.tensor import Shard, distribute_tensor
+    from torch.distributed.tensor import distribute_tensor
     vdir = os.path.join(root, "src-verl")
     os.makedirs(vdir, exist_ok=True)
     vsd = {k: distribute_tensor(v.detach(), mesh, [Shard(1 if v.dim() == 2 and "down" in k else 0)])
