@@ -1,9 +1,9 @@
 """Models sharded with FSDP2 (``fully_shard`` on a CPU device mesh over gloo, 2 processes with Shard(0) and 3 with the
-MLP's column-unit weights on Shard(1) through ``shard_placement_fn``): ActivationStats
-(each rank its own batches, result() reduces), GradientGram (sharded gradients, through domain() and accumulate()),
-rollback_model_ (from a safetensors checkpoint, a verl checkpoint and a state dict) and DeltaTracker (local snapshot
-shards in RAM or a file per rank; step metrics and profile()) give the numbers of one process on the unsharded model
-(that sees every rank's batches, or holds the same values)."""
+MLP's column-unit weights on Shard(1) through ``shard_placement_fn``): ActivationStats (each rank its own batches,
+result() reduces), GradientGram (sharded gradients, through domain() and accumulate()), rollback_model_ (from a
+safetensors checkpoint, a verl checkpoint, a DCP directory and a state dict) and DeltaTracker (local snapshot shards
+in RAM or a file per rank; step metrics and profile()) give the numbers of one process on the unsharded model (that
+sees every rank's batches, or holds the same values)."""
 import copy
 import json
 import os
@@ -151,13 +151,17 @@ def _fsdp_worker(rank, world, root):
     if rank == 0:
         with open(os.path.join(vdir, "fsdp_config.json"), "w") as f:
             json.dump({"FSDP_version": 2, "world_size": world}, f)
+    ddir = os.path.join(root, "src-dcp")  # and as a torch.distributed.checkpoint directory
+    import torch.distributed.checkpoint as dcp
+    dcp.save(vsd, checkpoint_id=ddir)
     torch.distributed.barrier()
     orig = {n: ld.local_tensor(p).detach().clone() for n, p in model.named_parameters()}
     for alpha in (1.0, 0.5):
         want_model = copy.deepcopy(ref)
         rollback_model_(want_model, src_dir, sel, alpha=alpha)
         want_sd = dict(want_model.named_parameters())
-        for sname, source in (("safetensors", src_dir), ("verl", vdir), ("state dict", src_model.state_dict())):
+        for sname, source in (("safetensors", src_dir), ("verl", vdir), ("dcp", ddir),
+                              ("state dict", src_model.state_dict())):
             with torch.no_grad():  # FSDP modules cannot be deep-copied: restore the local shards instead
                 for n, p in model.named_parameters():
                     ld.local_tensor(p).copy_(orig[n])
