@@ -1,6 +1,6 @@
 """Smoke test of an installed wheel, run from a directory outside the repository: the package imports from the
 environment (not from a source tree), and each op runs on every backend that was built and can run here, against the
-float64 reference. Exit code 0 when all pass; one line per check."""
+float64 reference; and a tiny `lpt demo` runs. Exit code 0 when all pass; one line per check."""
 import os
 import sys
 
@@ -73,6 +73,21 @@ for b in backends:
         cpu.set_isa("auto")
     else:
         run(b)
+
+# The demo from the wheel (installed with [demo]): a tiny configuration, so this checks the packaging and the
+# plumbing in seconds; tests/test_demo.py runs `lpt demo --fast` and checks what it shows.
+import json  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from lpt_kernels.demo import FAST, run_demo  # noqa: E402
+
+tiny = replace(FAST, warmup_steps=6, eval_size=16, stage_steps={"code": 1, "math": 1, "qa": 1, "cw": 1},
+               refresh_steps=1, refresh_every=1, budgets=(0.02,), random_seeds=1)
+run_demo("demo-tiny", seed=0, quiet=True, config=tiny)
+with open("demo-tiny/results.json") as f:
+    res = json.load(f)
+check("lpt demo (tiny) from the wheel", [s["name"] for s in res["stages"]] == ["base", "code", "math", "qa", "cw"]
+      and os.path.getsize("demo-tiny/report.html") > 10000, f"{len(res['rollback'])} rollback rows")
 
 print(f"lpt_kernels {L.__version__}: {len(failures)} failure(s)")
 sys.exit(1 if failures else 0)
