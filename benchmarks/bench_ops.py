@@ -643,6 +643,53 @@ def gpu_section(args, device="cuda", bench=None, backends=None, quick=None):
     return rows
 
 
+# ---- the machines table (benchmarks/README.md) ------------------------------------------------------------------------
+
+# (column, case as "op case") of a machine's row, in the order of the README's table.
+MACHINE_COLUMNS = [("K=2 rows", "unit_gram K=2 axis0 gate/up rows"), ("K=5 rows", "unit_gram K=5 axis0 gate/up rows"),
+                   ("K=2 cols", "unit_gram K=2 axis1 down cols"), ("mc rows", "masked_cosine 10% axis0 gate rows"),
+                   ("mc cols", "masked_cosine 10% axis1 down cols"), ("act_stats_", "act_stats_ [8192, 9728] bf16"),
+                   ("rollback 1", "rollback_ 2% rows alpha=1"), ("rollback 0.5", "rollback_ 2% rows alpha=0.5")]
+
+
+def cpu_model() -> str:
+    try:
+        for ln in open("/proc/cpuinfo"):
+            if ln.startswith("model name"):
+                return ln.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def machine_row(rows, threads: int) -> str:
+    """This machine's row of the README's table of machines: CPU, ISA, the 2-thread read ceiling (of the K=2 rows
+    case, measured in this run) and each case's ratio to its ceiling; '-' for cases not run."""
+    from lpt_kernels.backends import cpu as cpu_backend
+    import datetime
+    facts = []  # family/model and L3 size: "Intel(R) Xeon(R) Processor" alone names several kinds
+    try:
+        info = open("/proc/cpuinfo").read()
+        f = re.search(r"^cpu family\s*:\s*(\d+)", info, re.M)
+        m = re.search(r"^model\s*:\s*(\d+)", info, re.M)
+        if f and m:
+            facts.append(f"family {f.group(1)} model {m.group(1)}")
+        l3 = open("/sys/devices/system/cpu/cpu0/cache/index3/size").read().strip()
+        if l3.endswith("K"):
+            facts.append(f"L3 {int(l3[:-1]) // 1024} MiB")
+    except (OSError, ValueError):
+        pass
+    fam = f" ({', '.join(facts)})" if facts else ""
+    by_case = {f"{r['op']} {r['case']}": r for r in rows}
+    ceil = by_case.get(MACHINE_COLUMNS[0][1], {}).get("ceiling_gbs")
+    cells = [datetime.date.today().isoformat(), cpu_model() + fam, cpu_backend.isa() if cpu_backend.AVAILABLE else "-",
+             str(threads), f"{ceil:.1f}" if isinstance(ceil, float) else "-"]
+    cells += [f"{by_case[c]['ratio']:.2f}" if c in by_case else "-" for _, c in MACHINE_COLUMNS]
+    cells.append(load_note().replace(" (BUSY: other processes compete for the cores)", " BUSY"))
+    head = ["date", "CPU", "ISA", "threads", "read ceiling GB/s"] + [c for c, _ in MACHINE_COLUMNS] + ["load"]
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head), "| " + " | ".join(cells) + " |"])
+
+
 # ---- main --------------------------------------------------------------------------------------------------------------
 
 def main(argv: Optional[Sequence[str]] = None):
@@ -654,6 +701,8 @@ def main(argv: Optional[Sequence[str]] = None):
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile peers")
     p.add_argument("--gpu-only", action="store_true", help="skip the CPU section")
     p.add_argument("--gpu-dry-run", action="store_true", help=argparse.SUPPRESS)  # run the GPU code path on CPU
+    p.add_argument("--machine-row", action="store_true",
+                   help="at the end, print this machine's row of the table of machines in benchmarks/README.md")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     machine_facts(args.threads)
@@ -667,6 +716,8 @@ def main(argv: Optional[Sequence[str]] = None):
         gpu_rows = gpu_section(args, device="cpu", bench=bench, backends=["cpu"], quick=True)
     else:
         gpu_rows = gpu_section(args)
+    if args.machine_row:
+        print("\nthis machine's row (benchmarks/README.md, machines measured):\n" + machine_row(rows, args.threads))
     if args.csv:
         keys = ["section", "backend", "op", "case", "bytes", "ours_ms", "us", "ours_gbs", "ceiling_gbs",
                 "ceiling_kind", "ratio", "ours_best_gbs", "ceiling_best_gbs", "eager_gbs", "compile_gbs", "x_eager",

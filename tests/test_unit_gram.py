@@ -249,3 +249,52 @@ def test_property(backend, rows, cols, k, axis, mode, block, dtypes, layout, ind
         index = index_as(index, index_layout)
     atol, rtol = data.draw(st.sampled_from([(1e-3, 1e-2), (0.0, 0.0), (1e-2, 0.0), (0.0, 1e-1)]))
     _check(backend, ws, axis=axis, block=block, mode=mode, index=index, atol=atol, rtol=rtol)
+
+
+def _guarded(shape, dtype):
+    """A tensor filling whole pages with inaccessible pages right before and after it (libc mmap + mprotect), so
+    that any read outside its storage crashes the test; returns it and a function that unmaps it."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    page = mmap.PAGESIZE
+    nbytes = shape[0] * shape[1] * torch.empty((), dtype=dtype).element_size()
+    assert nbytes % page == 0
+    base = libc.mmap(None, nbytes + 2 * page, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    assert base not in (None, ctypes.c_void_p(-1).value)
+    assert libc.mprotect(base, page, 0) == 0 and libc.mprotect(base + page + nbytes, page, 0) == 0
+    buf = (ctypes.c_char * nbytes).from_address(base + page)
+    return torch.frombuffer(buf, dtype=dtype).view(shape), lambda: libc.munmap(base, nbytes + 2 * page)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_listed_columns_read_nothing_outside_the_tensor(backend, dtype):
+    """The listed-column gathers read the 32-bit word that ends with each 16-bit element: never before the first
+    element (column 0 of row 0 is listed) or after the last (the last column of the last row)."""
+    name, device = backend
+    if name != "cpu":
+        pytest.skip("checks the C++ gathers of the cpu backend")
+    shape = (4096 // (8 * torch.empty((), dtype=dtype).element_size()) * 8, 64)  # whole pages
+    gen = torch.Generator().manual_seed(7)
+    guarded, unmaps = [], []
+    try:
+        for i in range(3):
+            t, unmap = _guarded(shape, dtype)
+            unmaps.append(unmap)
+            t.copy_(rand(shape, dtype, device, gen, scale=1.0 + i))
+            guarded.append(t)
+        index = torch.tensor([0, 3, 17, 31, 32, 40] + list(range(41, 64)))
+        for k in (2, 3):
+            got = L.unit_gram(guarded[:k], axis=1, index=index, backend=name)
+            ref = L.unit_gram(guarded[:k], axis=1, index=index, backend="reference")
+            assert_gram_close(got, ref, shape[0])
+    finally:
+        guarded.clear()
+        t = None
+        for unmap in unmaps:
+            unmap()

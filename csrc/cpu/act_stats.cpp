@@ -33,26 +33,29 @@ constexpr int kStats = 4;                // abs sum, square sum, active count (f
 // s32 [group][kStats][kW] (fp32 sums of the current fold period, then the maxima), s64 [group][3][kW].
 struct ChanTotals {
   int64_t n;
-  std::vector<float> s32;
-  std::vector<double> s64;
-  explicit ChanTotals(int64_t n_) : n(n_), s32((n_ + kW - 1) / kW * kStats * kW), s64((n_ + kW - 1) / kW * 3 * kW) {}
-  float* f32(int64_t c, int st) { return s32.data() + ((c / kW) * kStats + st) * kW + c % kW; }
-  double* f64(int64_t c, int st) { return s64.data() + ((c / kW) * 3 + st) * kW + c % kW; }
+  Scratch<float, 2> b32;
+  Scratch<double, 3> b64;
+  float* s32;
+  double* s64;
+  explicit ChanTotals(int64_t n_)
+      : n(n_), b32((n_ + kW - 1) / kW * kStats * kW), b64((n_ + kW - 1) / kW * 3 * kW), s32(b32.data()),
+        s64(b64.data()) {}
+  float* f32(int64_t c, int st) { return s32 + ((c / kW) * kStats + st) * kW + c % kW; }
+  double* f64(int64_t c, int st) { return s64 + ((c / kW) * 3 + st) * kW + c % kW; }
   void fold() {
     for (int64_t g = 0; g < (n + kW - 1) / kW; ++g)
       for (int i = 0; i < 3 * kW; ++i) s64[g * 3 * kW + i] += s32[g * kStats * kW + i], s32[g * kStats * kW + i] = 0.0f;
   }
 };
 
+// The rows of a block as pointers, worked out once per block for all of its strips (a row's address from a token id
+// and a stride, per row and strip, was ~1/4 of the loop's instructions, some on the vector ports).
 struct BlockArgs {
-  const char* base;     // x, or the fp32 buffer
-  int64_t rs;           // row stride in bytes
-  const int64_t* rows;  // token of each block row (nullptr: block row i is token i)
-  int64_t r0, r1;       // block rows
-  int64_t n_rows;       // all rows (the prefetch into the next block stops there)
-  int64_t cb;           // byte offset of the strip in a row
-  int64_t pr, pb;       // prefetch: rows ahead, byte offset
-  bool prefetch;
+  const char* const* rows;  // start of each block row (x, or the fp32 buffer)
+  const char* const* pf;    // the rows to prefetch in, one per block row (nullptr: no prefetch)
+  int64_t n;                // block rows
+  int64_t cb;               // byte offset of the strip in a row
+  int64_t pb;               // byte offset of the prefetch in its row
 };
 
 LPT_VINLINE void add_to(float* p, const vf& v) { store_vf(p, load_vf(p) + v); }
@@ -64,14 +67,12 @@ void strip(const BlockArgs& a, float threshold, ChanTotals& tot, int64_t j) {
   vf as[2 * kP], sq[2 * kP], mx[2 * kP], ac[2 * kP];
   for (int u = 0; u < 2 * kP; ++u) as[u] = sq[u] = mx[u] = ac[u] = vf{};
   const vf one = vf{} + 1.0f, zero = {};
-  for (int64_t i = a.r0; i < a.r1; ++i) {
-    const int64_t r = a.rows ? a.rows[i] : i;
-    if (a.prefetch) {
-      const int64_t ip = i + a.pr < a.n_rows ? i + a.pr : i;
-      const char* pf = a.base + (a.rows ? a.rows[ip] : ip) * a.rs + a.pb;
+  for (int64_t i = 0; i < a.n; ++i) {
+    if (a.pf) {
+      const char* pf = a.pf[i] + a.pb;
       for (int l = 0; l < kLines; ++l) __builtin_prefetch(pf + 64 * l);
     }
-    const char* p = a.base + r * a.rs + a.cb;
+    const char* p = a.rows[i] + a.cb;
     vf x[2 * kP];
     for (int q = 0; q < kP; ++q) load_pair<DT>(p, 2 * kW * q, x[2 * q], x[2 * q + 1]);
     for (int u = 0; u < 2 * kP; ++u) {
@@ -79,7 +80,7 @@ void strip(const BlockArgs& a, float threshold, ChanTotals& tot, int64_t j) {
       as[u] += ax;
       sq[u] += x[u] * x[u];
       mx[u] = vmax(ax, mx[u]);
-      ac[u] += ax > threshold ? one : zero;
+      ac[u] = ax > threshold ? ac[u] + one : ac[u];  // a masked add (+= of a select is a blend and an add)
     }
   }
   for (int q = 0; q < kP; ++q) {
@@ -133,20 +134,31 @@ void act_stats(Tensor2D x, int64_t tokens, int64_t channels, const uint8_t* mask
     const int64_t full = lo + (hi - lo) / kG * kG;
     ChanTotals tot(hi - lo);
     std::vector<float> buf(direct ? 0 : rb * kG);  // [block row][kG] fp32
+    const char* cur[rb];   // this block's rows
+    const char* next[rb];  // the next block's rows (the last row where there are fewer), for the prefetch
+    const char* bufp[rb];  // the rows of buf
+    for (int64_t i = 0; i < rb; ++i) bufp[i] = (const char*)(buf.data() + i * kG);
+    auto row = [&](int64_t i) { return (const char*)x.data + (rows ? rows[i] : i) * x.stride0 * es; };
     for (int64_t r0 = 0; r0 < counted; r0 += rb) {
       const int64_t r1 = std::min(counted, r0 + rb);
+      if (direct) {
+        for (int64_t i = r0; i < r1; ++i) {
+          cur[i - r0] = row(i);
+          next[i - r0] = row(i + rb < counted ? i + rb : i);
+        }
+      }
       for (int64_t c = lo; c < full; c += kG) {
         if (direct) {
           // Prefetch pfd bytes ahead in every row of the block, wrapping into the next block's rows.
-          int64_t pc = c + pfd / es, pr = 0;
-          if (pc >= full) pc = lo + (pc - full), pr = rb;
-          fn(BlockArgs{(const char*)x.data, x.stride0 * es, rows, r0, r1, counted, c * es, pr, pc * es, pfd > 0},
-             threshold, tot, c - lo);
+          int64_t pc = c + pfd / es;
+          const bool wrap = pc >= full;
+          if (wrap) pc = lo + (pc - full);
+          fn(BlockArgs{cur, pfd > 0 ? (wrap ? next : cur) : nullptr, r1 - r0, c * es, pc * es}, threshold, tot,
+             c - lo);
         } else {
           for (int64_t i = r0; i < r1; ++i)
             load_run(x, (rows ? rows[i] : i) * x.stride0 + c * x.stride1, x.stride1, kG, buf.data() + (i - r0) * kG);
-          fn(BlockArgs{(const char*)buf.data(), kG * 4, nullptr, 0, r1 - r0, r1 - r0, 0, 0, 0, false}, threshold, tot,
-             c - lo);
+          fn(BlockArgs{bufp, nullptr, r1 - r0, 0, 0}, threshold, tot, c - lo);
         }
       }
       for (int64_t c = full; c < hi; ++c) {  // channels that do not fill a strip: scalar
@@ -161,13 +173,20 @@ void act_stats(Tensor2D x, int64_t tokens, int64_t channels, const uint8_t* mask
       }
       if (r1 % kFoldRows == 0 || r1 == counted) tot.fold();
     }
-    for (int64_t c = lo; c < hi; ++c) {
-      double* col = stats + c * ss1;
-      col[0] += (double)counted;
-      col[1 * ss0] += *tot.f64(c - lo, 0);
-      col[2 * ss0] += *tot.f64(c - lo, 1);
-      if (counted) col[3 * ss0] = std::max(col[3 * ss0], (double)*tot.f32(c - lo, 3));
-      col[4 * ss0] += *tot.f64(c - lo, 2);
+    // Into stats, group by group of kW channels (no per-channel index arithmetic: with few tokens, e.g. a decode
+    // step's hook, this loop is most of the call).
+    for (int64_t c0 = lo; c0 < hi; c0 += kW) {
+      const int64_t n = std::min<int64_t>(kW, hi - c0);
+      const double* s = tot.f64(c0 - lo, 0);
+      const float* m = tot.f32(c0 - lo, 3);
+      for (int64_t l = 0; l < n; ++l) {
+        double* col = stats + (c0 + l) * ss1;
+        col[0] += (double)counted;
+        col[1 * ss0] += s[l];
+        col[2 * ss0] += s[kW + l];
+        if (counted) col[3 * ss0] = std::max(col[3 * ss0], (double)m[l]);
+        col[4 * ss0] += s[2 * kW + l];
+      }
     }
   }
 }

@@ -6,6 +6,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include <vector>
+
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -101,6 +103,15 @@ LPT_VINLINE vf load_vec(const void* p, int64_t i) {
     memcpy(&v, (const float*)p + i, sizeof v);
     return v;
   }
+#if defined(__AVX512BW__)
+  if (DT == kBF16) {  // one word shuffle puts each bf16 into the high half of its lane (zeroing the low halves),
+    // where a widening load would take a shuffle and a shift
+    const __m512i idx = _mm512_set_epi32(0xf000f, 0xe000e, 0xd000d, 0xc000c, 0xb000b, 0xa000a, 0x90009, 0x80008,
+                                         0x70007, 0x60006, 0x50005, 0x40004, 0x30003, 0x20002, 0x10001, 0);
+    const __m256i h = _mm256_loadu_si256((const __m256i*)((const uint16_t*)p + i));
+    return (vf)_mm512_maskz_permutexvar_epi16((__mmask32)0xaaaaaaaau, idx, _mm512_castsi256_si512(h));
+  }
+#endif
   const vu x = load_u16((const uint16_t*)p + i);
   return DT == kBF16 ? bf16_vec(x) : f16_vec(x);
 }
@@ -205,7 +216,20 @@ LPT_VINLINE vf vmul_rn(vf a, vf b) {
 // |x| with the sign bit cleared. Observably the same as lpt/element.h's x < 0 ? -x : x in every statistic here:
 // the two differ only on -0 (gives +0: same sums, maxima and comparisons) and on the sign of a NaN (still NaN).
 LPT_VINLINE vf vabs(vf x) { return (vf)((vu)x & 0x7fffffffu); }
-LPT_VINLINE vf vmax(vf a, vf m) { return a > m ? a : m; }          // abs_max update: a NaN leaves m
+// abs_max update, a > m ? a : m: a NaN a leaves m. This is exactly what the x86 max instructions compute (the
+// first operand if it is greater, else the second, so also for NaNs and signed zeros), one instruction where GCC
+// makes a compare, a blend and a move of the select (it may not swap the operands of a max without -ffast-math).
+LPT_VINLINE vf vmax(vf a, vf m) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_max_ps((__m512)a, (__m512)m);
+#elif defined(__AVX__)
+  return (vf)_mm256_max_ps((__m256)a, (__m256)m);
+#elif defined(__SSE__)
+  return (vf)_mm_max_ps((__m128)a, (__m128)m);
+#else
+  return a > m ? a : m;
+#endif
+}
 LPT_VINLINE vd widen(vf x) { return __builtin_convertvector(x, vd); }
 LPT_VINLINE vd widen(vi x) { return __builtin_convertvector(x, vd); }
 
@@ -222,17 +246,57 @@ LPT_VINLINE vf load_vf(const float* p) {
 }
 LPT_VINLINE void store_vf(float* p, const vf& v) { memcpy(p, &v, sizeof v); }
 
-// Horizontal sum of the fp64 lanes / max of the fp32 lanes (the lanes hold no NaN: see vmax).
+// Horizontal sum of the fp64 lanes / max of the fp32 lanes (the lanes hold no NaN: see vmax), as a tree: log2(kW)
+// dependent steps instead of kW. Axis 0 reduces ~NG + 4M of these per unit (a row of 2560 elements for gate_proj):
+// a serial chain of 16 fp64 additions each (~64 cycles) cost K = 5 as much as its whole row pass.
 LPT_VINLINE double hsum(const vd& v) {
-  double s = 0.0;
-  for (int l = 0; l < kW; ++l) s += v[l];
-  return s;
+  double t[kW];
+  memcpy(t, &v, sizeof t);
+  for (int w = kW / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) t[l] += t[l + w];
+  return t[0];
 }
 LPT_VINLINE float hmax(const vf& v) {
-  float m = v[0];
-  for (int l = 1; l < kW; ++l) m = v[l] > m ? v[l] : m;
-  return m;
+  float t[kW];
+  memcpy(t, &v, sizeof t);
+  for (int w = kW / 2; w >= 1; w /= 2)
+    for (int l = 0; l < w; ++l) t[l] = t[l + w] > t[l] ? t[l + w] : t[l];
+  return t[0];
 }
+
+// ---- per-call totals ---------------------------------------------------------------------------------------------
+
+// n zeroed elements of scratch memory that stay with the thread (OpenMP's pool threads and the caller) between calls,
+// up to kKeep bytes per Tag; larger requests get memory of their own. Fresh per-call vectors of channel or column
+// totals (0.1-1 MB for 9728 channels or columns) cost their page faults on every call: ~65 us for an act_stats_ of
+// one token, 30x its arithmetic. Tag tells apart the buffers one thread holds at once.
+template <class T, int Tag>
+class Scratch {
+ public:
+  explicit Scratch(size_t n) {
+    constexpr size_t kKeep = size_t(4) << 20;
+    std::vector<T>& kept = keep();
+    if (n * sizeof(T) <= kKeep) {
+      if (kept.size() < n) kept.resize(n);
+      p_ = kept.data();
+    } else {
+      own_.resize(n);
+      p_ = own_.data();
+    }
+    if (n) memset((void*)p_, 0, n * sizeof(T));
+  }
+  Scratch(const Scratch&) = delete;
+  Scratch& operator=(const Scratch&) = delete;
+  T* data() const { return p_; }
+
+ private:
+  static std::vector<T>& keep() {
+    static thread_local std::vector<T> v;
+    return v;
+  }
+  std::vector<T> own_;
+  T* p_ = nullptr;
+};
 
 // ---- runs of elements widened to fp32 (any stride, any dtype) ---------------------------------------------------
 
@@ -252,6 +316,41 @@ void load_run_t(const void* p, int64_t off, int64_t step, int64_t n, float* out)
 template <int DT>
 void load_gather_t(const void* p, int64_t off, int64_t step, const int64_t* at, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = load_f32<DT>(p, off + at[i] * step);
+}
+
+// kW elements base[pos[l]] (positions in elements, int32) widened to fp32, with the ISA's gather instruction (the
+// scalar load_f32 per lane without one). The 16-bit dtypes gather the 32-bit word that ends with the element (the
+// element in its high half), so nothing past an element is read; the word of the element at offset 0 would start
+// before the tensor, so callers keep that position out (everything else lies within the tensor's storage).
+template <int DT>
+LPT_VINLINE vf gather_vec(const void* base, const int32_t* pos) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+#if defined(__AVX512F__)
+  const __m512i ix = _mm512_loadu_si512((const void*)pos);
+  if (DT == kF32) return (vf)_mm512_i32gather_ps(ix, base, 4);
+  const vu x = (vu)_mm512_i32gather_epi32(ix, (const char*)base - 2, 2);
+#else
+  const __m256i ix = _mm256_loadu_si256((const __m256i*)pos);
+  if (DT == kF32) return (vf)_mm256_i32gather_ps((const float*)base, ix, 4);
+  const vu x = (vu)_mm256_i32gather_epi32((const int*)((const char*)base - 2), ix, 2);
+#endif
+  return DT == kBF16 ? (vf)(x & 0xffff0000u) : f16_vec(x >> 16);
+#else
+  vf v;
+  for (int l = 0; l < kW; ++l) v[l] = load_f32<DT>(base, pos[l]);
+  return v;
+#endif
+}
+
+// out[i] = t[off + pos[i]], i < n (a multiple of kW), by gather_vec; off + pos[i] must not be 0 (see gather_vec).
+inline void load_gather_vec(const Tensor2D& t, int64_t off, const int32_t* pos, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; i += kW) {
+    switch (t.dtype) {
+      case kF32: store_vf(out + i, gather_vec<kF32>((const float*)t.data + off, pos + i)); break;
+      case kBF16: store_vf(out + i, gather_vec<kBF16>((const uint16_t*)t.data + off, pos + i)); break;
+      default: store_vf(out + i, gather_vec<kF16>((const uint16_t*)t.data + off, pos + i)); break;
+    }
+  }
 }
 
 inline void load_run(const Tensor2D& t, int64_t off, int64_t step, int64_t n, float* out) {

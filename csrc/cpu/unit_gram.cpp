@@ -192,15 +192,17 @@ struct VTot {
 struct ColTotals {
   int M, NG, NS, NT;
   int64_t n;
-  std::vector<float> c32;   // [groups][NT][kW]
-  std::vector<double> c64;  // [groups][NS][kW]
+  Scratch<float, 0> s32;   // c32: [groups][NT][kW]
+  Scratch<double, 1> s64;  // c64: [groups][NS][kW]
+  float* c32;
+  double* c64;
   ColTotals(int M_, int64_t n_)
       : M(M_), NG(M_ * (M_ + 1) / 2), NS(NG + 3 * M_), NT(NS + M_), n(n_),
-        c32((n_ + kW - 1) / kW * NT * kW), c64((n_ + kW - 1) / kW * NS * kW) {}
+        s32((n_ + kW - 1) / kW * NT * kW), s64((n_ + kW - 1) / kW * NS * kW), c32(s32.data()), c64(s64.data()) {}
 
-  float* f32(int64_t col, int st) { return c32.data() + ((col / kW) * NT + st) * kW + col % kW; }
-  const float* f32(int64_t col, int st) const { return c32.data() + ((col / kW) * NT + st) * kW + col % kW; }
-  const double* f64(int64_t col, int st) const { return c64.data() + ((col / kW) * NS + st) * kW + col % kW; }
+  float* f32(int64_t col, int st) { return c32 + ((col / kW) * NT + st) * kW + col % kW; }
+  const float* f32(int64_t col, int st) const { return c32 + ((col / kW) * NT + st) * kW + col % kW; }
+  const double* f64(int64_t col, int st) const { return c64 + ((col / kW) * NS + st) * kW + col % kW; }
 
   template <int W>
   void add_lane(const Lanes<W>& a, int l, int64_t col) {
@@ -217,13 +219,31 @@ struct ColTotals {
   // c64 += c32, c32 = 0 (sums only) over the groups of columns [lo, hi) (lo a multiple of kW).
   void fold(int64_t lo, int64_t hi) {
     for (int64_t g = lo / kW; g < (hi + kW - 1) / kW; ++g) {
-      float* a = c32.data() + g * NT * kW;
-      double* b = c64.data() + g * NS * kW;
+      float* a = c32 + g * NT * kW;
+      double* b = c64 + g * NS * kW;
       for (int i = 0; i < NS * kW; ++i) b[i] += a[i], a[i] = 0.0f;
     }
   }
 
   void store_units(int64_t n_units, int64_t block, const GramOut& out) const {
+    if (block == 1) {  // one column a unit (MLP neurons): its totals are the unit's, no per-unit Totals to sum into
+      for (int64_t u = 0; u < n_units; ++u) {
+        const double* t = f64(u, 0);
+        int p = 0;
+        for (int a = 0; a < M; ++a) {
+          for (int b = a; b < M; ++b, ++p) {
+            const float g = (float)(0.0 + t[p * kW]);  // 0.0 + : as Totals sums from +0
+            out.gram[(u * M + a) * M + b] = g;
+            out.gram[(u * M + b) * M + a] = g;
+          }
+          out.abs_sum[u * M + a] = (float)(0.0 + t[(NG + a) * kW]);
+          out.zeros[u * M + a] = (int64_t)t[(NG + M + a) * kW];
+          out.near_zeros[u * M + a] = (int64_t)t[(NG + 2 * M + a) * kW];
+          out.abs_max[u * M + a] = std::max(0.0f, *f32(u, NS + a));
+        }
+      }
+      return;
+    }
     for (int64_t u = 0; u < n_units; ++u) {
       Totals t;
       t.clear();
@@ -244,26 +264,35 @@ struct ColTotals {
 LPT_VINLINE void col_add(float* p, const vf& v) { store_vf(p, load_vf(p) + v); }
 LPT_VINLINE void col_max(float* p, const vf& v) { store_vf(p, vmax(v, load_vf(p))); }
 
-// Accumulators of one strip: U sets of kW lanes per statistic, sized by M at compile time.
+// Accumulators of one strip: U sets of kW lanes per statistic, sized by M at compile time. The two counts of a delta
+// share one int32 lane, zeros in the high half and near zeros in the low half (kZeroOne each), so that K = 5 keeps
+// its 22 accumulators and its inputs in the 32 registers (separate counts spilled 4 of them to the stack). A lane
+// counts at most kMaxLaneCount elements between folds; with atol = rtol = 0 the one count is both.
+constexpr int32_t kZeroOne = 1 << 16;
+constexpr int64_t kMaxLaneCount = 2 * kFold > kRowBlock ? 2 * kFold : kRowBlock;
+static_assert(kMaxLaneCount < kZeroOne, "packed counts must not overflow their 16 bits");
+
 template <int M, int MODE, int NZ, int U>
 struct VAcc {
   static constexpr int NG = M * (M + 1) / 2;
   static constexpr int K = num_inputs(MODE, M);
   vf g[NG][U], s[M][U], mx[M][U];
-  vi z[M][U], nz[M][U];
+  vi z[M][U];  // NZ == kNzZero: the zero count; else zeros * kZeroOne + near zeros
 
   LPT_VINLINE void clear() {
     for (int u = 0; u < U; ++u) {
       for (int p = 0; p < NG; ++p) g[p][u] = vf{};
-      for (int m = 0; m < M; ++m) s[m][u] = mx[m][u] = vf{}, z[m][u] = nz[m][u] = vi{};
+      for (int m = 0; m < M; ++m) s[m][u] = mx[m][u] = vf{}, z[m][u] = vi{};
     }
   }
+  LPT_VINLINE vi zeros(int m, int u) const { return NZ == kNzZero ? z[m][u] : (vi)((vu)z[m][u] >> 16); }
+  LPT_VINLINE vi near_zeros(int m, int u) const { return NZ == kNzZero ? z[m][u] : z[m][u] & (kZeroOne - 1); }
 
   // Set u from the loaded inputs w[0..K-1]: lpt/element.h's delta, delta_ref, abs_update, is_zero and is_near_zero,
   // lane-wise (thr0: the near-zero bound of a given delta, atol + rtol * 0).
   LPT_VINLINE void update(const vf* w, int u, float atol, float rtol, float thr0) {
     const vf zero = {};
-    const vi one = vi{} + 1;
+    const vi one = vi{} + 1, zero_one = vi{} + (NZ == kNzZero ? 1 : kZeroOne);
     vf d[M];
     for (int m = 0; m < M; ++m) d[m] = MODE == kConsecutive ? w[m + 1] - w[m] : MODE == kBase ? w[m + 1] - w[0] : w[m];
     int p = 0;
@@ -275,21 +304,22 @@ struct VAcc {
       const vf a = vabs(d[m]);
       s[m][u] += a;
       mx[m][u] = vmax(a, mx[m][u]);
-      z[m][u] = d[m] == zero ? z[m][u] + one : z[m][u];
+      z[m][u] = d[m] == zero ? z[m][u] + zero_one : z[m][u];
       if (NZ == kNzAbs) {
-        nz[m][u] = a <= thr0 ? nz[m][u] + one : nz[m][u];
+        z[m][u] = a <= thr0 ? z[m][u] + one : z[m][u];
       } else if (NZ == kNzRel) {
         const vf thr = MODE == kBase ? thr_base : vmul_rn(vf{} + rtol, vabs(w[m])) + atol;
-        nz[m][u] = a <= thr ? nz[m][u] + one : nz[m][u];
+        z[m][u] = a <= thr ? z[m][u] + one : z[m][u];
       }
     }
   }
 
-  // The strip at byte offset off of the K rows q (dtype DT, unit stride): kW*U elements.
-  template <int DT>
+  // The strip at byte offset off of the K rows q (dtype DT, unit stride): kW*U elements, or with PAIR a pair of
+  // vectors into the same single set (U == 1; see StaticKern::G0).
+  template <int DT, bool PAIR>
   LPT_VINLINE void load_update(const char* const* q, int64_t off, float atol, float rtol, float thr0) {
     vf a[K], b[K];
-    if (U == 2) {
+    if (U == 2 || PAIR) {
       for (int k = 0; k < K; ++k) load_pair<DT>(q[k] + off, 0, a[k], b[k]);
       update(a, 0, atol, rtol, thr0);
       update(b, U - 1, atol, rtol, thr0);
@@ -305,8 +335,8 @@ struct VAcc {
       for (int m = 0; m < M; ++m) {
         t.s[m] += widen(s[m][u]);
         t.mx[m] = vmax(mx[m][u], t.mx[m]);
-        t.z[m] += widen(z[m][u]);
-        t.nz[m] += widen(NZ == kNzZero ? z[m][u] : nz[m][u]);
+        t.z[m] += widen(zeros(m, u));
+        t.nz[m] += widen(near_zeros(m, u));
       }
     }
   }
@@ -324,9 +354,9 @@ struct VAcc {
     for (int p = 0; p < NG; ++p) add(p, g[p][0], g[p][U - 1]);
     for (int m = 0; m < M; ++m) {
       add(NG + m, s[m][0], s[m][U - 1]);
-      add(NG + M + m, __builtin_convertvector(z[m][0], vf), __builtin_convertvector(z[m][U - 1], vf));
-      const vi* n = NZ == kNzZero ? z[m] : nz[m];
-      add(NG + 2 * M + m, __builtin_convertvector(n[0], vf), __builtin_convertvector(n[U - 1], vf));
+      add(NG + M + m, __builtin_convertvector(zeros(m, 0), vf), __builtin_convertvector(zeros(m, U - 1), vf));
+      add(NG + 2 * M + m, __builtin_convertvector(near_zeros(m, 0), vf),
+          __builtin_convertvector(near_zeros(m, U - 1), vf));
       vf x = mx[m][0], y = mx[m][U - 1];
       if (U == 2) pair_order<DT>(x, y), col_max(c2 + (NG + 3 * M + m) * kW, y);
       col_max(c + (NG + 3 * M + m) * kW, x);
@@ -408,15 +438,20 @@ struct StripArgs {
 // a pair of vectors (load_pair), else one vector.
 template <int M, int MODE, int NZ>
 struct StaticKern {
-  static constexpr int U = 2 * (M * (M + 1) / 2 + (NZ == kNzZero ? 3 : 4) * M) + 5 <= kVRegs ? 2 : 1;
+  static constexpr int U = 2 * (M * (M + 1) / 2 + 3 * M) + 5 <= kVRegs ? 2 : 1;
   static constexpr int64_t G = kW * U;  // strip width
-  static_assert(G <= kMaxStrip, "tails and gather buffers hold one strip");
+  // Axis 0 strips are always a pair of vectors: with one set of accumulators (U == 1) both vectors of a pair add
+  // into the same lanes. A unit there sums over all its elements, so which lane takes which element is free, and a
+  // pair costs one load and one operation per vector for 16-bit dtypes (load_pair) instead of a widening load
+  // (a shuffle) and a shift. Axis 1 keeps lanes = columns.
+  static constexpr int64_t G0 = 2 * kW;
+  static_assert(G <= kMaxStrip && G0 <= kMaxStrip, "tails and gather buffers hold one strip");
   using Tot = VTot<M>;
 
-  template <int DT>
+  template <int DT, bool AXIS0>
   static void strips(const StripArgs& a, const Ctx& c, Tot* vt, ColTotals* ct, int64_t col) {
     constexpr int K = num_inputs(MODE, M);
-    constexpr int kLines = (G * (DT == kF32 ? 4 : 2) + 63) / 64;
+    constexpr int kLines = ((AXIS0 ? G0 : G) * (DT == kF32 ? 4 : 2) + 63) / 64;
     VAcc<M, MODE, NZ, U> acc;
     acc.clear();
     const char* p[K];
@@ -427,10 +462,11 @@ struct StaticKern {
       for (int64_t j = 0, off = 0; j < a.n; ++j, off += st) {
         for (int k = 0; k < K; ++k)
           for (int l = 0; l < kLines; ++l) __builtin_prefetch(p[k] + off + pfo + 64 * l);
-        acc.template load_update<DT>(p, off, atol, rtol, thr0);
+        acc.template load_update<DT, AXIS0>(p, off, atol, rtol, thr0);
       }
     } else {
-      for (int64_t j = 0, off = 0; j < a.n; ++j, off += st) acc.template load_update<DT>(p, off, atol, rtol, thr0);
+      for (int64_t j = 0, off = 0; j < a.n; ++j, off += st)
+        acc.template load_update<DT, AXIS0>(p, off, atol, rtol, thr0);
     }
     if (vt) acc.fold(*vt);
     else acc.template flush<DT>(*ct, col);
@@ -439,10 +475,10 @@ struct StaticKern {
 
 // L1, any M; fp32 buffers only.
 struct DynKern {
-  static constexpr int64_t G = kW;
+  static constexpr int64_t G = kW, G0 = kW;
   using Tot = VTot<kMaxM>;
 
-  template <int DT>
+  template <int DT, bool AXIS0>
   static void strips(const StripArgs& a, const Ctx& c, Tot* vt, ColTotals* ct, int64_t col) {
     static_assert(DT == kF32, "DynKern reads fp32 buffers");
     VAccDyn acc(c);
@@ -468,9 +504,9 @@ using StripsFn = void (*)(const StripArgs&, const Ctx&, typename Kern::Tot*, Col
 template <class Kern>
 void axis0(const Tensor2D* ws, int64_t cols, int64_t block, const int64_t* index, int64_t n_units, const Ctx& c,
            const GramOut& out, int threads, StripsFn<Kern> fn, int64_t es) {
-  constexpr int64_t G = Kern::G;
+  constexpr int64_t G = Kern::G0;
   const bool buffered = fn == nullptr;
-  if (buffered) fn = &Kern::template strips<kF32>, es = 4;
+  if (buffered) fn = &Kern::template strips<kF32, true>, es = 4;
   const int64_t nstrips = cols / G;
   bool pf_rows = index != nullptr && !buffered;
   for (int k = 0; k < c.k; ++k) pf_rows = pf_rows && ws[k].stride0 == ws[0].stride0;
@@ -536,11 +572,23 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
            const GramOut& out, int threads, StripsFn<Kern> fn, int64_t es) {
   constexpr int64_t G = Kern::G;
   const bool gather = fn == nullptr;
-  if (gather) fn = &Kern::template strips<kF32>, es = 4;
+  if (gather) fn = &Kern::template strips<kF32, false>, es = 4;
   const int64_t ncol = n_units * block;
   std::vector<int64_t> col_ids(gather ? ncol : 0);  // listed columns, unit by unit
   for (int64_t u = 0; gather && u < n_units; ++u)
     for (int64_t j = 0; j < block; ++j) col_ids[u * block + j] = (index ? index[u] : u) * block + j;
+  // Listed columns are gathered with the ISA's gather instruction (int32 positions per input) where they fit in 32
+  // bits; a column of 10% of a bf16 row is one element per 64-byte line, and the scalar gather (an index, a
+  // position, a load, a widening and a store per element) was what bounded masked_cosine on columns.
+  std::vector<int32_t> col_pos(gather ? c.k * ncol : 0);  // [input][listed column]
+  bool vgather = gather, pos0[kMaxInputs] = {};          // pos0: a listed position 0 (see gather_vec)
+  for (int k = 0; k < c.k && vgather; ++k)
+    for (int64_t j = 0; j < ncol && vgather; ++j) {
+      const int64_t pos = col_ids[j] * ws[k].stride1;
+      vgather = pos < (int64_t(1) << 31);
+      col_pos[k * ncol + j] = (int32_t)pos;
+      pos0[k] = pos0[k] || pos == 0;
+    }
   ColTotals tot(c.m, ncol);
 #pragma omp parallel num_threads(threads)
   {
@@ -556,9 +604,13 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
       for (int64_t col = lo; col < full; col += G) {
         if (gather) {
           for (int64_t r = r0; r < r1; ++r)
-            for (int k = 0; k < c.k; ++k)
-              load_gather(ws[k], r * ws[k].stride0, ws[k].stride1, &col_ids[col], G,
-                          storage.data() + ((r - r0) * kMaxInputs + k) * G);
+            for (int k = 0; k < c.k; ++k) {
+              float* dst = storage.data() + ((r - r0) * kMaxInputs + k) * G;
+              if (vgather && (r * ws[k].stride0 != 0 || !pos0[k]))  // never element offset 0: see gather_vec
+                load_gather_vec(ws[k], r * ws[k].stride0, &col_pos[k * ncol + col], G, dst);
+              else
+                load_gather(ws[k], r * ws[k].stride0, ws[k].stride1, &col_ids[col], G, dst);
+            }
           for (int k = 0; k < c.k; ++k) q[k] = (const char*)(storage.data() + k * G);
           fn(StripArgs{q, st, 0, r1 - r0, false}, c, nullptr, &tot, col);
         } else {
@@ -595,10 +647,11 @@ void run(const Tensor2D* ws, int64_t rows, int64_t cols, int axis, int64_t block
          int64_t n_units, const Ctx& c, const GramOut& out, int threads, bool direct) {
   StripsFn<Kern> fn = nullptr;
   if (direct) {  // one dtype, unit inner stride
+    const bool a0 = axis == 0;
     switch (ws[0].dtype) {
-      case kBF16: fn = &Kern::template strips<kBF16>; break;
-      case kF16: fn = &Kern::template strips<kF16>; break;
-      default: fn = &Kern::template strips<kF32>; break;
+      case kBF16: fn = a0 ? &Kern::template strips<kBF16, true> : &Kern::template strips<kBF16, false>; break;
+      case kF16: fn = a0 ? &Kern::template strips<kF16, true> : &Kern::template strips<kF16, false>; break;
+      default: fn = a0 ? &Kern::template strips<kF32, true> : &Kern::template strips<kF32, false>; break;
     }
   }
   const int64_t es = dtype_size(ws[0].dtype);
@@ -651,7 +704,9 @@ void unit_gram(const Tensor2D* ws_in, int k, int64_t rows, int64_t cols, int axi
     rows_unit = true;
   }
   const bool direct = rows_unit && one_dtype;
-  threads = threads_for(rows * cols * k, threads);
+  // The work is that of the listed units only (a few units of a large tensor, e.g. masked_cosine of one unit, must not
+  // pay an OpenMP fork/join: on a busy machine that waits a scheduler slice, ~8 ms, for a ~70 us call).
+  threads = threads_for(n_units * block * (axis == 0 ? cols : rows) * k, threads);
   if (c.m > kStaticM) {
     if (axis == 0)
       axis0<DynKern>(ws, cols, block, index, n_units, c, out, threads, nullptr, 4);
