@@ -347,6 +347,7 @@ def _demo(a) -> int:
 
 
 def _diff(a) -> int:
+    from lpt_kernels import distributed
     from lpt_kernels.checkpoint.writer import AtomicDir
 
     paths = [a.base] + a.ckpts
@@ -363,9 +364,12 @@ def _diff(a) -> int:
 
     from lpt_kernels.analysis import diff
 
-    prof = diff(paths, mode=a.mode, groups=None if groups is None else tuple(groups), atol=a.atol, rtol=a.rtol, layout=a.layout,
-                intersect=a.intersect, labels=labels, progress=_progress(a),
-                backend=None if a.backend in (None, "auto") else a.backend)
+    prof = diff(paths, mode=a.mode, groups=None if groups is None else tuple(groups), atol=a.atol, rtol=a.rtol,
+                layout=a.layout, intersect=a.intersect, labels=labels, progress=_progress(a),
+                backend=None if a.backend in (None, "auto") else a.backend,
+                distributed=distributed.world()[1] > 1)
+    if prof is None:  # under torchrun: the other ranks' partials went to rank 0, which writes the profile
+        return 0
     with out as tmp:
         prof.save(tmp)
     if not a.quiet:
@@ -516,14 +520,22 @@ def _rollback(a) -> int:
     from lpt_kernels.analysis.selection import Selection
     from lpt_kernels.checkpoint.writer import check_output
 
+    from lpt_kernels import distributed
+
     check_output(a.out, kind="dir", force=a.force, inputs=(a.target, a.source))
+    rank, world = distributed.world()
     info = rollback_checkpoint(a.target, a.source, Selection.load(a.select), a.out, alpha=a.alpha,
-                               progress=_progress(a), strict=a.strict, force=a.force)
-    if not a.quiet:
+                               progress=_progress(a) and rank == 0, strict=a.strict, force=a.force,
+                               distributed=world > 1)
+    if not a.quiet and rank == 0:
         mb = info["bytes_touched"] / 2**20
         print(f"wrote {a.out}: {plural(info['units'], 'unit')} in {plural(info['tensors'], 'tensor')} rolled back "
               f"({mb:.2f} MiB changed, {plural(info['files_copied'], 'file')} copied, "
               f"{info['seconds']:.2f} s)")
+        if info.get("world_size", 1) > 1:
+            print(f"  world_size {info['world_size']}: files per rank "
+                  + ", ".join(str(r["files"]) for r in info["ranks"]) + "; MiB copied per rank "
+                  + ", ".join(f"{r['bytes_copied'] / 2**20:.2f}" for r in info["ranks"]))
     return 0
 
 
@@ -674,7 +686,13 @@ def main(argv: Optional[List[str]] = None) -> int:
         subs[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     _usage_checks(args, subs)
     try:
-        return COMMANDS[args.cmd][1](args)
+        run = COMMANDS[args.cmd][1]
+        if args.cmd in ("diff", "rollback"):  # under torchrun: one process group for the ranks (docs/distributed.md)
+            from lpt_kernels import distributed
+
+            with distributed.from_env():
+                return run(args)
+        return run(args)
     except KeyboardInterrupt:
         print(f"lpt {args.cmd}: interrupted", file=sys.stderr)
         return 130
