@@ -25,7 +25,7 @@ EPILOG = """examples:
   lpt report prof/            # PNGs and a self-contained prof/report/report.html
   lpt select --profile prof/ --acts acts_math/ --earlier math --later qa --budget 0.02 --out sel.json
   lpt rollback ckpts/qa --from ckpts/math --select sel.json --out ckpts/qa-rolled
-  lpt sweep ckpts/qa --from ckpts/math --profile prof/ --acts acts_math/ --earlier math --later qa
+  lpt sweep ckpts/qa --from ckpts/math --profile prof/ --acts acts_math/ --earlier math --later qa \\
         --eval my_evals:score --budgets 0.01,0.02,0.04 --out sweep/
 
 Outputs are never overwritten unless --force; see docs/ for every command."""
@@ -89,7 +89,7 @@ def _add_demo(sub):
                        description="Train a tiny Qwen3 (a supervised warm-up, then GRPO on Code -> Math -> QA -> CW), "
                                    "analyse its checkpoints with this package, and recover Math by rollback and by a "
                                    "Re-Math refresh. Writes DIR/ckpts/{base,code,math,qa,cw,remath}, "
-                                   "DIR/results.json and DIR/report.html (docs/demo.md).")
+                                   "DIR/results.json, DIR/figures/ and DIR/report.html (docs/demo.md).")
     d.add_argument("--out", default="lpt-demo", metavar="DIR", help="output directory (default lpt-demo/)")
     d.add_argument("--fast", action="store_true", help="the short version (about 80 s on 2 cores)")
     d.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")

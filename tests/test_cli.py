@@ -489,3 +489,13 @@ def test_wrong_kind_of_result_message(tmp_path):
     (tmp_path / "activations.json").write_text('{"meta": {"kind": "gradgram"}}')
     with pytest.raises(HookError, match="does not describe an activations result"):
         ActivationResult.load(str(tmp_path))
+
+
+def test_help_examples_paste_as_written():
+    from lpt_kernels.cli import EPILOG
+
+    lines = EPILOG.splitlines()
+    for prev, line in zip(lines, lines[1:]):
+        if line.startswith("        "):  # a continuation of the command above: that line must end with a backslash
+            assert prev.split("#")[0].rstrip().endswith("\\"), prev
+    assert any(l.startswith("        --eval") for l in lines)
