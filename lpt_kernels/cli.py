@@ -16,6 +16,7 @@ import argparse
 import math
 import os
 import sys
+import threading
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 EPILOG = """examples:
@@ -381,10 +382,12 @@ def _demo(a) -> int:
 
 
 def _diff(a) -> int:
+    from lpt_kernels import distributed
     from lpt_kernels.checkpoint.writer import AtomicDir
 
     paths = [a.base] + a.ckpts
-    out = AtomicDir(a.out, force=a.force, inputs=paths)  # refuses before the pass, not after it
+    _check_outputs([(a.out, "dir", "--out")], a.force, paths)  # also writable: refused before the pass, not after
+    out = AtomicDir(a.out, force=a.force, inputs=paths)
     labels = _csv_list(a.labels, "--labels") if a.labels else None
     if labels is not None and len(labels) != len(paths):
         raise CliError(f"--labels: {plural(len(labels), 'label')} for {plural(len(paths), 'checkpoint')}")
@@ -397,9 +400,12 @@ def _diff(a) -> int:
 
     from lpt_kernels.analysis import diff
 
-    prof = diff(paths, mode=a.mode, groups=None if groups is None else tuple(groups), atol=a.atol, rtol=a.rtol, layout=a.layout,
-                intersect=a.intersect, labels=labels, progress=_progress(a),
-                backend=None if a.backend in (None, "auto") else a.backend)
+    prof = diff(paths, mode=a.mode, groups=None if groups is None else tuple(groups), atol=a.atol, rtol=a.rtol,
+                layout=a.layout, intersect=a.intersect, labels=labels, progress=_progress(a),
+                backend=None if a.backend in (None, "auto") else a.backend,
+                distributed=distributed.world()[1] > 1)
+    if prof is None:  # under torchrun: the other ranks' partials went to rank 0, which writes the profile
+        return 0
     with out as tmp:
         prof.save(tmp)
     if not a.quiet:
@@ -543,16 +549,24 @@ def _select(a) -> int:
 def _rollback(a) -> int:
     if not 0.0 <= a.alpha <= 1.0:
         raise CliError(f"--alpha: must be in [0, 1], got {a.alpha}")
+    from lpt_kernels import distributed
     from lpt_kernels.analysis.apply import rollback_checkpoint
     from lpt_kernels.analysis.selection import Selection
+
     _check_outputs([(a.out, "dir", "--out")], a.force, [a.target, a.source, a.select])
+    rank, world = distributed.world()
     info = rollback_checkpoint(a.target, a.source, Selection.load(a.select), a.out, alpha=a.alpha,
-                               progress=_progress(a), strict=a.strict, force=a.force)
-    if not a.quiet:
+                               progress=_progress(a) and rank == 0, strict=a.strict, force=a.force,
+                               distributed=world > 1)
+    if not a.quiet and rank == 0:
         mb = info["bytes_touched"] / 2**20
         print(f"wrote {a.out}: {plural(info['units'], 'unit')} in {plural(info['tensors'], 'tensor')} rolled back "
               f"({mb:.2f} MiB changed, {plural(info['files_copied'], 'file')} copied, "
               f"{info['seconds']:.2f} s)")
+        if info.get("world_size", 1) > 1:
+            print(f"  world_size {info['world_size']}: files per rank "
+                  + ", ".join(str(r["files"]) for r in info["ranks"]) + "; MiB copied per rank "
+                  + ", ".join(f"{r['bytes_copied'] / 2**20:.2f}" for r in info["ranks"]))
     return 0
 
 
@@ -696,14 +710,28 @@ def _usage_checks(a, subs) -> None:
         p.error(f"argument --top: must be in (0, 1], got {a.top}")
 
 
+def _terminate_as_interrupt(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM (kill, timeout, a job scheduler) cleans up like Ctrl-C: no temp left behind
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    import signal
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     parser, subs = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # a mistyped flag: the subcommand's usage, not the top-level one
         subs[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     _usage_checks(args, subs)
     try:
-        return COMMANDS[args.cmd][1](args)
+        run = COMMANDS[args.cmd][1]
+        if args.cmd in ("diff", "rollback"):  # under torchrun: one process group for the ranks (docs/distributed.md)
+            from lpt_kernels import distributed
+
+            with distributed.from_env():
+                return run(args)
+        return run(args)
     except KeyboardInterrupt:
         print(f"lpt {args.cmd}: interrupted", file=sys.stderr)
         return 130

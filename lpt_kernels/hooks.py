@@ -21,7 +21,6 @@ import inspect
 import json
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,7 +28,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from lpt_kernels import __version__
+from lpt_kernels import __version__, distributed
+from lpt_kernels.checkpoint.writer import replace_file
 from lpt_kernels.layout import Layout, load_layout
 from lpt_kernels.ops import FLOAT_DTYPES, MAX_INPUTS, act_stats_, new_act_stats, unit_gram
 
@@ -82,14 +82,7 @@ def _write_atomic(out_dir: str, tensors: Dict[str, torch.Tensor], doc: dict, fil
             json.dump(doc, f, indent=1, allow_nan=True)
 
     for name, write in ((files[0], lambda p: save_file(tensors, p)), (files[1], write_json)):
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out_dir)
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, os.path.join(out_dir, name))
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        replace_file(os.path.join(out_dir, name), write)
     return out_dir
 
 
@@ -399,15 +392,46 @@ class ActivationStats:
         return hook
 
     # -- results --------------------------------------------------------------------------------------------------
+    def _gathered(self) -> Tuple[Dict[int, torch.Tensor], int, int]:
+        """The buffers and call counts; for a model sharded with FSDP2 (DTensor parameters: each rank saw its own
+        batches), reduced over the data-parallel ranks (sums, and maxima for max|a|: two collectives, every rank
+        must call :meth:`result`). The live buffers are left as they are."""
+        mesh = distributed.sharded_mesh(self.model)
+        stats = {i: st.detach() for i, st in self._stats.items()}
+        if distributed.mesh_size(mesh) == 1:
+            return stats, self.calls, self.unmasked_calls
+        with torch.no_grad():
+            dev = next(iter(stats.values())).device if stats else torch.device("cpu")
+            full = [stats[i].to(dev) if i in stats else new_act_stats(s.channels, device=dev)
+                    for i, s in enumerate(self.sites)]
+            sums = torch.cat([f[[0, 1, 2, 4]].reshape(-1) for f in full] +
+                             [torch.tensor([self.calls, self.unmasked_calls], dtype=torch.float64, device=dev)])
+            maxima = torch.cat([f[3] for f in full])
+            distributed.reduce_over_mesh(sums, maxima, mesh)
+            out, k, m = {}, 0, 0
+            for i, f in enumerate(full):
+                c = f.shape[1]
+                r = torch.empty_like(f)
+                r[[0, 1, 2, 4]] = sums[k:k + 4 * c].view(4, c)
+                r[3] = maxima[m:m + c]
+                out[i] = r
+                k, m = k + 4 * c, m + c
+        return out, int(sums[-2]), int(sums[-1])
+
     def raw(self) -> Dict[Tuple[str, int], torch.Tensor]:
         """The per-channel buffers ``(group, layer) -> [5, channels]`` float64 (on the device, live)."""
         return {(s.group, s.layer): self._stats[i] for i, s in enumerate(self.sites) if i in self._stats}
 
     def result(self, name: Optional[str] = None) -> ActivationResult:
-        """Fold the channels into units and copy to the CPU (this synchronises): an :class:`ActivationResult`."""
+        """Fold the channels into units and copy to the CPU (this synchronises): an :class:`ActivationResult`.
+
+        For a model sharded with FSDP2 (``fully_shard``: DTensor parameters), each rank's statistics of its own
+        batches are reduced over the model's device mesh first, so every rank gets the result of all ranks' batches
+        — what one process seeing all of them would count. Every rank must call it (it is a collective)."""
         name = self.name if name is None else str(name)
         if "/" in name or "|" in name:
             raise HookError(f"name: {name!r} must not contain '/' or '|'")
+        stats, calls, unmasked = self._gathered()
         n_layers = self.layout.num_layers
         arrays: Dict[str, torch.Tensor] = {}
         units, blocks, modules = {}, {}, {}
@@ -418,7 +442,7 @@ class ActivationStats:
             modules[g] = {str(s.layer): s.module_name for _, s in gs}
             raw = {k: torch.zeros(n_layers, u, dtype=torch.float64) for k in ACT_RAW}
             for i, s in gs:
-                st = self._stats.get(i)
+                st = stats.get(i)
                 if st is None:
                     continue
                 f = st.detach().reshape(5, s.units, s.block)
@@ -429,8 +453,8 @@ class ActivationStats:
                 arrays[f"{name}/{g}/{k}"] = raw[k]
         meta = {"kind": "activations", "version": __version__, "names": [name], "groups": list(self.groups),
                 "num_layers": n_layers, "units": units, "block": blocks, "modules": modules,
-                "threshold": self.threshold, "layout": self.layout.to_spec(), "calls": {name: self.calls},
-                "unmasked_calls": {name: self.unmasked_calls}}
+                "threshold": self.threshold, "layout": self.layout.to_spec(), "calls": {name: calls},
+                "unmasked_calls": {name: unmasked}}
         res = ActivationResult(meta=meta, arrays=arrays)
         res._derive()
         return res
@@ -650,11 +674,22 @@ class GradientGram:
         storage: None (CPU RAM) or a directory for memory-mapped float32 files ``<domain>.f32``.
         device_buffer: see above.
         backend: kernel backend for unit_gram (default: the best on the CPU).
+        grad_scale: factor applied to the gradients of sharded (DTensor) parameters as they are added; default: the
+            number of ranks of the model's device mesh, which undoes the mean FSDP2 takes when it reduce-scatters
+            gradients, so that the sums are those of every rank's batches (what one process backpropagating all of
+            them would get).
+
+    Models sharded with FSDP2 (``fully_shard``; parameters and gradients are DTensors): each rank keeps the sums of
+    its local gradient shards only (1/world of the storage), and :meth:`result` computes the Grams from the shards
+    with one small all-reduce per result (every rank must call it; it is a collective). FSDP2 writes the reduced
+    gradient into ``.grad`` without running tensor hooks on the sharded parameters, so inside ``domain(d)`` the
+    block's gradients of those parameters are read from ``.grad`` when the block ends (what it holds then, less
+    what it held when the block began).
     """
 
     def __init__(self, model: torch.nn.Module, domains: Sequence[str], layout=None,
                  groups: Sequence[str] = ("mlp", "attn", "kv"), *, storage: Optional[str] = None,
-                 device_buffer: bool = False, backend: Optional[str] = None):
+                 device_buffer: bool = False, backend: Optional[str] = None, grad_scale: Optional[float] = None):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if isinstance(domains, str):
@@ -669,6 +704,7 @@ class GradientGram:
                 raise HookError(f"domains: {d!r} must be non-empty without '/' or '|'")
         self.model = model
         self.domains = domains
+        distributed.settle(model)  # FSDP2: the sharded parameters, also after a forward under no_grad
         self.params: List[Tuple[str, torch.nn.Parameter]] = [(n, p) for n, p in model.named_parameters()
                                                              if p.requires_grad]
         if not self.params:
@@ -683,11 +719,15 @@ class GradientGram:
         self.storage = storage
         self.device_buffer = bool(device_buffer)
         self.backend = backend
+        self.mesh = distributed.sharded_mesh(model)
+        self.sharded = {n for n, p in self.params if distributed.is_dtensor(p)}
+        self.grad_scale = float(distributed.mesh_size(self.mesh) if grad_scale is None else grad_scale)
         self.offsets: Dict[str, Tuple[int, int]] = {}
         off = 0
-        for n, p in self.params:
-            self.offsets[n] = (off, p.numel())
-            off += p.numel()
+        for n, p in self.params:  # a sharded parameter's local shard only
+            k = distributed.local_tensor(p).numel()
+            self.offsets[n] = (off, k)
+            off += k
         self.numel = off
         self._flat: Dict[str, torch.Tensor] = {}
         self._views: Dict[str, Dict[str, torch.Tensor]] = {}
@@ -724,7 +764,7 @@ class GradientGram:
                     with open(path, "wb") as f:  # a sparse file of zeros
                         f.truncate(self.numel * 4)
                     flat = torch.from_file(path, shared=True, size=self.numel, dtype=torch.float32)
-            views = {n: flat[o:o + k].view(p.shape) for (n, p), (o, k) in
+            views = {n: flat[o:o + k].view(distributed.local_tensor(p).shape) for (n, p), (o, k) in
                      zip(self.params, (self.offsets[n] for n, _ in self.params))}
             self._flat[d], self._views[d] = flat, views
         return views
@@ -732,16 +772,17 @@ class GradientGram:
     def _add(self, d: str, name: str, grad: torch.Tensor) -> None:
         if grad.is_sparse:
             grad = grad.to_dense()
-        grad = grad.detach()
+        grad = distributed.local_tensor(grad.detach())
+        scale = self.grad_scale if name in self.sharded else 1.0
         with torch.inference_mode(False), torch.no_grad():
             if self.device_buffer:
                 buf = self._dev.get(name)
                 if buf is None:
-                    self._dev[name] = grad.to(torch.float32, copy=True)
+                    self._dev[name] = grad.to(torch.float32, copy=True).mul_(scale)
                 else:
-                    buf.add_(grad)
+                    buf.add_(grad, alpha=scale)
             else:
-                self._store(d)[name].add_(grad.to("cpu", torch.float32))
+                self._store(d)[name].add_(grad.to("cpu", torch.float32), alpha=scale)
 
     def _flush(self, d: str) -> None:
         dev, self._dev = self._dev, {}
@@ -760,17 +801,22 @@ class GradientGram:
         self._store(d)
         self._current = d
         self._captured = False
+        before = self._sharded_grads()
         try:
             for n, p in self.params:
-                self._handles.append(p.register_hook(self._param_hook(d, n)))
+                if n not in self.sharded:
+                    self._handles.append(p.register_hook(self._param_hook(d, n)))
             try:
                 yield self
             except BaseException:
                 # the gradients of the backward calls already made stay in the sum (without device_buffer): so
                 # does their batch, so that batches always counts the blocks whose gradients the sum holds
+                if not self.device_buffer:
+                    self._add_sharded_since(d, before)
                 if self._captured and not self.device_buffer:
                     self.batches[d] += 1
                 raise
+            self._add_sharded_since(d, before)
             self._flush(d)
             self.batches[d] += 1
         finally:
@@ -779,6 +825,21 @@ class GradientGram:
                 h.remove()
             self._dev = {}
             self._current = None
+
+    def _sharded_grads(self) -> Dict[str, Optional[torch.Tensor]]:
+        """A copy of the local shards of the sharded parameters' ``.grad`` (None where there is none)."""
+        return {n: None if p.grad is None else distributed.local_tensor(p.grad).detach().clone()
+                for n, p in self.params if n in self.sharded}
+
+    def _add_sharded_since(self, d: str, before: Dict[str, Optional[torch.Tensor]]) -> None:
+        """Add what the sharded parameters' ``.grad`` gained since `before` (FSDP2 runs no tensor hook on them)."""
+        for n, p in self.params:
+            if n not in self.sharded or p.grad is None:
+                continue
+            g = distributed.local_tensor(p.grad).detach()
+            b = before.get(n)
+            self._add(d, n, g if b is None else g - b)
+            self._captured = True
 
     def _param_hook(self, d: str, name: str):
         def hook(grad):
@@ -805,8 +866,10 @@ class GradientGram:
         self.batches = {d: 0 for d in self.domains}
 
     def result(self, progress: bool = False) -> "GramResult":
-        """Gram matrices of the accumulated gradients (a domain never fed has a zero gradient)."""
+        """Gram matrices of the accumulated gradients (a domain never fed has a zero gradient). For a sharded model,
+        of every rank's batches (``meta["batches"]`` counts them all), on every rank; all ranks must call it."""
         dd = len(self.domains)
+        ranks = distributed.mesh_size(self.mesh)
         present = [i for i, d in enumerate(self.domains) if d in self._views]
         pt = torch.tensor(present, dtype=torch.long)
         n_layers = self.layout.num_layers if self.layout is not None else 0
@@ -823,14 +886,19 @@ class GradientGram:
                 ws = [_as_2d(self._views[self.domains[i]][name]) for i in present]
                 members = [] if self.layout is None else [e for e in self.layout.member_of(name)
                                                           if e[0] in self.groups]
+                sharded = name in self.sharded
                 total = None
                 for g, layer, mem in members:
-                    ug = _unit_grams(ws, mem.axis, mem.block, self.backend)  # [U, P, P]
+                    # a sharded weight: its local shards as DTensors; unit_gram reduces the per-unit partials
+                    ug = _unit_grams([distributed.like(w, p) for w in ws] if sharded else ws, mem.axis, mem.block,
+                                     self.backend)  # [U, P, P]
                     per_unit[g][layer][:, pt[:, None], pt[None, :]] += ug
                     if total is None:
                         total = ug.sum(0)
                 if total is None:
                     total = _unit_grams(ws, 0, 1, self.backend).sum(0)
+                    if sharded:
+                        distributed.reduce_partial(total, p)
                 full[pt[:, None], pt[None, :]] = total
             param_gram[name] = full
             if bar is not None:
@@ -846,7 +914,8 @@ class GradientGram:
         meta = {"kind": "gradient_gram", "version": __version__, "domains": list(self.domains),
                 "groups": list(self.groups), "num_layers": n_layers, "units": units,
                 "layout": self.layout.to_spec() if self.layout is not None else None,
-                "batches": dict(self.batches), "params": {n: list(p.shape) for n, p in self.params}}
+                "batches": {d: b * ranks for d, b in self.batches.items()}, "world_size": ranks,
+                "params": {n: list(p.shape) for n, p in self.params}}
         return GramResult(meta=meta, param_gram=param_gram, arrays=arrays)
 
 

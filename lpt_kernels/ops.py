@@ -12,6 +12,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
+from lpt_kernels import distributed
 from lpt_kernels.backends import reference
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -294,6 +295,9 @@ def unit_gram(ws: Sequence[torch.Tensor], *, axis: int = 0, block: int = 1, mode
     """
     if isinstance(ws, torch.Tensor) or not isinstance(ws, (list, tuple)):
         raise TypeError("ws: expected a list or tuple of tensors")
+    if distributed.any_dtensor(ws):  # local shards, per-unit partials all-reduced
+        return distributed.unit_gram(ws, axis=axis, block=block, mode=mode, index=index, atol=atol, rtol=rtol,
+                                     backend=backend)
     if not 1 <= len(ws) <= MAX_INPUTS:
         raise ValueError(f"ws: expected 1 to {MAX_INPUTS} tensors, got {len(ws)}")
     for i, w in enumerate(ws):
@@ -361,6 +365,8 @@ def masked_cosine(u: UpdateLike, v: UpdateLike, index, *, axis: int = 0, block: 
     ``(pooled, per_unit)``: the cosine over all listed units together (0-d float32) and per listed unit ([U]
     float32). A cosine with a zero vector is reported as 0.
     """
+    if distributed.any_dtensor((u, v)):
+        return distributed.masked_cosine(u, v, index, axis=axis, block=block, backend=backend)
     def parts(x, name):
         if isinstance(x, torch.Tensor):
             _check_tensor(x, name)
@@ -438,6 +444,8 @@ def act_stats_(x: torch.Tensor, stats: torch.Tensor, *, token_mask: Optional[tor
     Raises TypeError (x not a bf16/fp16/fp32 tensor, stats not float64, token_mask not bool) or ValueError (a 0-d
     x, shapes or devices that do not match), naming the argument.
     """
+    if distributed.is_dtensor(x):
+        return distributed.act_stats_(x, stats, token_mask=token_mask, threshold=threshold, backend=backend)
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
     _check_dtype(x, "x")
@@ -506,6 +514,8 @@ def rollback_(target: torch.Tensor, source: torch.Tensor, index, *, axis: int = 
     listed units are read and moved. ``index``: unit ids (list, array or integer tensor, any strides), checked and
     de-duplicated on the host (duplicates are applied once). Nothing is written unless every argument is valid.
     """
+    if distributed.is_dtensor(target) or distributed.is_dtensor(source):
+        return distributed.rollback_(target, source, index, axis=axis, block=block, alpha=alpha, backend=backend)
     _check_tensor(target, "target")
     _check_tensor(source, "source")
     if source.shape != target.shape:

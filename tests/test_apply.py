@@ -25,6 +25,7 @@ from lpt_kernels.analysis import apply as A
 from lpt_kernels.analysis.apply import RollbackError, rollback_checkpoint, rollback_model_
 from lpt_kernels.analysis.selection import Selection, SelectionError
 from lpt_kernels.checkpoint import Checkpoint, CheckpointError
+from lpt_kernels.checkpoint.writer import MARKER
 from lpt_kernels.layout import Layout, Member, detect_layout
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -137,6 +138,7 @@ def test_file_rollback_exact_and_nothing_else(chain, tmp_path):
     assert os.path.isdir(out) and not no_temp_left(tmp_path)
     want = expected_files(tgt, src, sel)
     got = tree_hash(str(out))
+    assert got.pop(MARKER, None) is not None  # the writer's record of what it wrote (lets --force replace it)
     assert set(got) == set(want), "the output does not hold exactly the target's files"
     for rel, data in want.items():
         assert open(os.path.join(out, rel), "rb").read() == data, f"{rel}: bytes differ from the expected"
@@ -213,7 +215,7 @@ def test_single_file_target_and_symlinked_shards(chain, tmp_path):
     (single / "unrelated.bin").write_bytes(b"x" * 10)
     sel = full_selection(tgt)
     rollback_checkpoint(str(single / "model.safetensors"), src, sel, tmp_path / "o1")
-    assert sorted(os.listdir(tmp_path / "o1")) == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert sorted(os.listdir(tmp_path / "o1")) == [MARKER, "config.json", "model.safetensors", "tokenizer.json"]
     o1 = load_file(str(tmp_path / "o1" / "model.safetensors"))
 
     snap, blobs = tmp_path / "snap", tmp_path / "blobs"

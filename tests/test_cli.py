@@ -176,9 +176,19 @@ def test_outputs_are_refused_unless_force(chain, tmp_path):
     # --force replaces the whole directory: the report of the earlier profile goes with it
     r = lpt_in("diff", *dirs[:2], "--out", str(out), "--force", "-q")
     assert r.returncode == 0, r.stderr
-    assert sorted(os.listdir(out)) == ["profile.json", "profile.safetensors"]
+    assert sorted(os.listdir(out)) == [".lpt-output.json", "profile.json", "profile.safetensors"]
     assert json.load(open(out / "profile.json"))["meta"]["deltas"] == ["d1"]
     assert _no_temps(tmp_path)
+    # --force never replaces a directory the package did not write, nor an output a user added files to
+    mine = tmp_path / "mywork"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("my thesis")
+    _one_line_error(lpt_in("diff", *dirs[:2], "--out", str(mine), "--force"), "not written by lpt_kernels",
+                    "even with --force")
+    (out / "sel.json").write_text("{}")
+    _one_line_error(lpt_in("diff", *dirs[:2], "--out", str(out), "--force"), "did not write there (sel.json)")
+    os.unlink(out / "sel.json")
+    assert (mine / "thesis.tex").read_text() == "my thesis"
     # into a checkpoint directory, an input, a path inside an input, an existing file
     other = tmp_path / "other_ckpt"
     import shutil
@@ -224,8 +234,12 @@ def test_select_and_rollback_refuse_existing_outputs(chain, tmp_path):
     (out / "marker").write_text("old")
     _one_line_error(lpt_in(*rb), "is a checkpoint directory", "--force")
     assert (out / "marker").exists()
+    # a file the user put there: not replaced even with --force; without it, --force replaces the earlier output
+    _one_line_error(lpt_in(*rb, "--force"), "did not write there (marker)", "even with --force")
+    os.unlink(out / "marker")
+    (out / "config.json").write_text("{}")  # an entry it wrote, changed: still its output
     assert lpt_in(*rb, "--force", "-q").returncode == 0
-    assert not (out / "marker").exists() and os.path.isfile(out / "model.safetensors.index.json")
+    assert json.load(open(out / "config.json")) != {} and os.path.isfile(out / "model.safetensors.index.json")
     _one_line_error(lpt_in("rollback", dirs[2], "--from", dirs[1], "--select", str(sel), "--out", dirs[2], "--force"),
                     "is the input")
     assert _no_temps(tmp_path)
@@ -499,3 +513,8 @@ def test_help_examples_paste_as_written():
         if line.startswith("        "):  # a continuation of the command above: that line must end with a backslash
             assert prev.split("#")[0].rstrip().endswith("\\"), prev
     assert any(l.startswith("        --eval") for l in lines)
+
+
+def test_diff_out_not_writable_is_refused_first(chain):
+    root, dirs = chain
+    _one_line_error(lpt_in("diff", *dirs[:2], "--out", "/proc/lpt-prof"), "--out", "cannot write")

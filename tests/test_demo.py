@@ -198,8 +198,8 @@ def test_refuses_non_empty_out_without_force(tmp_path):
 
 
 def test_deterministic_and_force(tmp_path):
-    """Two runs with one seed give the same results.json apart from its timing; --force replaces an earlier demo's
-    output, and refuses a directory that is not one. A tiny configuration keeps this affordable."""
+    """Two runs with one seed give the same results.json apart from its timing; --force replaces an earlier output,
+    and refuses a directory the package did not write or one holding files of the user's. A tiny configuration keeps this affordable."""
     from lpt_kernels.demo import FAST, run_demo
 
     cfg = replace(FAST, warmup_steps=6, eval_size=24, stage_steps={"code": 2, "math": 2, "qa": 2, "cw": 2},
@@ -220,7 +220,28 @@ def test_deterministic_and_force(tmp_path):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match="not the output of an earlier"):
+    with pytest.raises(ValueError, match="not written by lpt_kernels"):
         run_demo(str(mine), seed=3, quiet=True, config=cfg, force=True)
     assert os.listdir(mine) == ["notes.txt"]
+    (out / "prof").mkdir()  # the user's work inside the demo's directory survives --force too
+    with pytest.raises(ValueError, match=r"did not write there \(prof\)"):
+        run_demo(str(out), seed=3, quiet=True, config=cfg, force=True)
+    os.rmdir(out / "prof")
     assert sorted(os.listdir(out / "ckpts")) == sorted(STAGES + ["remath"])
+
+
+def test_sigterm_leaves_nothing(tmp_path):
+    """A killed run (SIGTERM: kill, timeout, a scheduler) cleans up like Ctrl-C: exit 130, no temp directory."""
+    import signal
+    import time
+
+    p = subprocess.Popen([sys.executable, "-m", "lpt_kernels.cli", "demo", "--fast", "--out", str(tmp_path / "d")],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    deadline = time.time() + 120
+    while time.time() < deadline and not [e for e in os.listdir(tmp_path) if ".tmp-" in e]:
+        time.sleep(0.2)
+    assert [e for e in os.listdir(tmp_path) if ".tmp-" in e], "the run never started writing"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130 and "lpt demo: interrupted" in err
+    assert os.listdir(tmp_path) == []

@@ -258,21 +258,37 @@ def test_misuse_is_a_one_line_error(tmp_path):
         assert "\n" not in str(e.value)
 
 
-def test_sharded_parameters_are_refused_with_a_clear_error(tmp_path):
+def test_sharded_parameters_are_tracked(tmp_path):
+    """A DTensor parameter (here on a one-rank mesh; tests/test_fsdp.py runs FSDP2 over 2 and 3 ranks) is tracked
+    through its local shard and gives the plain model's numbers."""
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
+    from lpt_kernels.distributed import local_tensor
+
     dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
     try:
-        model = make_model()
+        model, plain = make_model(), make_model()
         mesh = init_device_mesh("cpu", (1,))
-        w = model.model.layers[0].mlp.gate_proj.weight
-        model.model.layers[0].mlp.gate_proj.weight = torch.nn.Parameter(distribute_tensor(w.detach(), mesh,
-                                                                                          [Shard(0)]))
-        with pytest.raises(TrainError, match="gate_proj.weight is a DTensor") as e:
-            DeltaTracker(model)
-        assert "\n" not in str(e.value)
+        for mod, dim in ((model.model.layers[0].mlp.gate_proj, 0), (model.model.layers[1].mlp.down_proj, 1),
+                         (model.model.norm, 0)):
+            mod.weight = torch.nn.Parameter(distribute_tensor(mod.weight.detach(), mesh, [Shard(dim)]))
+        trackers = [DeltaTracker(m, snapshot="cpu") for m in (model, plain)]
+        gen = torch.Generator().manual_seed(3)
+        for i, d in enumerate(DOMAINS[:2]):
+            for t in trackers:
+                t.start_domain(d)
+            with torch.no_grad():
+                for m in (model, plain):
+                    for p in m.parameters():  # one rank: the local shard is the whole parameter
+                        local_tensor(p).add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 1e-3)
+            got, want = trackers[0].step(), trackers[1].step()
+            assert got.keys() == want.keys() and all(math.isclose(got[k], want[k], rel_tol=1e-6, abs_tol=1e-9)
+                                                     for k in want)
+        a, b = (t.profile() for t in trackers)
+        assert all(torch.allclose(a.arrays[k].double(), b.arrays[k].double(), rtol=1e-6) for k in b.arrays)
+        assert a.tensors == b.tensors or all(a.tensors[n]["zeros"] == b.tensors[n]["zeros"] for n in b.tensors)
     finally:
         dist.destroy_process_group()
 

@@ -1,13 +1,14 @@
 """The atomic output writer (lpt_kernels/checkpoint/writer.py): refusals before any work, no-replace renames,
 replacement with force, cleanup on errors, stale temps of killed processes."""
 import errno
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-from lpt_kernels.checkpoint.writer import (AtomicDir, OutputError, atomic_file, check_output, is_checkpoint_dir,
+from lpt_kernels.checkpoint.writer import (MARKER, AtomicDir, OutputError, atomic_file, check_output, is_checkpoint_dir,
                                            remove_stale, rename_noreplace)
 
 
@@ -31,7 +32,7 @@ def test_new_directory_appears_complete(tmp_path):
         (open(os.path.join(tmp, "a.txt"), "w")).write("x")
         os.mkdir(os.path.join(tmp, "d"))
         assert not out.exists()  # nothing under the final name before the end
-    assert sorted(os.listdir(out)) == ["a.txt", "d"] and not temps(tmp_path / "sub")
+    assert sorted(os.listdir(out)) == [MARKER, "a.txt", "d"] and not temps(tmp_path / "sub")
 
 
 def test_empty_directory_is_replaced(tmp_path):
@@ -39,7 +40,8 @@ def test_empty_directory_is_replaced(tmp_path):
     out.mkdir()
     with AtomicDir(out) as tmp:
         open(os.path.join(tmp, "a"), "w").close()
-    assert os.listdir(out) == ["a"]
+    assert sorted(os.listdir(out)) == [MARKER, "a"]
+    assert json.loads((out / MARKER).read_text())["entries"] == ["a"]
 
 
 def test_refusals_before_any_work(tmp_path):
@@ -73,13 +75,48 @@ def test_refusals_before_any_work(tmp_path):
 
 def test_force_replaces_in_one_step(tmp_path):
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "old_report").mkdir()
-    (out / "old_report" / "report.html").write_text("stale")
+    with AtomicDir(out) as tmp:
+        open(os.path.join(tmp, "profile.json"), "w").write("old")
+    with AtomicDir(out / "report") as tmp:  # an output inside an output (lpt report into a profile)
+        open(os.path.join(tmp, "report.html"), "w").write("stale")
     with AtomicDir(out, force=True) as tmp:
         open(os.path.join(tmp, "profile.json"), "w").write("{}")
-    assert os.listdir(out) == ["profile.json"]  # the stale report went with the old output
-    assert not temps(tmp_path)
+    assert sorted(os.listdir(out)) == [MARKER, "profile.json"]  # the stale report went with the old output
+    assert (out / "profile.json").read_text() == "{}" and not temps(tmp_path)
+
+
+def test_force_replaces_only_our_own_outputs(tmp_path):
+    """--force never deletes a directory this package did not write, nor one where a user put files of their own."""
+    mine = tmp_path / "mywork"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("my thesis")
+    with pytest.raises(OutputError, match=r"not written by lpt_kernels.*even with --force"):
+        AtomicDir(mine, force=True)
+    out = tmp_path / "prof"
+    with AtomicDir(out) as tmp:
+        open(os.path.join(tmp, "profile.json"), "w").write("{}")
+    (out / "notes.txt").write_text("mine")
+    (out / "acts").mkdir()
+    with pytest.raises(OutputError, match=r"holds entries lpt_kernels did not write there \(acts, notes.txt\)"):
+        AtomicDir(out, force=True)
+    assert (mine / "thesis.tex").read_text() == "my thesis" and (out / "notes.txt").read_text() == "mine"
+
+
+def test_unwritable_output_is_one_line(tmp_path):
+    with pytest.raises(OutputError, match=r"--out: cannot write /proc/lpt-nope .*nothing was written"):
+        with AtomicDir("/proc/lpt-nope"):
+            pass
+
+
+def test_files_get_the_default_mode(tmp_path):
+    from lpt_kernels.checkpoint.writer import replace_file
+
+    old = os.umask(0o022)
+    try:
+        p = replace_file(tmp_path / "x.json", lambda t: open(t, "w").write("{}"))
+    finally:
+        os.umask(old)
+    assert os.stat(p).st_mode & 0o777 == 0o644
 
 
 def test_error_leaves_nothing(tmp_path):
@@ -90,8 +127,8 @@ def test_error_leaves_nothing(tmp_path):
             raise RuntimeError("boom")
     assert not out.exists() and not temps(tmp_path)
     # an existing output stays as it was when the new one fails, even with force
-    out.mkdir()
-    (out / "keep").write_text("old")
+    with AtomicDir(out) as tmp:
+        open(os.path.join(tmp, "keep"), "w").write("old")
     with pytest.raises(KeyboardInterrupt):
         with AtomicDir(out, force=True):
             raise KeyboardInterrupt

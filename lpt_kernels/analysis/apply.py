@@ -34,7 +34,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 import torch
 
-from lpt_kernels import ops
+from lpt_kernels import distributed, ops
+from lpt_kernels import distributed as _dist  # rollback_checkpoint has an argument of that name
 from lpt_kernels.analysis.selection import Selection
 from lpt_kernels.checkpoint import Checkpoint, CheckpointError, looks_cached
 from lpt_kernels.checkpoint.quantized import FP8_BLOCK, FP8_DTYPES, scale_name
@@ -189,6 +190,12 @@ def _source_tensor(ckpt: Checkpoint, name: str) -> Tuple[torch.Tensor, Optional[
     return ckpt.tensor(name), None
 
 
+def _in_place(ckpt: Checkpoint) -> bool:
+    """Whether a checkpoint source hands out views of one memory mapping per file (safetensors), which rollback
+    reads through with read-ahead; other formats (verl rank shards, DCP) are read unit by unit with gather."""
+    return getattr(ckpt, "format", "") == "safetensors"
+
+
 def _refuse_fp8_target(dtype, name: str, where: str) -> None:
     if dtype in FP8_DTYPES:
         raise RollbackError(f"{where}: tensor {name!r} is {dtype} (block-scaled FP8); rolling units back into it "
@@ -219,6 +226,8 @@ def _apply_tensor(target: torch.Tensor, source: torch.Tensor, axes: Dict[int, to
     device); returns the bytes read from `source`. Each touched element is moved once, also where a row and a column
     cross (with alpha < 1 the crossing is lerped in the row pass only)."""
     read = 0
+    if distributed.is_dtensor(target):  # a sharded parameter: its local shard, from the same rectangle of source
+        target, source, axes, _ = distributed.localize_rollback(target, source, axes)
     if target.numel() == 0:  # a zero-size dimension: no element to move
         return 0
     rows, cols = axes.get(0), axes.get(1)
@@ -239,6 +248,37 @@ def _apply_tensor(target: torch.Tensor, source: torch.Tensor, axes: Dict[int, to
         else:
             ops.rollback_(target, source, cols, axis=1, block=1, alpha=alpha, backend=backend)
         read += cols.numel() * target.shape[0] * esize
+    return read
+
+
+def _apply_gathered(target: torch.Tensor, ckpt: Checkpoint, name: str, axes: Dict[int, torch.Tensor], alpha: float,
+                    backend: Optional[str]) -> int:
+    """:func:`_apply_tensor` from a checkpoint that is not one mapping per file (verl rank shards, DCP): the touched
+    rows and columns are gathered from it into compact sources — for a DTensor target, only those inside its local
+    shard, so each rank reads just its slice of the selected units. Returns the bytes gathered."""
+    if distributed.is_dtensor(target):
+        target, _, axes, (offs, sizes) = distributed.localize_rollback(target, None, axes)
+    else:
+        offs, sizes = (0, 0), tuple(target.shape)
+    if target.numel() == 0:
+        return 0
+    rows, cols = axes.get(0), axes.get(1)
+    name_b = ops.resolve_backend(backend, target.device)
+    read = 0
+    if rows is not None and rows.numel():
+        src = ckpt.gather(name, rows + offs[0], axis=0, within=(offs[1], offs[1] + sizes[1]))
+        read += src.numel() * src.element_size()
+        ops._rollback_compact_(target, src.to(target.device), rows.to(target.device), 0, 1, alpha, name_b)
+    if cols is not None and cols.numel():
+        src = ckpt.gather(name, cols + offs[1], axis=1, within=(offs[0], offs[0] + sizes[0]))
+        read += src.numel() * src.element_size()
+        c = cols.to(target.device)
+        if rows is not None and rows.numel() and alpha != 1.0:
+            # as in _apply_tensor: the rows already rolled back hold the target's values in the column source
+            src = src.to(device=target.device, dtype=torch.float32)
+            r = rows.to(target.device)
+            src[r] = target.index_select(1, c)[r].float()
+        ops._rollback_compact_(target, src.to(target.device), c, 1, 1, alpha, name_b)
     return read
 
 
@@ -361,6 +401,7 @@ def _source_job(info, axes) -> tuple:
 
 def _named_tensors(obj, what: str) -> Dict[str, torch.Tensor]:
     if isinstance(obj, torch.nn.Module):
+        distributed.settle(obj)  # FSDP2: write the sharded parameters, never unsharded copies
         return dict(obj.named_parameters(remove_duplicate=False))
     if isinstance(obj, Mapping):
         bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
@@ -418,7 +459,8 @@ def rollback_model_(model, source, selection, alpha: float = 1.0, *, backend: Op
             _check_slice(s, tuple(t.shape), t.dtype, sshape, sdtype, "the model", src_where)
             if t.device.type == "meta":
                 raise RollbackError(f"model: parameter {s.tgt_name!r} is on the meta device (not materialised)")
-            key = (t.device, t.data_ptr(), tuple(t.shape), tuple(t.stride()))
+            lt = distributed.local_tensor(t)
+            key = (t.device, lt.data_ptr(), tuple(t.shape), tuple(lt.stride()))
             if key in seen:  # tied aliases of one parameter: merge, so alpha < 1 is applied once
                 other = seen[key]
                 for ax, idx in s.axes.items():
@@ -431,17 +473,21 @@ def rollback_model_(model, source, selection, alpha: float = 1.0, *, backend: Op
         for dev in {t.device for _, t in merged}:  # a bad backend name is an error before the first write
             ops.resolve_backend(backend, dev)
         ra = (_ReadAhead([_source_job(ckpt.info(s.src_name), s.axes) for s, _ in merged]) if ckpt is not None
-              else None)
+              and _in_place(ckpt) else None)
         try:
             with torch.no_grad():
                 for k, (s, t) in enumerate(merged):
                     whole = None
-                    if ckpt is not None:
-                        ra.consumed(k)
-                        src, whole = _source_tensor(ckpt, s.src_name)
+                    if ckpt is not None and not _in_place(ckpt) and ckpt.kind(s.src_name) != FP8_BLOCK:
+                        got = _apply_gathered(t, ckpt, s.src_name, s.axes, alpha, backend)
                     else:
-                        src = src_tensors[s.src_name]
-                    got = _apply_tensor(t, src, s.axes, alpha, backend)
+                        if ckpt is not None:
+                            if ra is not None:
+                                ra.consumed(k)
+                            src, whole = _source_tensor(ckpt, s.src_name)
+                        else:
+                            src = src_tensors[s.src_name]
+                        got = _apply_tensor(t, src, s.axes, alpha, backend)
                     stats["bytes_read"] += got if whole is None else whole
                     n = _touched_bytes(tuple(t.shape), 1, s.axes)
                     stats["elements"] += n
@@ -620,19 +666,24 @@ def _patch_shard(dst: str, items, src_ckpt: Checkpoint, alpha: float, backend: O
                 numel = ti.numel
                 if numel == 0:  # a zero-size dimension: nothing to write
                     continue
-                src, whole = _source_tensor(src_ckpt, s.src_name)
+                if _in_place(src_ckpt) or src_ckpt.kind(s.src_name) == FP8_BLOCK:
+                    src, whole = _source_tensor(src_ckpt, s.src_name)
+                    apply = lambda t: _apply_tensor(t, src, s.axes, alpha, backend)  # noqa: E731
+                else:
+                    src, whole = None, None
+                    apply = lambda t: _apply_gathered(t, src_ckpt, s.src_name, s.axes, alpha, backend)  # noqa: E731
                 if ti.start % ti.dtype.itemsize == 0:
                     tgt = torch.frombuffer(mm, dtype=ti.dtype, count=numel, offset=ti.start).view(ti.shape)
-                    got = _apply_tensor(tgt, src, s.axes, alpha, backend)
+                    got = apply(tgt)
                     del tgt
                 else:  # unaligned (never written by the safetensors library): patch an aligned copy, write it back
                     raw = torch.frombuffer(mm, dtype=torch.uint8, count=ti.end - ti.start, offset=ti.start)
                     tgt = raw.clone().view(ti.dtype).view(ti.shape)
-                    got = _apply_tensor(tgt, src, s.axes, alpha, backend)
+                    got = apply(tgt)
                     raw.copy_(tgt.view(-1).view(torch.uint8))
                     del raw, tgt
                 read += got if whole is None else whole
-                del src
+                del src, apply
             _test_pause("patched")
             # no msync here: the dirty pages of a shared mapping are the file's page cache, written back by the
             # fsync of every file before the rename, together with the copy's own dirty pages
@@ -736,7 +787,8 @@ def _progress_bar(total: int, enabled: bool, desc: str):
 
 
 def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, progress: bool = False, *,
-                        backend: Optional[str] = None, strict: bool = True, force: bool = False) -> dict:
+                        backend: Optional[str] = None, strict: bool = True, force: bool = False,
+                        distributed: bool = False) -> dict:
     """Write a new checkpoint directory `out`: `target` with the units of `selection` rolled back toward `source`
     (``w += alpha * (w_source - w)`` on the selected rows/columns; ``alpha=1`` copies the source bits).
 
@@ -761,6 +813,13 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
     ENOSPC or EFBIG as a one-line :class:`RollbackError`); a killed process leaves ``.OUT.tmp-PID-XXXXXXXX`` in
     `out`'s parent, removed by the next call with the same `out`. Checks all come before the first write.
 
+    With `distributed` (``lpt rollback`` under torchrun; every rank calls it with the same arguments, on storage
+    they all see), the files are split across the ranks of the process group balanced by bytes: each rank copies
+    and patches its own files into the one temp directory (rank 0 makes it), fsyncs them, and after every rank
+    reported success rank 0 publishes the directory with the one atomic rename; a failure on any rank removes the
+    temp directory and raises on every rank. The stats are summed over the ranks, with ``world_size`` and
+    ``ranks`` (each rank's files, bytes copied and bytes read).
+
     Returns stats: ``out``, ``tensors``, ``units``, ``elements``, ``bytes_touched``, ``bytes_read`` (from the
     source), ``files_copied``, ``files_patched``, ``bytes_copied``, ``reflinked`` (files), ``stale_removed``
     (leftover temp dirs removed), ``seconds``, ``copy_seconds``, ``patch_seconds``, ``sync_seconds``.
@@ -779,6 +838,10 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
     out, name = writer.out, writer.name
 
     with Checkpoint(target) as tc, Checkpoint(source) as sc:
+        if not _in_place(tc):
+            raise RollbackError(f"TARGET {tc.path}: a {tc.format} checkpoint can be a rollback SOURCE (--from) but "
+                                f"not the TARGET: the output is a copy of TARGET's safetensors files (merge it to "
+                                f"safetensors first)")
         if strict:
             _check_match(tc, sc)
         plan = _plan(sel, tc.names, sc.names, f"TARGET {tc.path}", f"SOURCE {sc.path}")
@@ -807,6 +870,8 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
             n = _touched_bytes(ti.shape, 1, s.axes)
             stats["elements"] += n
             stats["bytes_touched"] += n * ti.dtype.itemsize
+        if distributed and _dist.world()[1] > 1:
+            return _write_ranked(writer, files, by_file, sc, stats, alpha, backend, t0)
 
         stats["stale_removed"] = []
         tmp = None
@@ -834,7 +899,7 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
                     dst = jobs[i][1]
                     items = by_file.get(os.path.abspath(src_path))
                     if items:  # patched right behind the copy front, its source reads overlapping the copy
-                        ra = _ReadAhead([_source_job(si, s.axes) for s, _, si in items])
+                        ra = _ReadAhead([_source_job(si, s.axes) for s, _, si in items] if _in_place(sc) else [])
                         ra.consumed(0)
                         copier.wait_for(i, 0)
                         p0 = time.perf_counter()
@@ -878,5 +943,105 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
                 ra.close()
             if bar is not None:
                 bar.close()
+    stats["seconds"] = time.perf_counter() - t0
+    return stats
+
+
+def _write_ranked(writer: AtomicDir, files, by_file, sc: Checkpoint, stats: dict, alpha: float,
+                  backend: Optional[str], t0: float) -> dict:
+    """rollback_checkpoint's write split over the ranks of the process group: rank 0 opens the writer's temp
+    directory, every rank copies and patches the files of its share (balanced by bytes) and fsyncs them, and once
+    all ranks report success rank 0 commits the writer (the one atomic rename; with ``force`` the swap); any failure
+    removes the temp directory and raises on every rank."""
+    rank, world = _dist.world()
+    out = writer.out
+    mine = _dist.partition([os.path.getsize(p) for p, _ in files], world)[rank]
+    tmp, err = None, None
+    if rank == 0:
+        try:
+            tmp = writer.open()
+            stats["stale_removed"] = writer.stale_removed
+        except OSError as e:
+            err, tmp = e, None
+    tmp = _dist.broadcast_object(tmp)
+    if tmp is None:
+        if err is not None:
+            raise RollbackError(f"out: cannot create the temp directory beside {out}: {err.strerror or err}")
+        raise RollbackError(f"out: rank 0 could not create the temp directory beside {out}")
+    stats.setdefault("stale_removed", [])
+    copier, current = None, None
+    try:
+        with _Signals():
+            jobs = []
+            for i in mine:
+                src_path, rel = files[i]
+                dst = os.path.join(tmp, rel)
+                os.makedirs(os.path.dirname(dst), exist_ok=True)  # other ranks may make the same directories
+                jobs.append((src_path, dst))
+            copier = _Copier(jobs)
+            copier.start()
+            for k, i in enumerate(mine):
+                src_path, rel = files[i]
+                current, dst = rel, jobs[k][1]
+                items = by_file.get(os.path.abspath(src_path))
+                if items:
+                    ra = _ReadAhead([_source_job(si, s.axes) for s, _, si in items] if _in_place(sc) else [])
+                    try:
+                        ra.consumed(0)
+                        copier.wait_for(k, 0)
+                        p0 = time.perf_counter()
+                        stats["bytes_read"] += _patch_shard(dst, items, sc, alpha, backend, ra,
+                                                            lambda off, k=k: copier.wait_for(k, off))
+                        stats["patch_seconds"] += time.perf_counter() - p0
+                        stats["files_patched"] += 1
+                    finally:
+                        ra.close()
+                copier.wait_for(k, None)
+                stats["files_copied"] += 1
+                stats["bytes_copied"] += os.path.getsize(dst)
+            current = None
+            copier.join()
+            stats["copy_seconds"], stats["reflinked"] = copier.seconds, copier.reflinked
+            s0 = time.perf_counter()
+            for _, dst in jobs:  # each rank makes its own files durable (on shared storage only the writer can)
+                fd = os.open(dst, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            stats["sync_seconds"] = time.perf_counter() - s0
+    except BaseException as e:  # noqa: B902 -- every rank learns of it below
+        if copier is not None:
+            copier.halt()
+        err = e if not isinstance(e, OSError) else RollbackError(
+            f"out: cannot write {out}: {e.strerror or e}" + (f" (writing {current})" if current else "")
+            + "; nothing was written there and the temp dir was removed")
+    failed = _dist.all_ok(err)
+    if failed is None and rank == 0:  # publish: every rank's files are complete and durable
+        try:
+            s0 = time.perf_counter()
+            writer.commit()  # fsync the tree, rename into place (no-replace, or the swap with force), fsync parent
+            stats["sync_seconds"] += time.perf_counter() - s0
+        except OutputError as e:
+            err = RollbackError(str(e))
+        except OSError as e:
+            err = RollbackError(f"out: cannot publish {out}: {e.strerror or e}")
+        failed = _dist.all_ok(err)
+    elif failed is None:
+        failed = _dist.all_ok(None)
+    if failed is not None:
+        if rank == 0:
+            writer.abort()
+        if err is not None:
+            raise err
+        raise RollbackError(f"out: the rollback failed on another rank ({failed}); nothing was written to {out}")
+    parts = _dist.gather_objects({k: stats[k] for k in ("bytes_read", "files_copied", "files_patched",
+                                                         "bytes_copied", "reflinked")})
+    if parts is not None:
+        for k in ("bytes_read", "files_copied", "files_patched", "bytes_copied", "reflinked"):
+            stats[k] = sum(p[k] for p in parts)
+        stats["ranks"] = [{"files": p["files_copied"], "bytes_copied": p["bytes_copied"], "bytes_read": p["bytes_read"]}
+                          for p in parts]
+    stats["world_size"] = world
     stats["seconds"] = time.perf_counter() - t0
     return stats

@@ -14,16 +14,16 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 
-from lpt_kernels import __version__, unit_gram
+from lpt_kernels import __version__, distributed, unit_gram
 from lpt_kernels.backends import cpu
 from lpt_kernels.checkpoint import Checkpoint, align, stream
+from lpt_kernels.checkpoint.writer import replace_file
 from lpt_kernels.layout import DEFAULT_GROUPS, Layout, load_layout
 
 STATS = ("sq_norm", "abs_sum", "abs_max", "zeros", "near_zeros")
@@ -202,14 +202,7 @@ class Profile:
         doc = {"meta": self.meta, "tensors": self.tensors}
         for name, write in (("profile.safetensors", lambda p: save_file(tensors, p)),
                             ("profile.json", lambda p: _write_json(p, doc))):
-            fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=out_dir)
-            os.close(fd)
-            try:
-                write(tmp)
-                os.replace(tmp, os.path.join(out_dir, name))
-            finally:
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
+            replace_file(os.path.join(out_dir, name), write)
         return out_dir
 
     @classmethod
@@ -261,7 +254,7 @@ def diff(checkpoints: Sequence[Union[str, Checkpoint]], mode: str = "consecutive
          groups: Optional[Sequence[str]] = None, atol: float = 0.0, rtol: float = 0.0,
          layout: Union[None, str, dict, Layout] = None, intersect: bool = False,
          labels: Optional[Sequence[str]] = None, hist_stride: int = 64, progress: bool = True,
-         backend: Optional[str] = None) -> Profile:
+         backend: Optional[str] = None, distributed: bool = False) -> Optional[Profile]:
     """Profile the updates between K >= 2 checkpoints in one streaming pass.
 
     Args:
@@ -278,6 +271,13 @@ def diff(checkpoints: Sequence[Union[str, Checkpoint]], mode: str = "consecutive
         hist_stride: histograms of |dW| and |dW|/|W| use every ``hist_stride``-th row of each tensor (sparser
             for large tensors: about 8k elements a tensor at most; 0: no histograms).
         progress: show a tqdm bar (bytes read).
+        distributed: split the pass over the ranks of the initialised torch.distributed process group (``lpt diff``
+            under torchrun): the tensors are partitioned across ranks balanced by bytes (tensors that add into the
+            same per-unit totals — a layer's gate, up and down projections — stay together), each rank reads only
+            its share, and the per-rank partial results are gathered on rank 0, which returns the profile —
+            identical to the single-process one — while the other ranks return None. Every rank must call it with
+            the same arguments (the checkpoints on storage they all see). ``meta["world_size"]`` and
+            ``meta["ranks"]`` (each rank's tensor count and bytes read) record the split.
     """
     if mode not in ("consecutive", "base"):
         raise ProfileError(f"mode: expected 'consecutive' or 'base', got {mode!r}")
@@ -296,13 +296,14 @@ def diff(checkpoints: Sequence[Union[str, Checkpoint]], mode: str = "consecutive
             groups = (groups,)
         return _diff(ckpts, mode, None if groups is None else tuple(groups), float(atol), float(rtol), layout,
                      intersect,
-                     _labels([c.path for c in ckpts], labels), hist_stride, progress, backend)
+                     _labels([c.path for c in ckpts], labels), hist_stride, progress, backend, bool(distributed))
     finally:
         for c in opened:
             c.close()
 
 
-def _diff(ckpts, mode, groups, atol, rtol, layout, intersect, labels, hist_stride, progress, backend) -> Profile:
+def _diff(ckpts, mode, groups, atol, rtol, layout, intersect, labels, hist_stride, progress, backend,
+          dist_run=False) -> Optional[Profile]:
     # what each tensor is (float weight, FP8 weight read through its scales, scale, non-float buffer); a quantized
     # or non-float weight that cannot be read correctly is refused here, before any work, wherever it is
     kinds = [{n: c.kind(n) for n in c.names} for c in ckpts]
@@ -337,21 +338,31 @@ def _diff(ckpts, mode, groups, atol, rtol, layout, intersect, labels, hist_strid
         else:
             names.append(n)
 
+    nbytes = {n: sum(c.info(n).end - c.info(n).start for c in ckpts) for n in names}
+    rank, world = distributed.world() if dist_run else (0, 1)
+    mine = _share(names, nbytes, lay, groups, rank, world)
     bar = None
-    if progress:
+    if progress and rank == 0:
         from tqdm.auto import tqdm
-        total = sum(c.info(n).end - c.info(n).start for n in names for c in ckpts)
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="lpt diff", leave=False)
+        bar = tqdm(total=sum(nbytes[n] for n in mine), unit="B", unit_scale=True,
+                   desc="lpt diff" if world == 1 else f"lpt diff (rank 0 of {world})", leave=False)
     gc_was_enabled = gc.isenabled()
     gc.disable()  # the pass allocates many small objects and frees them at once: collections only cost time
     try:
-        tied_differ = _pass(ckpts, names, lay, groups, mode, atol, rtol, backend, acc, deltas, tensors, hist,
-                            nonfinite, hist_stride, bar)
+        run = lambda: _pass(ckpts, mine, lay, groups, mode, atol, rtol, backend, acc, deltas,  # noqa: E731
+                            tensors, hist, nonfinite, hist_stride, bar)
+        tied_differ = distributed.call_collectively(run) if world > 1 else run()
     finally:
         if gc_was_enabled:
             gc.enable()
     if bar is not None:
         bar.close()
+    ranks = [{"tensors": len(mine), "bytes": sum(nbytes[n] for n in mine)}]
+    if world > 1:
+        merged = _gather_partials(names, mine, lay, groups, acc, tensors, hist, nonfinite, tied_differ, ranks[0])
+        if merged is None:
+            return None  # rank 0 holds the profile
+        tensors, nonfinite, tied_differ, ranks = merged
     for name, target, path in tied_differ:
         warnings.warn(f"lpt diff: {path}: {name} differs from {target} although config.json says "
                       f"tie_word_embeddings; the head is analysed as a tensor of its own", RuntimeWarning, stacklevel=3)
@@ -367,11 +378,71 @@ def _diff(ckpts, mode, groups, atol, rtol, layout, intersect, labels, hist_strid
         "layout": lay.to_spec(), "num_layers": n_layers, "units": {g: lay.units[g] for g in groups},
         "dtypes": dtypes, "mixed_dtypes": sorted(al.mixed_dtypes), "skipped": skipped, "nonfinite": nonfinite,
         "hist_stride": hist_stride, "hist_edges_log10": [HIST_LO, HIST_HI, HIST_BINS],
+        "world_size": world, "ranks": ranks,
     }
     arrays: Dict[str, torch.Tensor] = {}
     for g, t in acc.items():
         arrays.update(t.arrays(g, deltas))
     return Profile(meta=meta, arrays=arrays, tensors=tensors, hist=hist.as_dict() if hist.samples else {})
+
+
+def _share(names: List[str], nbytes: Dict[str, int], lay: Layout, groups, rank: int, world: int) -> List[str]:
+    """The tensors rank `rank` of `world` profiles, in stream order. Work items are the tensors that add into the
+    same per-unit totals (a (group, layer) of the layout: a layer's gate, up and down projections) — one rank each,
+    so every total is summed in one process in the single-process order and the gathered profile is identical —
+    and every other tensor alone; items are balanced across ranks by bytes (:func:`distributed.partition`)."""
+    if world == 1:
+        return list(names)
+    parent = list(range(len(names)))
+
+    def find(i):
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    owner: Dict[tuple, int] = {}
+    for i, n in enumerate(names):
+        for g, layer, _ in lay.member_of(n):
+            if g in groups:
+                j = owner.setdefault((g, layer), i)
+                parent[find(i)] = find(j)
+    items: Dict[int, List[int]] = {}
+    for i in range(len(names)):
+        items.setdefault(find(i), []).append(i)
+    members = list(items.values())
+    parts = distributed.partition([sum(nbytes[names[i]] for i in m) for m in members], world)
+    return [names[i] for i in sorted(i for k in parts[rank] for i in members[k])]
+
+
+def _gather_partials(names, mine, lay, groups, acc, tensors, hist, nonfinite, tied_differ, me):
+    """Rank 0: every rank's per-tensor entries, histogram counts and the per-unit totals of the (group, layer) rows
+    it owns, merged in stream order; (tensors, nonfinite, tied_differ, ranks) there, None elsewhere."""
+    rank = distributed.world()[0]
+    rows = {(g, layer) for n in mine for g, layer, _ in lay.member_of(n) if g in groups} if rank else ()
+    # numpy copies of the rows: a tensor view would pickle its whole storage (every layer of the group), and numpy
+    # arrays pickle and unpickle several times faster than tensors
+    part = {"tensors": tensors, "nonfinite": nonfinite, "tied": tied_differ, "me": me,
+            "rows": {k: tuple(t.numpy().copy() for t in acc[k[0]].row(k[1])) for k in sorted(rows)},
+            "hist": (hist.counts.numpy(), hist.zeros.numpy(), hist.samples) if rank else None}
+    got = distributed.gather_objects(part)
+    if got is None:
+        return None
+    for r, p in enumerate(got):
+        if r == 0:
+            continue  # rank 0's own totals are in place already
+        for (g, layer), row in p["rows"].items():
+            acc[g].set_row(layer, [torch.from_numpy(x) for x in row])
+        counts, zeros, samples = p["hist"]
+        hist.counts += torch.from_numpy(counts)
+        hist.zeros += torch.from_numpy(zeros)
+        hist.samples += samples
+    order = {n: i for i, n in enumerate(names)}
+    all_t = {k: v for p in got for k, v in p["tensors"].items()}
+    all_nf = {k: v for p in got for k, v in p["nonfinite"].items()}
+    tied = sorted((t for p in got for t in p["tied"]), key=lambda t: order[t[0]])
+    return ({n: all_t[n] for n in names}, {n: all_nf[n] for n in sorted(all_nf, key=order.get)}, tied,
+            [p["me"] for p in got])
 
 
 def _dtype_str(dtype) -> str:
@@ -466,6 +537,13 @@ class _GroupTotals:
         self.abs_max = torch.zeros(n_layers, n_units, m, dtype=torch.float32)
         self.zeros = torch.zeros(n_layers, n_units, m, dtype=torch.int64)
         self.near_zeros = torch.zeros(n_layers, n_units, m, dtype=torch.int64)
+
+    def row(self, layer: int) -> tuple:
+        return (self.gram[layer], self.abs_sum[layer], self.abs_max[layer], self.zeros[layer], self.near_zeros[layer])
+
+    def set_row(self, layer: int, row) -> None:
+        for dst, src in zip(self.row(layer), row):
+            dst.copy_(src)
 
     def add(self, layer: int, r) -> tuple:
         """Add a unit_gram result into ``layer``'s totals; return its own totals (see :func:`_fold`)."""

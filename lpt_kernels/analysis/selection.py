@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Tuple
 
+from lpt_kernels.checkpoint.writer import replace_file
 from lpt_kernels.layout import Layout, Member, layout_from_spec
 
 FORMAT = "lpt-selection/1"
@@ -82,16 +82,13 @@ class Selection:
 
     def save(self, path: str) -> str:
         """Write the JSON atomically (temp file + rename)."""
-        d = os.path.dirname(os.path.abspath(path))
-        fd, tmp = tempfile.mkstemp(prefix=".selection.", dir=d)
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_dict(), f, indent=1)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        doc = self.to_dict()
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                json.dump(doc, f, indent=1)
+
+        return replace_file(path, write)
 
     @classmethod
     def from_dict(cls, doc: dict) -> "Selection":

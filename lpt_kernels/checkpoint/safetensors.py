@@ -8,7 +8,6 @@ they are touched, and a write into a returned tensor changes this process's priv
 from __future__ import annotations
 
 import mmap
-import operator
 import os
 import platform
 import sys
@@ -16,11 +15,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from lpt_kernels.checkpoint.base import (DTYPES, CheckpointError, TensorInfo, _dtype_name, _fmt_shape,  # noqa: F401
-                                         _read_json)
+from lpt_kernels.checkpoint.base import (DTYPES, Checkpoint, CheckpointError, TensorInfo,  # noqa: F401
+                                         _read_json, as_index)
 from lpt_kernels.checkpoint.header import parse_header as _parse_header
-from lpt_kernels.checkpoint.quantized import FP8_BLOCK, classify, dequantize, is_companion, scale_name, \
-    scheme_from_config
 
 _INDEX_NAME = "model.safetensors.index.json"
 _SINGLE_NAME = "model.safetensors"
@@ -60,13 +57,16 @@ def _readahead_chunk(file: str) -> int:
         return _MIN_CHUNK
 
 
-class Checkpoint:
+class SafetensorsCheckpoint(Checkpoint):
     """A read-only, memory-mapped view of a safetensors checkpoint.
 
     `path` is a directory in Hugging Face layout (``model.safetensors``, or ``model.safetensors.index.json`` plus
     shards; ``config.json`` is read where present), an ``*.safetensors.index.json`` file, or a single
-    ``.safetensors`` file (a ``config.json`` beside it is read too).
+    ``.safetensors`` file (a ``config.json`` beside it is read too). ``Checkpoint(path)`` returns one of these for
+    any path that is not a verl or DCP directory.
     """
+
+    format = "safetensors"
 
     def __init__(self, path):
         self.path: str = os.fspath(path)
@@ -110,13 +110,7 @@ class Checkpoint:
             files = [p]
             cfg_dir = os.path.dirname(os.path.abspath(p))
 
-        cfg = os.path.join(cfg_dir, "config.json") if cfg_dir else None
-        if cfg and os.path.isfile(cfg):
-            conf = _read_json(cfg, "config.json")
-            if not isinstance(conf, dict):
-                raise CheckpointError(f"{cfg}: corrupt config.json (not a JSON object)")
-            self.config = conf
-        self.quant, self.quant_refused = scheme_from_config(self.config, self.path)
+        self._load_config(os.path.join(cfg_dir, "config.json") if cfg_dir else None)
 
         index_map = None
         if index_file is not None:
@@ -169,33 +163,12 @@ class Checkpoint:
         self.names: List[str] = order
         self.nbytes: int = sum(i.end - i.start for i in infos.values())
 
-    # -- lookup ---------------------------------------------------------------------------------------------------
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: no tensor {name!r}") from None
-
-    def __contains__(self, name) -> bool:
-        return name in self._infos
-
-    def __len__(self) -> int:
-        return len(self._infos)
-
-    def __iter__(self):
-        return iter(self.names)
-
-    def __repr__(self) -> str:
-        return (f"Checkpoint({self.path!r}, {len(self)} tensors, {len(self.files)} file(s), "
-                f"{self.nbytes / 2**30:.2f} GiB{', closed' if self._closed else ''})")
-
     # -- tensors --------------------------------------------------------------------------------------------------
     def tensor(self, name: str) -> torch.Tensor:
         """A zero-copy view of the tensor in this checkpoint's private (copy-on-write) mapping. Writes into it stay
         in this process (later views of the same Checkpoint see them); the file is never modified."""
         info = self.info(name)
-        if self._closed:
-            raise CheckpointError(f"{self.path}: checkpoint is closed (reading {name!r})")
+        self._check_open(name)
         if info.dtype is None:
             raise CheckpointError(f"{info.file}: tensor {name!r} has a dtype torch cannot represent")
         numel = info.numel
@@ -209,72 +182,6 @@ class Checkpoint:
             return raw.clone().view(info.dtype).view(info.shape)
         t = torch.frombuffer(view, dtype=info.dtype, count=numel, offset=info.start)
         return t.view(info.shape)
-
-    # -- weights (what the analyses read) ---------------------------------------------------------------------------
-    def kind(self, name: str) -> str:
-        """What the tensor is to an analysis: ``"float"``, ``"fp8_block"`` (read through its block scales),
-        ``"scale"`` (the companion of an FP8 weight) or ``"buffer"`` (a non-float tensor that is not a weight). A
-        quantized or non-float weight that cannot be read correctly raises :class:`CheckpointError` (see
-        :mod:`~lpt_kernels.checkpoint.quantized`)."""
-        return classify(self, name)
-
-    @property
-    def weight_names(self) -> List[str]:
-        """:attr:`names` less the scales of FP8 weights (they belong to their weight), in file order."""
-        return [n for n in self.names if not is_companion(self, n)]
-
-    def weight(self, name: str) -> torch.Tensor:
-        """The tensor as a float weight: :meth:`tensor` for a float dtype; for a block-scaled FP8 weight a new float32
-        tensor, dequantized with its ``weight_scale_inv``. Raises :class:`CheckpointError` for anything else."""
-        if self.kind(name) == FP8_BLOCK:
-            return dequantize(self.tensor(name), self.tensor(scale_name(name)), self.quant.block)
-        if self.kind(name) != "float":
-            info = self.info(name)
-            raise CheckpointError(f"{self.path}: tensor {name!r} has dtype {_dtype_name(info.dtype)}; it is not a "
-                                  f"weight")
-        return self.tensor(name)
-
-    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
-        """A zero-copy view of rows [start, stop) (the first dimension) of a tensor."""
-        info = self.info(name)
-        if not info.shape:
-            raise CheckpointError(f"{self.path}: tensor {name!r} is a scalar; it has no rows")
-        n = info.shape[0]
-        try:
-            start, stop = operator.index(start), operator.index(stop)
-        except TypeError:
-            raise CheckpointError(f"{self.path}: rows of {name!r} need integer bounds, got {start!r}, "
-                                  f"{stop!r}") from None
-        if not 0 <= start <= stop <= n:
-            raise CheckpointError(f"{self.path}: rows [{start}, {stop}) out of range for tensor {name!r} with "
-                                  f"{n} rows")
-        return self.tensor(name)[start:stop]
-
-    def gather(self, name: str, units, axis: int = 0, block: int = 1) -> torch.Tensor:
-        """Just the listed units of a tensor: unit u covers indices [u*block, (u+1)*block) along `axis`. Reads only
-        those bytes of the mapping and returns a new tensor, [len(units)*block, cols] for axis 0 or
-        [rows, len(units)*block] for axis 1, units in the given order."""
-        info = self.info(name)
-        nd = len(info.shape)
-        if axis not in (0, 1) or axis >= nd:
-            raise CheckpointError(f"{self.path}: axis {axis} invalid for tensor {name!r} of shape "
-                                  f"{_fmt_shape(info.shape)} (gather takes axis 0 or 1)")
-        if not isinstance(block, int) or isinstance(block, bool) or block < 1:
-            raise CheckpointError(f"{self.path}: block must be a positive int, got {block!r}")
-        dim = info.shape[axis]
-        if dim % block:
-            raise CheckpointError(f"{self.path}: tensor {name!r} has {dim} indices along axis {axis}, not a "
-                                  f"multiple of block {block}")
-        idx = _as_index(units, f"{self.path}: units for {name!r}")
-        nunits = dim // block
-        if idx.numel():
-            lo, hi = int(idx.min()), int(idx.max())
-            if lo < 0 or hi >= nunits:
-                bad = lo if lo < 0 else hi
-                raise CheckpointError(f"{self.path}: unit {bad} out of range for tensor {name!r} ({nunits} units "
-                                      f"of {block} along axis {axis})")
-        full = (idx[:, None] * block + torch.arange(block)).reshape(-1) if block > 1 else idx
-        return self.tensor(name).index_select(axis, full)
 
     # -- lifetime -------------------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -293,18 +200,6 @@ class Checkpoint:
         for fh in fhs.values():
             fh.close()
 
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
-
-    def __enter__(self) -> "Checkpoint":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     # -- private, for stream() ------------------------------------------------------------------------------------
     def _mapping(self, file: str) -> Optional[mmap.mmap]:
         return self._maps.get(file)
@@ -317,22 +212,4 @@ class Checkpoint:
         if c is None:
             c = self._chunks[file] = _readahead_chunk(file)
         return c
-
-
-def _as_index(units, what: str) -> torch.Tensor:
-    if isinstance(units, torch.Tensor):
-        t = units.detach().to("cpu")
-    elif hasattr(units, "__len__") and len(units) == 0:
-        t = torch.empty(0, dtype=torch.int64)
-    else:
-        try:
-            t = torch.as_tensor(list(units) if isinstance(units, range) else units)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise CheckpointError(f"{what}: not a sequence of integers ({e})") from None
-    if t.dtype == torch.bool or t.is_floating_point() or t.is_complex():
-        raise CheckpointError(f"{what}: must be integers, got {t.dtype}")
-    if t.dim() > 1:
-        raise CheckpointError(f"{what}: must be 1-D, got shape {tuple(t.shape)}")
-    return t.reshape(-1).to(torch.int64)
-
 

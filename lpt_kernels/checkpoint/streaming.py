@@ -13,9 +13,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
-from lpt_kernels.checkpoint.base import CheckpointError, _dtype_name, _fmt_shape
+from lpt_kernels.checkpoint.base import Checkpoint, CheckpointError, _dtype_name, _fmt_shape
 from lpt_kernels.checkpoint.quantized import FP8_BLOCK
-from lpt_kernels.checkpoint.safetensors import Checkpoint
 
 _PAGE = mmap.PAGESIZE
 _HAS_FADVISE = hasattr(os, "posix_fadvise") and hasattr(os, "POSIX_FADV_WILLNEED")

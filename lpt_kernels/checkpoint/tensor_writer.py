@@ -16,6 +16,7 @@ from typing import Callable, Dict, Iterable, Optional, Sequence, Tuple
 import torch
 
 from lpt_kernels.checkpoint.base import DTYPES, CheckpointError
+from lpt_kernels.checkpoint.writer import set_default_mode
 
 _DTYPE_STR = {v: k for k, v in DTYPES.items()}
 _ALIGN = 8  # the data section starts 8-byte aligned (as the safetensors library writes it)
@@ -59,6 +60,7 @@ def write_safetensors(path: str, specs: Sequence[Tuple[str, torch.dtype, Tuple[i
                     f.write(memoryview(host.view(torch.uint8).numpy()))
             f.flush()
             os.fsync(f.fileno())
+        set_default_mode(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

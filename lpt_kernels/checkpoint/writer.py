@@ -22,14 +22,16 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import re
 import secrets
 import shutil
-from typing import Iterable, Iterator, List, Optional, Sequence, Union
+import tempfile
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Union
 
 __all__ = ["OutputError", "check_output", "AtomicDir", "atomic_file", "is_checkpoint_dir", "remove_stale",
-           "rename_noreplace", "fsync_dir", "temp_name"]
+           "rename_noreplace", "fsync_dir", "temp_name", "set_default_mode", "replace_file", "MARKER"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -39,8 +41,67 @@ _CKPT_FILES = re.compile(r"(\.safetensors|\.safetensors\.index\.json|^pytorch_mo
 _OWN_OUTPUTS = {"profile.safetensors", "activations.safetensors", "gradgram.safetensors"}
 
 
+# Written into every directory AtomicDir publishes: the entries it wrote. ``force`` replaces only such a directory,
+# and only while everything in it is what was written (or is itself such an output, e.g. a report inside a profile).
+MARKER = ".lpt-output.json"
+
+
 class OutputError(ValueError):
     """An output that cannot or must not be written (one-line message naming the path and what to do)."""
+
+
+def _written_entries(path: str) -> Optional[set]:
+    """The entries recorded in `path`'s marker, or None when `path` is not a directory this package wrote."""
+    try:
+        with open(os.path.join(path, MARKER)) as f:
+            entries = json.load(f).get("entries")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return set(entries) if isinstance(entries, list) else None
+
+
+def _why_not_replaceable(path: str) -> Optional[str]:
+    """None when `force` may replace the non-empty directory `path`, else why not."""
+    entries = _written_entries(path)
+    if entries is None:
+        return f"was not written by lpt_kernels (no {MARKER} in it); refusing to replace it even with --force: " \
+               "choose another path (or remove it yourself)"
+    extra = sorted(e for e in os.listdir(path) if e != MARKER and e not in entries
+                   and _written_entries(os.path.join(path, e)) is None)
+    if extra:
+        return (f"holds entries lpt_kernels did not write there ({', '.join(extra[:3])}"
+                f"{', ...' if len(extra) > 3 else ''}); refusing to replace it even with --force: move them out or "
+                "choose another path")
+    return None
+
+
+def replace_file(path: PathLike, write: Callable[[str], None]) -> str:
+    """Write `path` through ``write(tmp)`` into a temp file beside it, give it the default mode and move it over
+    `path`: readers never see a partial file. An existing file is replaced (the Python API's ``save`` methods
+    overwrite, like ``save_pretrained``; the CLI checks its outputs with :func:`check_output` first)."""
+    d, name = os.path.split(os.path.abspath(os.fspath(path)))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=d)
+    os.close(fd)
+    try:
+        write(tmp)
+        set_default_mode(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return os.fspath(path)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def set_default_mode(path: PathLike) -> None:
+    """Give a file made by ``tempfile.mkstemp`` (0600) the mode a plain ``open`` would (0666 less the umask), so
+    that shared checkpoints and results stay readable by the group and others as the user's umask says."""
+    os.chmod(path, 0o666 & ~_umask())
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -187,7 +248,8 @@ def check_output(path: PathLike, *, kind: str = "dir", force: bool = False, inpu
 
     - ``kind="dir"``: a missing path or an empty directory is fine; an existing file is refused; a non-empty
       directory or a checkpoint directory is refused unless ``force`` (then it is replaced when the new output is
-      complete).
+      complete), and even with ``force`` unless it is an earlier output of this package holding nothing else
+      (its :data:`MARKER` lists what was written; entries that are such outputs themselves are allowed).
     - ``kind="file"``: a missing path is fine; an existing file is refused unless ``force``; a directory is refused.
     - Always refused: the path of an input (``inputs``: checkpoints, profiles the command reads), a path inside one,
       or a path above one (replacing it would delete the input).
@@ -221,6 +283,9 @@ def check_output(path: PathLike, *, kind: str = "dir", force: bool = False, inpu
                 if ck:
                     raise OutputError(f"{what}: {path} is a checkpoint directory (it holds {ck}){again}")
                 raise OutputError(f"{what}: {path} already exists and is not empty{again}")
+            why = _why_not_replaceable(p) if entries else None
+            if why:
+                raise OutputError(f"{what}: {path} {why}")
         elif os.path.lexists(p):
             raise OutputError(f"{what}: {path} is an existing file, not a directory; choose a directory path")
     elif kind == "file":
@@ -269,10 +334,14 @@ class AtomicDir:
 
     def open(self) -> str:
         """Remove stale temps of killed runs, make the temp directory (and `out`'s parent); returns its path."""
-        os.makedirs(self.parent, exist_ok=True)
-        self.stale_removed = remove_stale(self.parent, self.name)
-        self.path = os.path.join(self.parent, temp_name(self.name))
-        os.mkdir(self.path)
+        try:
+            os.makedirs(self.parent, exist_ok=True)
+            self.stale_removed = remove_stale(self.parent, self.name)
+            self.path = os.path.join(self.parent, temp_name(self.name))
+            os.mkdir(self.path)
+        except OSError as e:
+            self.path = None
+            raise OutputError(f"{self.what}: cannot write {self.out} ({e.strerror or e}); nothing was written") from None
         return self.path
 
     def __enter__(self) -> str:
@@ -295,9 +364,18 @@ class AtomicDir:
         if self.path is None:
             raise RuntimeError("AtomicDir.commit: open() was not called")
         try:
+            from lpt_kernels import __version__
+
+            entries = sorted(e for e in os.listdir(self.path) if e != MARKER)
+            with open(os.path.join(self.path, MARKER), "w") as f:
+                json.dump({"written_by": f"lpt_kernels {__version__}", "entries": entries}, f)
             _fsync_tree(self.path)
             self._swap_in()
             fsync_dir(self.parent)
+        except OSError as e:
+            self.abort()
+            raise OutputError(f"{self.what}: cannot write {self.out} ({e.strerror or e}); nothing was written "
+                              "there") from None
         except BaseException:
             self.abort()
             raise
@@ -349,7 +427,10 @@ def atomic_file(path: PathLike, *, force: bool = False, inputs: Sequence[PathLik
     The checks of :func:`check_output` (``kind="file"``) run first."""
     out = check_output(path, kind="file", force=force, inputs=inputs, what=what)
     parent, name = os.path.split(out)
-    os.makedirs(parent, exist_ok=True)
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{what}: cannot write {path} ({e.strerror or e}); nothing was written") from None
     remove_stale(parent, name)
     tmp = os.path.join(parent, temp_name(name))
     ok = False

@@ -152,8 +152,8 @@ def run_demo(out: str = "lpt-demo", fast: bool = False, seed: int = 0, device: s
              progress: Optional[bool] = None) -> dict:
     """Run the whole demo into ``out``; returns the results dict (also written to ``out/results.json``).
 
-    ``out`` must be new or empty, or with ``force`` an earlier demo's output (then it is replaced); everything is written under a temp name
-    beside it and moved into place when complete (:class:`lpt_kernels.checkpoint.writer.AtomicDir`), so an
+    ``out`` must be new or empty, or with ``force`` an earlier output of this package holding nothing else (then it
+    is replaced); everything is written under a temp name beside it and moved into place when complete (:class:`lpt_kernels.checkpoint.writer.AtomicDir`), so an
     interrupted run leaves nothing under ``out``. ``progress``: tqdm bars (default: only when stderr is a terminal
     and not ``quiet``). Raises :class:`DemoError` (a ``ValueError``) for arguments it cannot run with, and
     ``OutputError`` for an ``out`` it may not write.
@@ -176,9 +176,6 @@ def run_demo(out: str = "lpt-demo", fast: bool = False, seed: int = 0, device: s
             raise DemoError(f"--threads: must be at least 1, got {threads}")
     show = (not quiet and sys.stderr.isatty()) if progress is None else bool(progress)
     writer = AtomicDir(out, force=force)  # checks --out before any work
-    if force and os.path.isdir(out) and os.listdir(out) and not _is_demo_output(out):
-        raise DemoError(f"--out {out}: not the output of an earlier `lpt demo` (no results.json of one); refusing to "
-                        "replace it even with --force: choose another directory")
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -190,14 +187,6 @@ def run_demo(out: str = "lpt-demo", fast: bool = False, seed: int = 0, device: s
     if not quiet:
         print(report.text(results))
     return results
-
-
-def _is_demo_output(path: str) -> bool:
-    try:
-        with open(os.path.join(path, "results.json")) as f:
-            return json.load(f).get("format") == "lpt-demo/1"
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 def _run(out: str, cfg: DemoConfig, seed: int, fast: bool, device: str, quiet: bool, show: bool) -> dict:

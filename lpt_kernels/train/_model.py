@@ -8,6 +8,7 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
+from lpt_kernels import distributed
 from lpt_kernels.layout import Layout, LayoutError, Member, load_layout
 
 
@@ -25,9 +26,15 @@ class Tensor2D:
     elements: int
 
     def live(self) -> torch.Tensor:
-        """The parameter's current values as a 2-D view (1-D tensors as one row, as ``lpt diff`` reads them). Read
-        each time: an optimizer or a wrapper may replace ``param.data``."""
-        return as_2d(self.param.detach())
+        """The parameter's current values as a 2-D view (1-D tensors as one row, as ``lpt diff`` reads them); a
+        sharded parameter as a 2-D DTensor over its local shard. Read each time: an optimizer or a wrapper may
+        replace ``param.data``."""
+        p = self.param.detach()
+        return distributed.as_2d(p) if distributed.is_dtensor(p) else as_2d(p)
+
+    def local(self) -> torch.Tensor:
+        """This rank's part of the parameter as a plain tensor (the whole parameter when it is not sharded)."""
+        return distributed.local_tensor(self.param.detach())
 
 
 def as_2d(t: torch.Tensor) -> torch.Tensor:
@@ -42,29 +49,19 @@ def check_model(model) -> None:
 
 
 def model_params(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Parameter]]:
-    """The floating-point parameters, tied ones once (the names ``save_pretrained`` writes). A sharded parameter
-    (a DTensor of FSDP2) is refused for now: see docs/train.md, "Sharded models"."""
+    """The floating-point parameters, tied ones once (the names ``save_pretrained`` writes). Sharded parameters
+    (DTensors of FSDP2) are the sharded ones even after a forward under no_grad (see docs/distributed.md)."""
     out = []
+    distributed.settle(model)
     for n, p in model.named_parameters():
         if not p.is_floating_point():
             continue
-        if _is_dtensor(p):
-            raise TrainError(f"model: parameter {n} is a DTensor (sharded, e.g. by FSDP2); sharded models are not "
-                             "supported yet (docs/train.md, 'Sharded models')")
         if p.device.type == "meta":
             raise TrainError(f"model: parameter {n} is on the meta device (not materialised)")
         out.append((n, p))
     if not out:
         raise TrainError("model: it has no floating-point parameters")
     return out
-
-
-def _is_dtensor(t) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without distributed
-        return False
-    return isinstance(t, DTensor)
 
 
 def config_dict(model) -> Optional[dict]:

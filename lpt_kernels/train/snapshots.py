@@ -20,6 +20,7 @@ from typing import Dict, Iterator, List, Tuple
 
 import torch
 
+from lpt_kernels import distributed
 from lpt_kernels.checkpoint import Checkpoint, CheckpointError, write_safetensors
 from lpt_kernels.train._model import Tensor2D, TrainError, as_2d
 
@@ -77,19 +78,22 @@ class Snapshot(Mapping):
 
 
 def take(kind: str, path: str, index: int, label: str, tensors: List[Tensor2D]) -> Snapshot:
-    """A snapshot of the tracked parameters now (``index``: its position in the chain, for the file name)."""
-    shapes = {t.name: t.param.shape for t in tensors}
+    """A snapshot of the tracked parameters now (``index``: its position in the chain, for the file name). Of a
+    sharded parameter each rank keeps its local shard (1/world of it; a file per rank on disk)."""
+    shapes = {t.name: t.local().shape for t in tensors}
     with torch.no_grad():
         if kind == "disk":
             try:
                 os.makedirs(path, exist_ok=True)
             except OSError as e:
                 raise TrainError(f"snapshot: cannot create directory {path} ({e.strerror})") from None
-            file = os.path.join(path, f"{index:02d}-{label}.safetensors")
-            by_name = {t.name: t.param for t in tensors}
+            rank, world = distributed.world()
+            part = f".rank{rank}" if world > 1 and any(distributed.is_dtensor(t.param) for t in tensors) else ""
+            file = os.path.join(path, f"{index:02d}-{label}{part}.safetensors")
+            by_name = {t.name: t.local() for t in tensors}
             try:
-                write_safetensors(file, [(t.name, t.param.dtype, tuple(t.param.shape)) for t in tensors],
-                                  lambda n: by_name[n].detach(), metadata={"format": "pt", "lpt_snapshot": label})
+                write_safetensors(file, [(t.name, t.param.dtype, tuple(by_name[t.name].shape)) for t in tensors],
+                                  lambda n: by_name[n], metadata={"format": "pt", "lpt_snapshot": label})
                 ckpt = Checkpoint(file)
             except OSError as e:
                 raise TrainError(f"snapshot: cannot write {file} ({e.strerror or e})") from None
@@ -98,7 +102,7 @@ def take(kind: str, path: str, index: int, label: str, tensors: List[Tensor2D]) 
             return Snapshot(label, file, {}, shapes, ckpt)
         out = {}
         for t in tensors:
-            p = t.param.detach()
+            p = t.local()
             if kind == "device":
                 c = torch.empty(p.shape, dtype=p.dtype, device=p.device)
             else:

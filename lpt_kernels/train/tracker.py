@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from lpt_kernels import __version__, unit_gram
+from lpt_kernels import __version__, distributed, unit_gram
 from lpt_kernels.analysis.profile import (HIST_BINS, HIST_HI, HIST_LO, Profile, _fold, _GroupTotals,
                                           _HistTotals, _top_mask)
 from lpt_kernels.ops import FLOAT_DTYPES, MAX_INPUTS, UnitGram, _check_float
@@ -73,8 +73,13 @@ class DeltaTracker:
         hist_stride: rows sampled for the |dW| histograms of :meth:`profile` (as ``lpt diff --hist-stride``).
         backend: kernel backend for unit_gram (default: the best for the parameters' device).
 
+    A model sharded with FSDP2 (DTensor parameters) is tracked shard by shard: each rank snapshots its local shards
+    (1/world of every snapshot) and every ``unit_gram`` call reduces the small per-unit results over the mesh, so
+    the metrics and :meth:`profile` are those of the whole model on every rank. Every rank calls :meth:`step`,
+    :meth:`start_domain` and :meth:`profile` (they are collectives). See docs/distributed.md.
+
     Raises :class:`TrainError` (a ValueError with a one-line message) for a model without floating-point parameters,
-    a sharded (DTensor) model, a layout that cannot be found or does not fit, or bad arguments.
+    a layout that cannot be found or does not fit, or bad arguments.
     """
 
     def __init__(self, model: torch.nn.Module, layout=None, groups: Sequence[str] = ("mlp", "attn"),
@@ -117,8 +122,9 @@ class DeltaTracker:
             self._per_layer[g] = n if regular else 0
         # Tensors without units and of few elements (norm weights) are measured together on a step: one kernel call
         # on their concatenation instead of one each (a call costs tens of microseconds whatever its size).
+        self._sharded = any(distributed.is_dtensor(t.param) for t in self._tensors)
         self._small = [t for t in self._tensors if not t.members and t.elements <= _SMALL
-                       and t.param.device == dev]
+                       and t.param.device == dev and not self._sharded]
         self._small_names = {t.name for t in self._small} if len(self._small) > 1 else set()
         self._small_start: Optional[torch.Tensor] = None
         self._tag = f"top{self.top * 100:g}"
@@ -169,7 +175,7 @@ class DeltaTracker:
     @staticmethod
     def snapshot_bytes(model: torch.nn.Module) -> int:
         """Bytes of one snapshot of ``model``: its floating-point parameters in their dtypes (tied ones once)."""
-        return sum(p.numel() * p.element_size() for _, p in model_params(model))
+        return sum(distributed.local_tensor(p).numel() * p.element_size() for _, p in model_params(model))
 
     # -- domains -------------------------------------------------------------------------------------------------
     def start_domain(self, name: str) -> None:
@@ -221,6 +227,8 @@ class DeltaTracker:
     def _inputs(self, t, j0: int, k: int) -> List[torch.Tensor]:
         live = t.live()
         ws = [to_device(self._chain[j].tensor2d(t.name), live.device) for j in range(j0, k + 1)] + [live]
+        if distributed.is_dtensor(live):  # local snapshot shards, laid out like the live parameter
+            ws = [distributed.like(w, live) for w in ws[:-1]] + [live]
         if any(w.dtype not in FLOAT_DTYPES for w in ws):  # float64 parameters: read in fp32, as lpt diff does
             ws = [w if w.dtype in FLOAT_DTYPES else w.float() for w in ws]
         return ws
@@ -326,9 +334,12 @@ class DeltaTracker:
             z, nz, sqn, amax, finite = tot
             s.tensors[t.name] = {"zeros": z[k], "near_zeros": nz[k], "sq_norm": sqn[k], "abs_max": amax[k]}
             if not finite:
-                s.nonfinite[t.name] = [int((~torch.isfinite(w)).sum()) for w in ws]
+                s.nonfinite[t.name] = [distributed.count_nonfinite(w) for w in ws]
             if self.hist_stride > 0 and t.name not in tied and t.elements:
                 _hist_add(hist, ws[k], ws[k + 1], self.hist_stride)
+        if self._sharded:  # each rank binned the sampled rows it holds: the counts add up
+            distributed.reduce_over_mesh(hist.counts, None, self._mesh())
+            distributed.reduce_over_mesh(hist.zeros, None, self._mesh())
         for g, tg in totals.items():
             arrays = tg.arrays(g, names)
             s.arrays.update({key: v for key, v in arrays.items()
@@ -396,10 +407,17 @@ class DeltaTracker:
         for name, target in self.layout.tied.items():
             if name in by_name and target in by_name:
                 a, b = by_name[name], by_name[target]
-                pairs = [(s.tensor2d(name), s.tensor2d(target)) for s in self._chain] + [(a.live(), b.live())]
-                if all(x.shape == y.shape and torch.equal(x, y.to(x.device)) for x, y in pairs):
+                pairs = [(s.tensor2d(name), s.tensor2d(target)) for s in self._chain] + [
+                    (distributed.local_tensor(a.live()), distributed.local_tensor(b.live()))]
+                same = all(x.shape == y.shape and torch.equal(x, y.to(x.device)) for x, y in pairs)
+                if distributed.is_dtensor(a.param):  # equal on every rank's shard
+                    same = not int(distributed.reduce_partial(torch.tensor([int(not same)]), a.param, "max")[0])
+                if same:
                     out.add(name)
         return out
+
+    def _mesh(self):
+        return next(t.param.device_mesh for t in self._tensors if distributed.is_dtensor(t.param))
 
     def close(self) -> None:
         """Release the snapshots (memory, or the mappings of the files, which stay on disk) and the summaries."""
@@ -422,6 +440,18 @@ def _hist_add(hist: _HistTotals, w0: torch.Tensor, w1: torch.Tensor, stride: int
     """Histogram of w1 - w0 as ``lpt diff`` bins it. On the CPU the tensors go to the binning as they are; on another
     device (``gather``) the rows diff would sample (every step-th, at most ~8k elements a tensor: the rule of
     _HistTotals.add) are gathered there and binned on the host."""
+    if distributed.is_dtensor(w0):  # the rows diff samples that fall in this rank's shard (counts are summed later)
+        n_rows, n_cols = w0.shape
+        rows = torch.arange(0, n_rows, max(stride, -(-n_rows * n_cols // (1 << 13))))
+        (r0, _), (nr, _) = distributed.local_region(w0)
+        mine = rows[(rows >= r0) & (rows < r0 + nr)] - r0
+        sample = [distributed.local_tensor(w).index_select(0, mine.to(distributed.local_tensor(w).device)).cpu()
+                  for w in (w0, w1)]
+        if sample[0].numel():
+            hist.add(sample, "consecutive", 1, max_elems=1 << 62)
+        else:
+            hist.samples += 1
+        return
     if not (w0.device.type != "cpu" if gather is None else gather):
         hist.add([w0, w1], "consecutive", stride)
         return
