@@ -26,7 +26,7 @@ EPILOG = """examples:
   lpt report prof/            # PNGs and a self-contained prof/report/report.html
   lpt select --profile prof/ --acts acts_math/ --earlier math --later qa --budget 0.02 --out sel.json
   lpt rollback ckpts/qa --from ckpts/math --select sel.json --out ckpts/qa-rolled
-  lpt sweep ckpts/qa --from ckpts/math --profile prof/ --acts acts_math/ --earlier math --later qa
+  lpt sweep ckpts/qa --from ckpts/math --profile prof/ --acts acts_math/ --earlier math --later qa \\
         --eval my_evals:score --budgets 0.01,0.02,0.04 --out sweep/
 
 Outputs are never overwritten unless --force; see docs/ for every command."""
@@ -90,7 +90,7 @@ def _add_demo(sub):
                        description="Train a tiny Qwen3 (a supervised warm-up, then GRPO on Code -> Math -> QA -> CW), "
                                    "analyse its checkpoints with this package, and recover Math by rollback and by a "
                                    "Re-Math refresh. Writes DIR/ckpts/{base,code,math,qa,cw,remath}, "
-                                   "DIR/results.json and DIR/report.html (docs/demo.md).")
+                                   "DIR/results.json, DIR/figures/ and DIR/report.html (docs/demo.md).")
     d.add_argument("--out", default="lpt-demo", metavar="DIR", help="output directory (default lpt-demo/)")
     d.add_argument("--fast", action="store_true", help="the short version (about 80 s on 2 cores)")
     d.add_argument("--seed", type=int, default=0, help="seed of everything (default 0)")
@@ -277,6 +277,33 @@ def _profile_inputs(prof_dir: str) -> List[str]:
     return [os.path.join(prof_dir, "profile.json"), os.path.join(prof_dir, "profile.safetensors")]
 
 
+def _check_outputs(outputs: Sequence[Tuple[Optional[str], str, str]], force: bool, inputs: Sequence[Optional[str]]):
+    """Check every output ``(path, kind, what)`` before anything is written or loaded: none may be, be inside, or
+    contain an input (check_output), and each must be writable where it goes (a temp directory is made and removed
+    in its nearest existing parent, so /proc/x fails now, not after the evaluations)."""
+    import tempfile
+
+    from lpt_kernels.checkpoint.writer import check_output
+
+    inputs = [i for i in inputs if i]
+    checked = []
+    for path, kind, what in outputs:
+        if path is None:
+            continue
+        p = check_output(path, kind=kind, force=force, inputs=inputs, what=what)
+        for q, w in checked:  # two outputs of one command must not overlap either
+            if q == p or q.startswith(p + os.sep) or p.startswith(q + os.sep):
+                raise CliError(f"{what}: {path} overlaps {w}; choose another path")
+        checked.append((p, what))
+        parent = os.path.dirname(p)
+        while not os.path.isdir(parent) and os.path.dirname(parent) != parent:
+            parent = os.path.dirname(parent)
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".lpt-probe-", dir=parent))
+        except OSError as e:
+            raise CliError(f"{what}: cannot write {path} (in {parent}: {e.strerror})") from None
+
+
 def _load_scoring(a, selectors: Sequence[str]):
     """Load and check everything `select` and `sweep` score with (cheap: no model); returns (profile, acts,
     groups)."""
@@ -288,6 +315,9 @@ def _load_scoring(a, selectors: Sequence[str]):
             raise CliError(f"{what}: {d!r} is not a delta of {a.profile} (has {', '.join(prof.deltas)})")
     if a.earlier == a.later:
         raise CliError("--earlier and --later name the same delta")
+    if prof.deltas.index(a.earlier) > prof.deltas.index(a.later):
+        raise CliError(f"--earlier {a.earlier} comes after --later {a.later} in {a.profile} (training order: "
+                       f"{', '.join(prof.deltas)}); the earlier domain must be trained first")
     groups = _csv_list(a.groups, "--groups")
     for g in groups:
         if g not in prof.groups:
@@ -298,6 +328,11 @@ def _load_scoring(a, selectors: Sequence[str]):
     acts = None
     if a.acts:
         from lpt_kernels.hooks import ActivationResult
+
+        if not os.path.isdir(a.acts):
+            raise CliError(f"--acts: {a.acts} " + ("is a file, not a directory (ActivationResult.save writes a "
+                                                   "directory)" if os.path.exists(a.acts) else
+                                                   "does not exist (no such directory)"))
 
         acts = ActivationResult.load(a.acts)
         if a.act_name is not None and a.act_name not in acts.names:
@@ -351,7 +386,8 @@ def _diff(a) -> int:
     from lpt_kernels.checkpoint.writer import AtomicDir
 
     paths = [a.base] + a.ckpts
-    out = AtomicDir(a.out, force=a.force, inputs=paths)  # refuses before the pass, not after it
+    _check_outputs([(a.out, "dir", "--out")], a.force, paths)  # also writable: refused before the pass, not after
+    out = AtomicDir(a.out, force=a.force, inputs=paths)
     labels = _csv_list(a.labels, "--labels") if a.labels else None
     if labels is not None and len(labels) != len(paths):
         raise CliError(f"--labels: {plural(len(labels), 'label')} for {plural(len(paths), 'checkpoint')}")
@@ -399,8 +435,7 @@ def _overlap(a) -> int:
     from lpt_kernels.analysis.report import changed_deltas
 
     if a.csv:
-        from lpt_kernels.checkpoint.writer import check_output
-        check_output(a.csv, kind="file", force=a.force, inputs=_profile_inputs(a.dir), what="--csv")
+        _check_outputs([(a.csv, "file", "--csv")], a.force, [a.dir])
     prof = Profile.load(a.dir)
     if a.group and a.group not in prof.groups:
         raise CliError(f"--group: {a.group!r} is not in {a.dir} (has {', '.join(prof.groups)})")
@@ -457,10 +492,9 @@ def _overlap(a) -> int:
 def _report(a) -> int:
     from lpt_kernels.analysis import Profile
     from lpt_kernels.analysis.report import write_report
-    from lpt_kernels.checkpoint.writer import check_output
-
     out = a.out or os.path.join(a.dir, "report")
-    check_output(out, kind="dir", force=a.force, inputs=_profile_inputs(a.dir))
+    # its default output is DIR/report, inside the profile: the inputs are the profile's files, not DIR itself
+    _check_outputs([(out, "dir", "--out")], a.force, _profile_inputs(a.dir))
     prof = Profile.load(a.dir)
     pics = write_report(prof, out, frac=a.top, force=a.force)
     print(f"wrote {plural(len(pics) - 1, 'plot')} and {pics['html']}")
@@ -468,11 +502,10 @@ def _report(a) -> int:
 
 
 def _select(a) -> int:
-    from lpt_kernels.checkpoint.writer import atomic_file, check_output
+    from lpt_kernels.checkpoint.writer import atomic_file
 
-    check_output(a.out, kind="file", force=a.force, inputs=_profile_inputs(a.profile))
-    if a.plot:
-        check_output(a.plot, kind="file", force=a.force, what="--plot")
+    # both outputs are checked (and refused if either is bad) before either is written
+    _check_outputs([(a.out, "file", "--out"), (a.plot, "file", "--plot")], a.force, [a.profile, a.acts])
     _selectors([a.selector], "--selector")
     prof, acts, groups = _load_scoring(a, [a.selector])
 
@@ -516,13 +549,11 @@ def _select(a) -> int:
 def _rollback(a) -> int:
     if not 0.0 <= a.alpha <= 1.0:
         raise CliError(f"--alpha: must be in [0, 1], got {a.alpha}")
+    from lpt_kernels import distributed
     from lpt_kernels.analysis.apply import rollback_checkpoint
     from lpt_kernels.analysis.selection import Selection
-    from lpt_kernels.checkpoint.writer import check_output
 
-    from lpt_kernels import distributed
-
-    check_output(a.out, kind="dir", force=a.force, inputs=(a.target, a.source))
+    _check_outputs([(a.out, "dir", "--out")], a.force, [a.target, a.source, a.select])
     rank, world = distributed.world()
     info = rollback_checkpoint(a.target, a.source, Selection.load(a.select), a.out, alpha=a.alpha,
                                progress=_progress(a) and rank == 0, strict=a.strict, force=a.force,
@@ -599,9 +630,11 @@ def _before_scores(a) -> Optional[dict]:
 
 
 def _sweep(a) -> int:
-    from lpt_kernels.checkpoint.writer import check_output
-
-    check_output(a.out, kind="dir", force=a.force, inputs=[a.target, a.source, *_profile_inputs(a.profile)])
+    _check_outputs([(a.out, "dir", "--out")], a.force, [a.target, a.source, a.profile, a.acts, a.before])
+    try:
+        import transformers  # noqa: F401 -- needed to load the models; said now, not after the checks
+    except ImportError as e:
+        raise CliError(f"lpt sweep needs transformers ({e}); pip install transformers") from None
     evaluate = load_evaluator(a.eval)
     budgets = _budgets(a.budgets)
     selectors = _selectors(_csv_list(a.selectors, "--selectors"), "--selectors")
@@ -634,9 +667,15 @@ def _sweep(a) -> int:
     rows = sweep(model, a.source, scores, layout, evaluate, a.earlier, before, budgets, selectors, groups,
                  a.allocation, a.seed, a.out, progress=_progress(a), force=a.force, evaluator_name=a.eval)
     if not a.quiet:
+        e = a.earlier
+        if rows and before[e] - (rows[0][f"score/{e}"] - rows[0][f"collateral/{e}"]) <= 0:
+            damaged = rows[0][f"score/{e}"] - rows[0][f"collateral/{e}"]
+            print(f"note: {e} lost nothing at TARGET (score {before[e]:.4g} at --from, {damaged:.4g} at TARGET; "
+                  f"higher is better), so its recovery is undefined (NaN in sweep.csv); see the collateral columns")
         for r in rows:
+            rec = "undefined" if math.isnan(r["recovery"]) else f"{r['recovery']:+.1%}"
             print(f"{r['selector']:>8} budget {r['budget']:>6.2%} {plural(r['units'], 'unit'):>12}  recovery of "
-                  f"{a.earlier} {r['recovery']:+.1%}")
+                  f"{e} {rec}")
         print(f"wrote {os.path.join(a.out, 'sweep.csv')} and {os.path.join(a.out, 'dose_response.png')}")
     return 0
 

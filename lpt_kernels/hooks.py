@@ -100,7 +100,7 @@ def _read(out_dir: str, files: Tuple[str, str], kind: str) -> Tuple[dict, Dict[s
     except (OSError, ValueError) as e:
         raise HookError(f"{out_dir}: cannot read the {kind} result ({e})") from None
     if doc.get("meta", {}).get("kind") != kind:
-        raise HookError(f"{out_dir}: {files[1]} does not describe a {kind} result")
+        raise HookError(f"{out_dir}: {files[1]} does not describe {'an' if kind[:1] in 'aeiou' else 'a'} {kind} result")
     return doc, arrays
 
 

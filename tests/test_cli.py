@@ -317,6 +317,17 @@ def score(model):
         out[d] = -model(input_ids=ids, labels=ids).loss.item()
     return out
 
+def distance(model):
+    # math: minus the squared distance of the MLP weights to the Math checkpoint's (0 there, < 0 after QA: a real
+    # loss, so recovery is defined); qa: minus a loss
+    _mark()
+    from transformers import AutoModelForCausalLM
+
+    ref = dict(AutoModelForCausalLM.from_pretrained(os.environ["LPT_TEST_MATH_DIR"]).named_parameters())
+    d = sum(((p.double() - ref[n].double()) ** 2).sum().item() for n, p in model.named_parameters() if ".mlp." in n)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    return {"math": -d, "qa": -model(input_ids=ids, labels=ids).loss.item()}
+
 def a_float(model):
     _mark()
     return 0.5
@@ -325,8 +336,9 @@ not_a_function = 3
 """
 
 
-def test_sweep_checks_before_loading_and_writes_baselines(mlp_chain, tmp_path):
+def test_sweep_checks_before_loading_and_writes_baselines(mlp_chain, tmp_path, monkeypatch):
     base, math_dir, qa = mlp_chain
+    monkeypatch.setenv("LPT_TEST_MATH_DIR", math_dir)
     work = tmp_path / "work"
     work.mkdir()
     (work / "issue12_evals.py").write_text(EVALS)
@@ -359,7 +371,7 @@ def test_sweep_checks_before_loading_and_writes_baselines(mlp_chain, tmp_path):
                     "expected a dict")
     assert not (work / "o").exists()
     # the real thing, with the module found in the current directory
-    r = sweep("--eval", "issue12_evals:score", "--selectors", "M,random", "--budgets", "0.5,1", "--device", "cpu",
+    r = sweep("--eval", "issue12_evals:distance", "--selectors", "M,random", "--budgets", "0.5,1", "--device", "cpu",
               "--dtype", "float32", "--out", "o")
     assert r.returncode == 0, r.stderr
     assert "Loading weights" not in r.stderr and "%|" not in r.stderr
@@ -368,7 +380,141 @@ def test_sweep_checks_before_loading_and_writes_baselines(mlp_chain, tmp_path):
     assert [r["selector"] for r in rows[:2]] == ["before", "damaged"]
     assert float(rows[0]["recovery"]) == 1.0 and float(rows[1]["recovery"]) == 0.0
     full = [r for r in rows if r["selector"] == "M" and float(r["budget"]) == 1.0]
+    assert float(rows[1]["score/math"]) < float(rows[0]["score/math"]) == 0.0  # QA really moved away from Math
     assert abs(float(full[0]["recovery"]) - 1.0) < 1e-6  # every MLP unit rolled back: the Math model exactly
     assert abs(float(full[0]["score/math"]) - float(rows[0]["score/math"])) < 1e-6
     assert "collateral/qa" in rows[0] and os.path.isfile(work / "o" / "dose_response.png")
     sys.modules.pop("issue12_evals", None)
+
+
+# ---- a new user's findings: every input protected, outputs checked before work, recovery only of a real loss ---------
+
+def _acts_dir(model_dir, out):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lpt_kernels.hooks import ActivationStats
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.inference_mode(), ActivationStats(model, name="math") as acts:
+        model(input_ids=torch.randint(0, 128, (2, 8), generator=torch.Generator().manual_seed(0)))
+    acts.result().save(str(out))
+    return out
+
+
+def test_outputs_never_touch_any_input(mlp_chain, tmp_path):
+    base, math_dir, qa = mlp_chain
+    prof = tmp_path / "prof"
+    assert lpt_in("diff", base, math_dir, qa, "--out", prof, "-q").returncode == 0
+    acts = _acts_dir(math_dir, tmp_path / "acts_math")
+    prof_files, acts_files = _snapshot(prof), _snapshot(acts)
+    sel = ["select", "--profile", prof, "--acts", acts, "--earlier", "math", "--later", "qa", "--budget", "0.1"]
+    _one_line_error(lpt_in(*sel, "--out", acts / "activations.json", "--force"), "--out", "is inside the input")
+    _one_line_error(lpt_in(*sel, "--out", prof / "sel.json"), "--out", "is inside the input")
+    _one_line_error(lpt_in(*sel, "--out", tmp_path / "s.json", "--plot", prof / "profile.json", "--force"),
+                    "--plot", "is inside the input")
+    _one_line_error(lpt_in(*sel, "--out", tmp_path / "s.json", "--plot", acts), "--plot")
+    _one_line_error(lpt_in(*sel, "--out", tmp_path / "s.json", "--plot", tmp_path / "s.json"), "--plot", "overlaps")
+    assert not (tmp_path / "s.json").exists()
+    # a --plot that cannot be written: refused before --out is written
+    _one_line_error(lpt_in(*sel, "--out", tmp_path / "s.json", "--plot", "/proc/lpt-x.png"), "--plot", "cannot write")
+    assert not (tmp_path / "s.json").exists()
+    s = tmp_path / "sel" / "s.json"
+    r = lpt_in(*sel, "--out", s, "--plot", tmp_path / "s.png")
+    assert r.returncode == 0, r.stderr
+    assert s.is_file() and (tmp_path / "s.png").is_file()
+    # rollback: its --select file is an input too
+    _one_line_error(lpt_in("rollback", qa, "--from", math_dir, "--select", s, "--out", tmp_path / "sel", "--force"),
+                    "contains the input")
+    # overlap --csv inside the profile
+    _one_line_error(lpt_in("overlap", prof, "--csv", prof / "o.csv"), "--csv", "is inside the input")
+    # sweep: the profile, --acts and --before are inputs, and --out is checked before anything is evaluated
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "issue12_evals.py").write_text(EVALS)
+    before = work / "before.json"
+    before.write_text('{"math": 0.0, "qa": 0.0}')
+    sw = ["sweep", qa, "--from", math_dir, "--profile", prof, "--acts", acts, "--earlier", "math", "--later", "qa",
+          "--eval", "issue12_evals:score", "--selectors", "MC"]
+    for out, words in ((prof / "sw", ["is inside the input"]), (acts / "sw", ["is inside the input"]),
+                       (work, ["contains the input"]), ("/proc/lpt-x", ["cannot write"])):
+        _one_line_error(lpt_in(*sw, "--before", before, "--out", out, "--force", cwd=work), "--out", *words)
+    assert not (work / "evaluated").exists()
+    assert _snapshot(prof) == prof_files and _snapshot(acts) == acts_files
+    assert _no_temps(tmp_path) and not [e for e in os.listdir(tmp_path) if "probe" in e]
+    sys.modules.pop("issue12_evals", None)
+
+
+def test_sweep_recovery_undefined_when_nothing_was_lost(mlp_chain, tmp_path):
+    import csv
+    import math
+
+    base, math_dir, qa = mlp_chain
+    prof = tmp_path / "prof"
+    assert lpt_in("diff", base, math_dir, qa, "--out", prof, "-q").returncode == 0
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "issue12_evals.py").write_text(EVALS)
+    (work / "before.json").write_text('{"math": -1000.0, "qa": -1000.0}')  # far below any score at TARGET
+    r = lpt_in("sweep", qa, "--from", math_dir, "--profile", prof, "--earlier", "math", "--later", "qa",
+               "--eval", "issue12_evals:score", "--selectors", "MC", "--budgets", "0.5", "--before", "before.json",
+               "--out", "o", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.count("lost nothing at TARGET") == 1 and "undefined" in r.stdout and "nan%" not in r.stdout
+    rows = list(csv.DictReader(open(work / "o" / "sweep.csv")))
+    point = [x for x in rows if x["selector"] == "MC"]
+    assert len(point) == 1 and math.isnan(float(point[0]["recovery"]))
+    sys.modules.pop("issue12_evals", None)
+
+
+def test_sweep_without_transformers_is_one_line(mlp_chain, tmp_path, monkeypatch):
+    base, math_dir, qa = mlp_chain
+    prof = tmp_path / "prof"
+    assert lpt_in("diff", base, math_dir, qa, "--out", prof, "-q").returncode == 0
+    monkeypatch.setitem(sys.modules, "transformers", None)  # `import transformers` raises ImportError
+    r = lpt_in("sweep", qa, "--from", math_dir, "--profile", prof, "--earlier", "math", "--later", "qa",
+               "--eval", "x:score", "--selectors", "MC", "--out", tmp_path / "o")
+    _one_line_error(r, "needs transformers", "pip install transformers")
+    assert not (tmp_path / "o").exists()
+
+
+def test_select_order_and_missing_acts(mlp_chain, tmp_path):
+    base, math_dir, qa = mlp_chain
+    prof = tmp_path / "prof"
+    assert lpt_in("diff", base, math_dir, qa, "--out", prof, "-q").returncode == 0
+    sel = ["select", "--profile", prof, "--selector", "MC", "--out", tmp_path / "s.json"]
+    _one_line_error(lpt_in(*sel, "--earlier", "qa", "--later", "math"), "--earlier qa comes after --later math",
+                    "math, qa")
+    _one_line_error(lpt_in(*sel, "--earlier", "math", "--later", "qa", "--acts", tmp_path / "nope"), "--acts",
+                    "does not exist")
+    (tmp_path / "f").write_text("x")
+    _one_line_error(lpt_in(*sel, "--earlier", "math", "--later", "qa", "--acts", tmp_path / "f"), "--acts",
+                    "not a directory")
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_wrong_kind_of_result_message(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from lpt_kernels.hooks import ActivationResult, HookError
+
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "activations.safetensors"))
+    (tmp_path / "activations.json").write_text('{"meta": {"kind": "gradgram"}}')
+    with pytest.raises(HookError, match="does not describe an activations result"):
+        ActivationResult.load(str(tmp_path))
+
+
+def test_help_examples_paste_as_written():
+    from lpt_kernels.cli import EPILOG
+
+    lines = EPILOG.splitlines()
+    for prev, line in zip(lines, lines[1:]):
+        if line.startswith("        "):  # a continuation of the command above: that line must end with a backslash
+            assert prev.split("#")[0].rstrip().endswith("\\"), prev
+    assert any(l.startswith("        --eval") for l in lines)
+
+
+def test_diff_out_not_writable_is_refused_first(chain):
+    root, dirs = chain
+    _one_line_error(lpt_in("diff", *dirs[:2], "--out", "/proc/lpt-prof"), "--out", "cannot write")

@@ -138,3 +138,7 @@ def test_recovery_formula():
     assert recovery(66.0, 57.0, 60.0) == pytest.approx(1 / 3)
     assert recovery(1.0, 0.0, 1.0) == 1.0
     assert math.isnan(recovery(1.0, 1.0, 1.0))
+    # E not damaged (it improved under L: higher is better): nothing lost, so no recovery, whatever the rollback does
+    assert math.isnan(recovery(-6.950, -6.758, -6.9))
+    assert math.isnan(recovery(-6.950, -6.758, -6.5))
+    assert math.isnan(recovery(1.0, 0.5, float("nan")))

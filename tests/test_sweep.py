@@ -32,13 +32,23 @@ def models(tmp_path_factory):
     return dirs
 
 
-def _evaluator():
+def _evaluator(math_dir=None):
+    """-loss on random tokens per domain; with ``math_dir``, math is instead minus the squared distance of the MLP
+    weights to that checkpoint's (0 at theta_E, < 0 after L: a real loss, so recovery is defined)."""
     gen = torch.Generator().manual_seed(9)
     data = {d: torch.randint(0, 128, (2, 12), generator=gen) for d in ("math", "qa")}
+    ref = None
+    if math_dir is not None:
+        from transformers import Qwen3ForCausalLM
+        ref = {n: p.detach().double() for n, p in Qwen3ForCausalLM.from_pretrained(math_dir).named_parameters()}
 
     def evaluate(model):
         with torch.no_grad():
-            return {d: -model(input_ids=x, labels=x).loss.item() for d, x in data.items()}
+            out = {d: -model(input_ids=x, labels=x).loss.item() for d, x in data.items()}
+            if ref is not None:
+                out["math"] = -sum(((p.double() - ref[n]) ** 2).sum().item() for n, p in model.named_parameters()
+                                   if ".mlp." in n)
+            return out
     return evaluate
 
 
@@ -50,13 +60,15 @@ def test_full_rollback_recovers_exactly_and_model_is_restored(models, tmp_path):
     model = Qwen3ForCausalLM.from_pretrained(qa).eval()
     layout = load_layout(None, {n: p.shape for n, p in model.named_parameters()}, model.config.to_dict())
     scores = conflict_scores(prof, "math", "qa", None, groups=("mlp",))
-    evaluate = _evaluator()
+    evaluate = _evaluator(math_dir)
     before = evaluate(Qwen3ForCausalLM.from_pretrained(math_dir).eval())
     original = {n: p.detach().clone() for n, p in model.named_parameters()}
     # M and random choose among the units that moved (every MLP unit here); MC only among conflicting ones
     rows = sweep(model, math_dir, scores, layout, evaluate, "math", before, budgets=(0.05, 1.0),
                  selectors=("M", "random"), out_dir=str(tmp_path / "out"))
     full = [r for r in rows if r["budget"] == 1.0]
+    damaged = full[0]["score/math"] - full[0]["collateral/math"]
+    assert damaged < before["math"] == 0.0  # Math really lost score under QA
     for r in full:
         assert r["recovery"] == pytest.approx(1.0, abs=1e-6)  # every MLP unit rolled back = theta_E exactly
         assert r["score/math"] == pytest.approx(before["math"], abs=1e-6)

@@ -348,6 +348,7 @@ def select(scores: Scores, layout=None, selector: str = "AMC", budget: float = 0
 
 def recovery(score_before: float, score_damaged: float, score_rolled: float) -> float:
     """Share of the earlier domain's lost score that the intervention brings back:
-    (rolled - damaged) / (before - damaged); NaN when nothing was lost."""
+    (rolled - damaged) / (before - damaged); NaN when nothing was lost (before - damaged <= 0: the earlier domain
+    scored as well or better after the later one, higher being better), since there is nothing to recover."""
     lost = score_before - score_damaged
-    return (score_rolled - score_damaged) / lost if lost != 0 and not math.isnan(lost) else float("nan")
+    return (score_rolled - score_damaged) / lost if lost > 0 else float("nan")

@@ -198,6 +198,9 @@ def _run(out: str, cfg: DemoConfig, seed: int, fast: bool, device: str, quiet: b
     timer = Timer()
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     ckpt = {s: os.path.join(out, "ckpts", s) for s in ("base",) + CURRICULUM + ("remath",)}
+    # the first line at once: the first score line follows only after the warm-up and a GRPO stage (minutes)
+    say("lpt demo: training a tiny Qwen3 (warm-up, then GRPO Code -> Math -> QA -> CW); scores on held-out sets "
+        "after each stage:")
 
     with timer("setup"):
         random.seed(seed)
