@@ -56,7 +56,7 @@ def test_torchrun_diff_writes_the_single_process_profile(chain, nproc):
     for doc in (one, many):
         del doc["meta"]["world_size"], doc["meta"]["ranks"]
     assert one == many
-    assert sorted(os.listdir(out)) == ["profile.json", "profile.safetensors"]
+    assert sorted(os.listdir(out)) == [".lpt-output.json", "profile.json", "profile.safetensors"]
 
 
 def test_torchrun_rollback_writes_the_single_process_checkpoint(chain, tmp_path):
@@ -121,9 +121,10 @@ def _api_worker(rank, world, dirs, root):
         assert sum(r["files"] for r in st["ranks"]) == st["files_copied"]
     # an existing output: refused on every rank before any work; with force, replaced by the one publish (the swap)
     forced = os.path.join(root, "forced")
-    if rank == 0:
-        os.makedirs(forced)
-        with open(os.path.join(forced, "old.txt"), "w") as f:
+    if rank == 0:  # an earlier output of the package (only those may be replaced, even with force)
+        from lpt_kernels.checkpoint.writer import AtomicDir
+
+        with AtomicDir(forced) as tmp, open(os.path.join(tmp, "old.txt"), "w") as f:
             f.write("an earlier output")
     torch.distributed.barrier()
     with pytest.raises(RollbackError, match="not empty"):
