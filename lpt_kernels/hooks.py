@@ -22,7 +22,6 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -30,7 +29,7 @@ import torch
 
 from lpt_kernels import __version__, distributed
 from lpt_kernels.checkpoint.writer import replace_file
-from lpt_kernels.layout import Layout, load_layout
+from lpt_kernels.layout import Layout, load_layout, model_config
 from lpt_kernels.ops import FLOAT_DTYPES, MAX_INPUTS, act_stats_, new_act_stats, unit_gram
 
 __all__ = ["ActivationStats", "ActivationResult", "GradientGram", "GramResult", "jaccard", "ACT_STATS",
@@ -50,15 +49,6 @@ class HookError(ValueError):
 
 # ---- shared helpers -------------------------------------------------------------------------------------------
 
-def _config_dict(model) -> Optional[dict]:
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return None
-    if hasattr(cfg, "to_dict"):
-        return cfg.to_dict()
-    return dict(cfg) if isinstance(cfg, Mapping) else None
-
-
 def _model_layout(model: torch.nn.Module, layout, groups: Sequence[str]) -> Layout:
     """The layout of ``model`` (a Layout, a spec dict/path, a built-in family name, or None to detect), validated
     against the model's parameter shapes."""
@@ -67,7 +57,7 @@ def _model_layout(model: torch.nn.Module, layout, groups: Sequence[str]) -> Layo
         lay = layout
         lay.validate(shapes)
     else:
-        lay = load_layout(layout, shapes, _config_dict(model), groups=tuple(groups))
+        lay = load_layout(layout, shapes, model_config(model), groups=tuple(groups))
     return lay
 
 

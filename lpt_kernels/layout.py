@@ -26,7 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 __all__ = ["LayoutError", "Member", "Layout", "detect_layout", "layout_from_spec", "load_layout", "BUILTIN_LAYOUTS",
-           "DEFAULT_GROUPS"]
+           "DEFAULT_GROUPS", "model_config"]
 
 DOCS = "docs/layouts.md"
 BUILTIN_LAYOUTS = ("qwen3", "qwen2", "llama", "mistral")
@@ -640,6 +640,17 @@ def layout_from_spec(spec, names, config: dict | None = None) -> Layout:
     if shapes is not None:
         layout.validate(shapes)
     return layout
+
+
+def model_config(model) -> "dict | None":
+    """A model's config as the dict :func:`load_layout` takes (transformers' ``config.to_dict()``, a plain mapping),
+    or None."""
+    cfg = getattr(model, "config", None)
+    if cfg is None:
+        return None
+    if hasattr(cfg, "to_dict"):
+        return cfg.to_dict()
+    return dict(cfg) if isinstance(cfg, Mapping) else None
 
 
 def load_layout(spec_or_none, names, config, *, groups=DEFAULT_GROUPS) -> Layout:

@@ -2,14 +2,13 @@
 the one-line error they raise."""
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
 import torch
 
 from lpt_kernels import distributed
-from lpt_kernels.layout import Layout, LayoutError, Member, load_layout
+from lpt_kernels.layout import Layout, LayoutError, Member, load_layout, model_config
 
 
 class TrainError(ValueError):
@@ -64,15 +63,6 @@ def model_params(model: torch.nn.Module) -> List[Tuple[str, torch.nn.Parameter]]
     return out
 
 
-def config_dict(model) -> Optional[dict]:
-    cfg = getattr(model, "config", None)
-    if cfg is None:
-        return None
-    if hasattr(cfg, "to_dict"):
-        return cfg.to_dict()
-    return dict(cfg) if isinstance(cfg, Mapping) else None
-
-
 def model_layout(model, params, layout, groups: Sequence[str]) -> Layout:
     """The layout of ``model`` (a Layout, a spec dict or path, a built-in family name, or None to detect), validated
     against the shapes of ``params``; the groups asked for must be in it."""
@@ -82,7 +72,7 @@ def model_layout(model, params, layout, groups: Sequence[str]) -> Layout:
             lay = layout
             lay.validate(shapes)
         else:
-            lay = load_layout(layout, shapes, config_dict(model), groups=tuple(groups))
+            lay = load_layout(layout, shapes, model_config(model), groups=tuple(groups))
     except LayoutError as e:
         raise TrainError(f"model {type(model).__name__}: {e}") from None
     missing = [g for g in groups if g not in lay.groups]
