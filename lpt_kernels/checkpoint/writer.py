@@ -153,21 +153,21 @@ def _exchange(a: str, b: str) -> bool:
     raise OSError(e, os.strerror(e), b)
 
 
-def fsync_dir(path: str) -> None:
-    """fsync a directory (its entries: a rename or a new file in it is durable after this)."""
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+def _fsync(path: str, flag: str) -> None:
+    fd = os.open(path, os.O_RDONLY | getattr(os, flag, 0))
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """fsync a directory (its entries: a rename or a new file in it is durable after this)."""
+    _fsync(path, "O_DIRECTORY")
 
 
 def _fsync_file(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    _fsync(path, "O_CLOEXEC")
 
 
 def _fsync_tree(root: str) -> None:
