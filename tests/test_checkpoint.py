@@ -492,6 +492,24 @@ def test_read_ahead_skips_a_warm_cache(tmp_path, monkeypatch):
     ck.close()
 
 
+def test_read_ahead_thread_ends_on_a_warm_cache(tmp_path):
+    """On a warm cache the read-ahead thread probes every tensor once and ends while the consumer is still at the
+    first tensor: later tensors cost the consumer no wake-up of it."""
+    ts = {f"t{i}": torch.randn(64, 64) for i in range(30)}
+    ck = Checkpoint(_ckpt_dir(tmp_path, "warm", ts))
+    with open(ck.info("t0").file, "rb") as fh:
+        fh.read()
+    it = stream([ck, ck], list(ck.names), prefetch_bytes=1)  # a budget smaller than a tensor: probing is free
+    name, _ = next(it)
+    threads = [t for t in threading.enumerate() if t.name == "lpt-checkpoint-prefetch"]
+    assert len(threads) == 1
+    threads[0].join(timeout=5)
+    assert not threads[0].is_alive(), "the read-ahead thread kept waiting on a warm cache"
+    assert [name] + [n for n, _ in it] == list(ck.names)
+    del _
+    ck.close()
+
+
 def test_stream_window_is_bounded(tmp_path, monkeypatch):
     gen = torch.Generator().manual_seed(9)
     ts = {f"t{i:02d}": torch.randn(64, 64, generator=gen) for i in range(20)}  # 16 KiB each
@@ -507,6 +525,7 @@ def test_stream_window_is_bounded(tmp_path, monkeypatch):
             issued.append(start_of[start])
         return real(fh, mm, start, end, advice, chunk, stop)
     monkeypatch.setattr(ckmod, "_advise", spy)
+    monkeypatch.setattr(ckmod, "looks_cached", lambda *a, **k: False)  # as if the cache were cold
     budget = 3 * 2 * 16384  # three tensors of both checkpoints
     for k, (n, pair) in enumerate(stream(cks, names, prefetch_bytes=budget)):
         time.sleep(0.002)  # let the thread run ahead as far as it may

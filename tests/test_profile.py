@@ -133,14 +133,15 @@ def test_histograms_match_brute_force(chain, mode, helpers):
 
 
 @pytest.mark.parametrize("mode", ["consecutive", "base"])
-def test_log_hist_bins_exactly(mode):
+@pytest.mark.parametrize("cols,threads", [(67, 1), (2500, 1), (2500, 2)])  # one thread; two, over column chunks of 1024
+def test_log_hist_bins_exactly(mode, cols, threads):
     """The C++ helper against float64 edges on the same fp32 values: every magnitude from 1e-14 to 1e4, values on
     and next to the edges, zeros, zero weights, inf and NaN, mixed dtypes and a strided view, sampled rows only."""
     import lpt_kernels.analysis.profile as P
     if not P.cpu.AVAILABLE:
         pytest.skip("the CPU extension is not built")
     g = torch.Generator().manual_seed(7)
-    rows, cols = 40, 67
+    rows = 40
     edges = torch.tensor([10.0 ** (P.HIST_LO + (P.HIST_HI - P.HIST_LO) * b / P.HIST_BINS)
                           for b in range(P.HIST_BINS + 1)], dtype=torch.float64)
     base = torch.randn(rows, cols, generator=g)
@@ -159,12 +160,17 @@ def test_log_hist_bins_exactly(mode):
     pick = torch.arange(0, rows, 3)
     counts = torch.zeros(6, P.HIST_BINS, dtype=torch.float64)
     zeros = torch.zeros(6, dtype=torch.float64)
-    P.cpu.log_hist(ws, pick, mode, counts, zeros, P.HIST_BINS, P.HIST_LO, P.HIST_HI)
+    was = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        P.cpu.log_hist(ws, pick, mode, counts, zeros, P.HIST_BINS, P.HIST_LO, P.HIST_HI)
+    finally:
+        torch.set_num_threads(was)
     w = [x.float()[pick] for x in ws]
     for m in range(3):
         ref = w[m] if mode == "consecutive" else w[0]
         d = (w[m + 1] - ref).abs()
-        rel = d / ref.abs()
+        rel = d.double() / ref.abs().double()  # the exact ratio, rounded once to a double (d is the fp32 difference)
         rel = torch.where(torch.isfinite(rel), rel, torch.zeros_like(rel))
         for row, v in ((m, d), (3 + m, rel)):
             v = v.double().flatten()

@@ -5,7 +5,12 @@
 
 #include <pybind11/stl.h>
 
+#include <omp.h>
+
+#include <algorithm>
 #include <cmath>
+#include <memory>
+#include <mutex>
 #include <vector>
 
 #include "lpt/element.h"
@@ -17,28 +22,28 @@ namespace lpt {
 namespace cpu {
 namespace {
 
-// lpt diff's histograms over a row sample: for each listed row of K inputs [rows, cols] (consecutive or base mode),
-// the log10 bin of |d_m| goes to counts[m] and that of |d_m| / |w_ref| to counts[M + m] (counts: float64 [2M, bins],
-// zeros: float64 [2M], both added to). Bin b holds [E_b, E_(b+1)) with E_b = 10^(lo + b w), w = (hi - lo) / bins:
-// exactly 10^k where lo + b w is an integer k (a decade), elsewhere the double nearest to it (std::pow). Values from
-// E_bins up (inf too) go to the top bin; values below E_0 and NaN are not counted. Exact zeros are counted in zeros,
-// and so is a relative change against a zero weight or a non-finite one. |d| is the kernels' fp32 difference; the
-// ratio |d| / |w_ref| is never rounded: its bin is found by exact compares of |d| against E_b |w_ref| (so a ratio
-// of exactly 1/100 lands in the bin that starts at 10^-2). One call per tensor instead of a dozen torch ops.
-void log_hist(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes, const std::vector<int64_t>& s0,
-              const std::vector<int64_t>& s1, int64_t total_rows, int64_t cols, uintptr_t rows, int64_t n_rows,
-              int mode, int bins, double lo, double hi, uintptr_t counts, uintptr_t zeros) {
-  const int k = (int)ptrs.size();
-  if (k < 2 || k > 8 || dtypes.size() != ptrs.size() || s0.size() != ptrs.size() || s1.size() != ptrs.size())
-    throw std::invalid_argument("log_hist: 2 to 8 inputs with one dtype and two strides each");
-  if (mode != lpt::kConsecutive && mode != lpt::kBase) throw std::invalid_argument("log_hist: bad mode");
-  if (bins < 1 || bins > 32000 || !(hi > lo)) throw std::invalid_argument("log_hist: bad bins");
-  if ((n_rows > 0 && !rows) || !counts || !zeros) throw std::invalid_argument("log_hist: null pointer");
-  std::vector<Tensor2D> ws;
-  for (int i = 0; i < k; ++i) ws.push_back(tensor(ptrs[i], dtypes[i], s0[i], s1[i], "log_hist input"));
-  const int m_count = k - 1;
+// The bin edges of one (bins, lo, hi), built once: a few thousand table entries and a few hundred pow calls are
+// more work than binning a small tensor's sample, and every call of a pass uses the same histogram.
+struct HistTables {
+  int bins;
+  double lo, hi;
+  std::vector<float> edge;      // [bins + 1] the smallest float >= each exact edge
+  uint32_t b0;                  // top-16-bit bucket of edge[0]
+  std::vector<int16_t> first;   // per bucket, the bin of its smallest value
+  std::vector<double> escale;   // [bins + 1] the scale of the exact ratio compare
+  std::vector<signed char> ekind;
+};
+
+std::shared_ptr<const HistTables> hist_tables(int bins, double lo, double hi) {
+  static std::mutex mu;
+  static std::shared_ptr<const HistTables> last;
+  std::lock_guard<std::mutex> lock(mu);
+  if (last && last->bins == bins && last->lo == lo && last->hi == hi) return last;
+  auto t = std::make_shared<HistTables>();
+  t->bins = bins, t->lo = lo, t->hi = hi;
   // Edges as the smallest float >= the exact (double) edge: for a float v, v >= edge exactly when v >= that float.
-  std::vector<float> edge(bins + 1);
+  std::vector<float>& edge = t->edge;
+  edge.resize(bins + 1);
   for (int b = 0; b <= bins; ++b) {
     const double e = std::pow(10.0, lo + (hi - lo) * b / bins);
     float f = (float)e;
@@ -48,8 +53,9 @@ void log_hist(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes
     throw std::invalid_argument("log_hist: bins out of the supported range");
   // Positive floats in buckets of their top 16 bits (exponent and 7 mantissa bits, 1/128 of a binade, under a
   // tenth of a decade): first[i] is the bin of bucket i's smallest value, so a value's bin is first[i] or the next.
-  const uint32_t b0 = lpt::f32_to_bits(edge[0]) >> 16, b1 = lpt::f32_to_bits(edge[bins]) >> 16;
-  std::vector<int16_t> first(b1 - b0 + 1);
+  const uint32_t b0 = t->b0 = lpt::f32_to_bits(edge[0]) >> 16, b1 = lpt::f32_to_bits(edge[bins]) >> 16;
+  std::vector<int16_t>& first = t->first;
+  first.resize(b1 - b0 + 1);
   for (uint32_t i = b0, b = 0; i <= b1; ++i) {
     const float v = lpt::bits_to_f32(i << 16);
     while (b + 1 < (uint32_t)bins && v >= edge[b + 1]) ++b;
@@ -57,8 +63,10 @@ void log_hist(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes
   }
   // Exact compares for the ratio: q = d / r >= E_b, with d, r floats. At a decade 10^k the product d 10^-k (k <= 0)
   // or r 10^k (k > 0) is compared exactly (two-product: the double product plus its fma residual); elsewhere r E_b.
-  std::vector<double> escale(bins + 1);
-  std::vector<signed char> ekind(bins + 1);  // 0: r * escale, 1: d * escale (a decade 10^k, k < 0)
+  std::vector<double>& escale = t->escale;
+  escale.resize(bins + 1);
+  std::vector<signed char>& ekind = t->ekind;
+  ekind.resize(bins + 1);  // 0: r * escale, 1: d * escale (a decade 10^k, k < 0)
   for (int b = 0; b <= bins; ++b) {
     const double x = lo + (hi - lo) * b / bins, k = std::nearbyint(x);
     if (std::fabs(x - k) < 1e-9 && std::fabs(k) <= 22) {
@@ -69,8 +77,33 @@ void log_hist(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes
       escale[b] = std::pow(10.0, x);
     }
   }
-  const double* es = escale.data();
-  const signed char* ek = ekind.data();
+  last = t;
+  return last;
+}
+
+// lpt diff's histograms over a row sample: for each listed row of K inputs [rows, cols] (consecutive or base mode),
+// the log10 bin of |d_m| goes to counts[m] and that of |d_m| / |w_ref| to counts[M + m] (counts: float64 [2M, bins],
+// zeros: float64 [2M], both added to). Bin b holds [E_b, E_(b+1)) with E_b = 10^(lo + b w), w = (hi - lo) / bins:
+// exactly 10^k where lo + b w is an integer k (a decade), elsewhere the double nearest to it (std::pow). Values from
+// E_bins up (inf too) go to the top bin; values below E_0 and NaN are not counted. Exact zeros are counted in zeros,
+// and so is a relative change against a zero weight or a non-finite one. |d| is the kernels' fp32 difference; the
+// ratio |d| / |w_ref| is never rounded: its bin is found by exact compares of |d| against E_b |w_ref| (so a ratio
+// of exactly 1/100 lands in the bin that starts at 10^-2). One call per tensor instead of a dozen torch ops.
+void log_hist(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes, const std::vector<int64_t>& s0,
+              const std::vector<int64_t>& s1, int64_t total_rows, int64_t cols, uintptr_t rows, int64_t n_rows,
+              int mode, int bins, double lo, double hi, uintptr_t counts, uintptr_t zeros, int threads) {
+  const int k = (int)ptrs.size();
+  if (k < 2 || k > 8 || dtypes.size() != ptrs.size() || s0.size() != ptrs.size() || s1.size() != ptrs.size())
+    throw std::invalid_argument("log_hist: 2 to 8 inputs with one dtype and two strides each");
+  if (mode != lpt::kConsecutive && mode != lpt::kBase) throw std::invalid_argument("log_hist: bad mode");
+  if (bins < 1 || bins > 32000 || !(hi > lo)) throw std::invalid_argument("log_hist: bad bins");
+  if ((n_rows > 0 && !rows) || !counts || !zeros) throw std::invalid_argument("log_hist: null pointer");
+  std::vector<Tensor2D> ws;
+  for (int i = 0; i < k; ++i) ws.push_back(tensor(ptrs[i], dtypes[i], s0[i], s1[i], "log_hist input"));
+  const int m_count = k - 1;
+  const std::shared_ptr<const HistTables> tab = hist_tables(bins, lo, hi);
+  const double* es = tab->escale.data();
+  const signed char* ek = tab->ekind.data();
   // Exact compares of a double a with a product b s of doubles: the product rounds to p with residual b s - p (exact,
   // by fma), and rounding is monotonic, so p > a or p < a already decide; on p == a the residual's sign does.
   auto prod_ge = [](double b, double s, double a) {  // b s >= a
@@ -84,10 +117,9 @@ void log_hist(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes
   auto ratio_ge = [&](double d, double r, int b) {  // d / r >= E_b (r > 0)
     return ek[b] ? prod_ge(d, es[b], r) : prod_le(r, es[b], d);
   };
-  const float* fe = edge.data();
-  const int16_t* ft = first.data();
-  std::vector<float> w((size_t)k * cols);
-  std::vector<int64_t> local((size_t)2 * m_count * bins, 0), local_zero(2 * m_count, 0);
+  const float* fe = tab->edge.data();
+  const int16_t* ft = tab->first.data();
+  const uint32_t b0 = tab->b0;
   auto bin_of = [&](float v) {  // -1 below the range (or NaN), bins at or above the top edge
     if (!(v >= fe[0])) return -1;
     if (v >= fe[bins]) return bins;
@@ -111,34 +143,53 @@ void log_hist(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes
   for (int64_t i = 0; i < n_rows; ++i)
     if (ri[i] < 0 || ri[i] >= total_rows) throw std::invalid_argument("log_hist: row index out of range");
   py::gil_scoped_release nogil;
-  for (int64_t i = 0; i < n_rows; ++i) {
-    for (int j = 0; j < k; ++j) {
-      const Tensor2D& t = ws[j];
-      const int64_t off = ri[i] * t.stride0, st = t.stride1;
-      float* out = w.data() + (size_t)j * cols;
-      if (t.dtype == lpt::kF32)
-        for (int64_t c = 0; c < cols; ++c) out[c] = lpt::load_f32<lpt::kF32>(t.data, off + c * st);
-      else if (t.dtype == lpt::kBF16)
-        for (int64_t c = 0; c < cols; ++c) out[c] = lpt::load_f32<lpt::kBF16>(t.data, off + c * st);
-      else
-        for (int64_t c = 0; c < cols; ++c) out[c] = lpt::load_f32<lpt::kF16>(t.data, off + c * st);
-    }
-    for (int m = 0; m < m_count; ++m) {
-      const float* ref = w.data() + (size_t)(mode == lpt::kConsecutive ? m : 0) * cols;
-      const float* cur = w.data() + (size_t)(m + 1) * cols;
-      int64_t* ca = local.data() + (size_t)m * bins;
-      int64_t* cr = local.data() + (size_t)(m_count + m) * bins;
-      for (int64_t c = 0; c < cols; ++c) {
-        const float d = std::fabs(cur[c] - ref[c]);
-        add(d, ca, local_zero[m]);
-        add_ratio(d, std::fabs(ref[c]), cr, local_zero[m_count + m]);
+  // Items of (row, chunk of columns), spread over the threads; each thread bins into counts of its own. The binning
+  // costs ~10 ns a value, so a tensor's sample (~8k values per delta) is worth two threads.
+  constexpr int64_t kChunk = 1024;
+  const int64_t per_row = (cols + kChunk - 1) / kChunk, items = n_rows * per_row;
+  const int nt = (int)std::max<int64_t>(1, std::min<int64_t>({(int64_t)threads, items, n_rows * cols / 2048}));
+  std::vector<std::vector<int64_t>> t_local(nt, std::vector<int64_t>((size_t)2 * m_count * bins, 0));
+  std::vector<std::vector<int64_t>> t_zero(nt, std::vector<int64_t>(2 * m_count, 0));
+#pragma omp parallel num_threads(nt) if (nt > 1)
+  {
+    const int t = nt > 1 ? omp_get_thread_num() : 0;
+    int64_t* local = t_local[t].data();
+    int64_t* local_zero = t_zero[t].data();
+    std::vector<float> w((size_t)k * kChunk);
+#pragma omp for schedule(static)
+    for (int64_t it = 0; it < items; ++it) {
+      const int64_t i = it / per_row, c0 = (it % per_row) * kChunk;
+      const int64_t len = cols - c0 < kChunk ? cols - c0 : kChunk;
+      for (int j = 0; j < k; ++j) {
+        const Tensor2D& x = ws[j];
+        const int64_t off = ri[i] * x.stride0 + c0 * x.stride1, st = x.stride1;
+        float* out = w.data() + (size_t)j * kChunk;
+        if (x.dtype == lpt::kF32)
+          for (int64_t c = 0; c < len; ++c) out[c] = lpt::load_f32<lpt::kF32>(x.data, off + c * st);
+        else if (x.dtype == lpt::kBF16)
+          for (int64_t c = 0; c < len; ++c) out[c] = lpt::load_f32<lpt::kBF16>(x.data, off + c * st);
+        else
+          for (int64_t c = 0; c < len; ++c) out[c] = lpt::load_f32<lpt::kF16>(x.data, off + c * st);
+      }
+      for (int m = 0; m < m_count; ++m) {
+        const float* ref = w.data() + (size_t)(mode == lpt::kConsecutive ? m : 0) * kChunk;
+        const float* cur = w.data() + (size_t)(m + 1) * kChunk;
+        int64_t* ca = local + (size_t)m * bins;
+        int64_t* cr = local + (size_t)(m_count + m) * bins;
+        for (int64_t c = 0; c < len; ++c) {
+          const float d = std::fabs(cur[c] - ref[c]);
+          add(d, ca, local_zero[m]);
+          add_ratio(d, std::fabs(ref[c]), cr, local_zero[m_count + m]);
+        }
       }
     }
   }
   double* cnt = (double*)counts;
   double* zer = (double*)zeros;
-  for (size_t i = 0; i < local.size(); ++i) cnt[i] += (double)local[i];
-  for (int i = 0; i < 2 * m_count; ++i) zer[i] += (double)local_zero[i];
+  for (int t = 0; t < nt; ++t) {
+    for (size_t i = 0; i < t_local[t].size(); ++i) cnt[i] += (double)t_local[t][i];
+    for (int i = 0; i < 2 * m_count; ++i) zer[i] += (double)t_zero[t][i];
+  }
 }
 
 // lpt diff's bookkeeping of one unit_gram result (n units, m deltas, contiguous: gram float32 [n, m, m], abs_sum and
@@ -169,14 +220,16 @@ py::tuple fold_unit_gram(uintptr_t gram, uintptr_t abs_sum, uintptr_t abs_max, u
   check(g, n * m * m);
   check(s, n * m);
   for (int64_t a = 0; a < m; ++a) {
+    // four interleaved partial totals: the double sum and the max are latency chains otherwise
     int64_t sz = 0, snz = 0;
-    double sq = 0.0;
-    float smx = 0.0f;
+    double sq[4] = {0.0, 0.0, 0.0, 0.0};
+    float smx[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (int64_t u = 0; u < n; ++u) {
       const int64_t i = u * m + a;
-      sz += z[i], snz += nz[i], sq += g[i * m + a], smx = nan_max(smx, mx[i]);
+      sz += z[i], snz += nz[i], sq[u & 3] += g[i * m + a], smx[u & 3] = nan_max(smx[u & 3], mx[i]);
     }
-    tz[a] = sz, tnz[a] = snz, tsq[a] = sq, tmx[a] = smx;
+    tz[a] = sz, tnz[a] = snz, tsq[a] = (sq[0] + sq[1]) + (sq[2] + sq[3]);
+    tmx[a] = nan_max(nan_max(smx[0], smx[1]), nan_max(smx[2], smx[3]));
   }
   if (a_gram) {
     double* __restrict ag = (double*)a_gram;

@@ -83,7 +83,7 @@ def log_hist(ws, rows, mode, counts, zeros, bins, lo, hi):
     rows = rows.contiguous()
     _ext().log_hist([w.data_ptr() for w in ws], [DTYPE_CODES[w.dtype] for w in ws], [w.stride(0) for w in ws],
                     [w.stride(1) for w in ws], ws[0].shape[0], ws[0].shape[1], rows.data_ptr(), rows.numel(),
-                    MODE_CODES[mode], bins, lo, hi, counts.data_ptr(), zeros.data_ptr())
+                    MODE_CODES[mode], bins, lo, hi, counts.data_ptr(), zeros.data_ptr(), torch.get_num_threads())
 
 
 def fold_unit_gram(r, acc=None):

@@ -164,26 +164,32 @@ def align(ckpts: Sequence[Checkpoint], intersect: bool = False) -> Alignment:
 # streaming
 
 class _Prefetcher(threading.Thread):
-    """Issues MADV_WILLNEED on the byte ranges of the tensors after the one being consumed, up to `budget` bytes
-    (summed over checkpoints) ahead — always at least the next tensor — and MADV_COLD on consumed ones (a
-    non-destructive hint: those pages are reclaimed first, before the ones read ahead)."""
+    """Issues MADV_WILLNEED on the byte ranges of the tensors after the one being consumed — always the next one, then
+    more until `budget` bytes (summed over checkpoints) of advised tensors are ahead — and MADV_COLD on the consumed
+    ones it advised (a non-destructive hint: those pages are reclaimed first, before the ones read ahead).
+
+    A tensor whose probe finds it cached gets no advice and takes no budget, so on a warm page cache the thread probes
+    every tensor once, early, and ends. The consumer's :meth:`advance` wakes the thread only while it waits: a wake-up
+    per tensor would cost the consumer GIL hand-offs (about 0.2 ms a tensor, 5% of a warm `lpt diff`)."""
 
     def __init__(self, jobs, sizes, budget):
         super().__init__(name="lpt-checkpoint-prefetch", daemon=True)
         self.jobs = jobs          # per tensor: [(file object, mmap, start, end, chunk)] over checkpoints
-        self.prefix = [0]
-        for s in sizes:
-            self.prefix.append(self.prefix[-1] + s)
+        self.sizes = sizes
         self.budget = budget
         self.cur = -1             # index of the tensor the consumer holds
         self.stopped = False
+        self.waiting = False
         self.cond = threading.Condition()
         self.cold_ok = hasattr(mmap, "MADV_COLD")
+        self.nxt = 0              # next tensor to probe
+        self.advised: List[int] = []  # tensors advised and not yet cooled (or passed, without MADV_COLD)
 
     def advance(self, k: int) -> None:
         with self.cond:
             self.cur = k
-            self.cond.notify()
+            if self.waiting:
+                self.cond.notify()
 
     def stop(self) -> None:
         with self.cond:
@@ -192,39 +198,50 @@ class _Prefetcher(threading.Thread):
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=5)
 
-    def _wanted(self, nxt: int) -> bool:
+    def _room(self, cur: int) -> bool:
+        """Whether tensor max(nxt, cur) may be probed (and advised) now."""
+        nxt = max(self.nxt, cur)
         if nxt >= len(self.jobs):
             return False
-        return nxt <= self.cur + 1 or self.prefix[nxt + 1] - self.prefix[self.cur + 1] <= self.budget
+        return nxt <= cur + 1 or sum(self.sizes[k] for k in self.advised if k > cur) < self.budget
+
+    def _to_cool(self, cur: int) -> bool:
+        return bool(self.advised) and self.advised[0] < cur
 
     def run(self) -> None:
-        nxt, cooled = 0, 0
         try:
             while True:
                 with self.cond:
-                    while not self.stopped and not self._wanted(max(nxt, self.cur)) and cooled >= self.cur:
+                    while not self.stopped and not self._room(self.cur) and not self._to_cool(self.cur):
+                        if self.nxt >= len(self.jobs) and not self.advised:
+                            return  # every tensor probed, nothing left to cool: advance() is a flag check now
+                        self.waiting = True
                         self.cond.wait()
+                        self.waiting = False
                     if self.stopped:
                         return
                     cur = self.cur
-                # consumed tensors: hint that their pages go first
-                while cooled < cur:
+                while self._to_cool(cur):  # consumed tensors: hint that their pages go first
+                    k = self.advised.pop(0)
                     if self.cold_ok:
-                        for fh, mm, s, e, chunk in self.jobs[cooled]:
+                        for fh, mm, s, e, chunk in self.jobs[k]:
                             try:
                                 _advise(fh, mm, s, e, mmap.MADV_COLD, max(chunk, e - s))
                             except OSError:
                                 self.cold_ok = False
                                 break
-                    cooled += 1
-                nxt = max(nxt, cur)
-                if not self._wanted(nxt):
+                if not self._room(cur):
                     continue
+                nxt = self.nxt = max(self.nxt, cur)
                 stale = lambda k=nxt: self.stopped or self.cur > k  # noqa: E731
+                advised = False
                 for fh, mm, s, e, chunk in self.jobs[nxt]:
                     if fh is None or not looks_cached(fh.fileno(), s, e):
                         _advise(fh, mm, s, e, mmap.MADV_WILLNEED, chunk, stale)
-                nxt += 1
+                        advised = True
+                if advised:
+                    self.advised.append(nxt)
+                self.nxt = nxt + 1
         except (ValueError, OSError):
             return  # a mapping was closed under us, or the kernel refused: read-ahead is only advice
 
@@ -236,8 +253,8 @@ def stream(ckpts: Sequence[Checkpoint], names: Sequence[str], prefetch_bytes: in
     The tensors are zero-copy views of the mappings (see :meth:`Checkpoint.tensor`): resident anonymous memory does
     not grow with the checkpoints; a block-scaled FP8 weight comes dequantized instead (:meth:`Checkpoint.weight`, a
     float32 copy of that one tensor). A background thread asks the kernel to read ahead the byte ranges of the
-    upcoming tensors of every checkpoint, up to `prefetch_bytes` (summed over checkpoints; at least the next tensor;
-    0 disables it), so that disk reads overlap the caller's compute. `progress`, if given, is called after each
+    upcoming tensors that are not in the page cache, about `prefetch_bytes` ahead (summed over checkpoints; at least
+    the next tensor; 0 disables it), so that disk reads overlap the caller's compute. `progress`, if given, is called after each
     tensor with the number of bytes just processed (summed over checkpoints) — e.g. ``tqdm(...).update``.
     """
     ckpts = list(ckpts)
