@@ -187,43 +187,25 @@ def build_cases(pools, backend: str, device: str, gen: torch.Generator, cpu_ceil
             return "ok" if ok else "MISMATCH vs eager"
         return chk
 
-    # unit_gram K=2, axis 0: gate/up rows. 8 disjoint consecutive pairs (800 MB) in rotation.
+    def ug_case(label, sets, axis):  # unit_gram over rotating tuples of K tensors
+        cases.append(Case(
+            "unit_gram", label, sets,
+            ours=lambda s: lpt_kernels.unit_gram(list(s), axis=axis, mode="consecutive", atol=ATOL, backend=backend),
+            peer=unit_gram_peer(axis, ATOL, 0.0), peer_args=lambda s: s,
+            nbytes=sum(t.numel() * t.element_size() for t in sets[0]),
+            ceiling=read_ceiling(lambda s: s), check=ug_check(axis, len(sets[0]))))
+
+    # K=2, axis 0: gate/up rows. 8 disjoint consecutive pairs (800 MB) in rotation.
     pairs = [(c[i], c[i + 1]) for c in (gate, up) for i in range(0, len(c) - 1, 2)]
     pairs = [pairs[i // 2 + (i % 2) * (len(pairs) // 2)] for i in range(len(pairs))]  # alternate gate / up
-    cases.append(Case(
-        "unit_gram", "K=2 axis0 gate/up rows", pairs,
-        ours=lambda s: lpt_kernels.unit_gram(list(s), axis=0, mode="consecutive", atol=ATOL, backend=backend),
-        peer=unit_gram_peer(0, ATOL, 0.0), peer_args=lambda s: s,
-        nbytes=sum(t.numel() * t.element_size() for t in pairs[0]),
-        ceiling=read_ceiling(lambda s: s), check=ug_check(0, 2)))
-
-    # unit_gram K=5, axis 0: 5 consecutive checkpoints (one pass, each byte read once, whatever K is).
-    fives = [tuple(gate[0:5]), tuple(up[0:5]), tuple(gate[-5:]), tuple(up[-5:])]
-    cases.append(Case(
-        "unit_gram", "K=5 axis0 gate/up rows", fives,
-        ours=lambda s: lpt_kernels.unit_gram(list(s), axis=0, mode="consecutive", atol=ATOL, backend=backend),
-        peer=unit_gram_peer(0, ATOL, 0.0), peer_args=lambda s: s,
-        nbytes=sum(t.numel() * t.element_size() for t in fives[0]),
-        ceiling=read_ceiling(lambda s: s), check=ug_check(0, 5)))
-
-    # unit_gram K=2, axis 1: down_proj columns.
-    dpairs = [(down[i], down[i + 1]) for i in range(0, len(down) - 1, 2)]
-    cases.append(Case(
-        "unit_gram", "K=2 axis1 down cols", dpairs,
-        ours=lambda s: lpt_kernels.unit_gram(list(s), axis=1, mode="consecutive", atol=ATOL, backend=backend),
-        peer=unit_gram_peer(1, ATOL, 0.0), peer_args=lambda s: s,
-        nbytes=sum(t.numel() * t.element_size() for t in dpairs[0]),
-        ceiling=read_ceiling(lambda s: s), check=ug_check(1, 2)))
-
-    # unit_gram K=5, axis 1: down_proj columns of 5 checkpoints (the columns of a 5-checkpoint `lpt diff`; not in
-    # issue 13's table, shown in the machines table because it is the slowest of the CPU kernels)
-    dfives = [tuple(down[0:5]), tuple(down[4:9])]
-    cases.append(Case(
-        "unit_gram", "K=5 axis1 down cols", dfives,
-        ours=lambda s: lpt_kernels.unit_gram(list(s), axis=1, mode="consecutive", atol=ATOL, backend=backend),
-        peer=unit_gram_peer(1, ATOL, 0.0), peer_args=lambda s: s,
-        nbytes=sum(t.numel() * t.element_size() for t in dfives[0]),
-        ceiling=read_ceiling(lambda s: s), check=ug_check(1, 5)))
+    ug_case("K=2 axis0 gate/up rows", pairs, 0)
+    # K=5, axis 0: 5 consecutive checkpoints (one pass, each byte read once, whatever K is).
+    ug_case("K=5 axis0 gate/up rows", [tuple(gate[0:5]), tuple(up[0:5]), tuple(gate[-5:]), tuple(up[-5:])], 0)
+    # K=2, axis 1: down_proj columns.
+    ug_case("K=2 axis1 down cols", [(down[i], down[i + 1]) for i in range(0, len(down) - 1, 2)], 1)
+    # K=5, axis 1: down_proj columns of 5 checkpoints (the columns of a 5-checkpoint `lpt diff`; not in issue 13's
+    # table, shown in the machines table because it is the slowest of the CPU kernels)
+    ug_case("K=5 axis1 down cols", [tuple(down[0:5]), tuple(down[4:9])], 1)
 
     # masked_cosine of u = (w0, w1) and v = (w1, w2) (a chain: 3 tensors read) over 10% of the units. Disjoint
     # triples x 10 disjoint index sets in rotation. Ceiling: the bytes the gather must bring in, read contiguously
