@@ -254,8 +254,8 @@ def stream(ckpts: Sequence[Checkpoint], names: Sequence[str], prefetch_bytes: in
     not grow with the checkpoints; a block-scaled FP8 weight comes dequantized instead (:meth:`Checkpoint.weight`, a
     float32 copy of that one tensor). A background thread asks the kernel to read ahead the byte ranges of the
     upcoming tensors that are not in the page cache, about `prefetch_bytes` ahead (summed over checkpoints; at least
-    the next tensor; 0 disables it), so that disk reads overlap the caller's compute. `progress`, if given, is called after each
-    tensor with the number of bytes just processed (summed over checkpoints) — e.g. ``tqdm(...).update``.
+    the next tensor; 0 disables it), so that disk reads overlap the caller's compute. `progress`, if given, is called
+    after each tensor with the number of bytes just processed (summed over checkpoints) — e.g. ``tqdm(...).update``.
     """
     ckpts = list(ckpts)
     names = list(names)
