@@ -5,6 +5,8 @@ the GIL) so that disk reads overlap the compute of the caller.
 """
 from __future__ import annotations
 
+import collections
+import itertools
 import mmap
 import os
 import threading
@@ -165,17 +167,17 @@ def align(ckpts: Sequence[Checkpoint], intersect: bool = False) -> Alignment:
 
 class _Prefetcher(threading.Thread):
     """Issues MADV_WILLNEED on the byte ranges of the tensors after the one being consumed — always the next one, then
-    more until `budget` bytes (summed over checkpoints) of advised tensors are ahead — and MADV_COLD on the consumed
-    ones it advised (a non-destructive hint: those pages are reclaimed first, before the ones read ahead).
+    the following ones while the bytes advised ahead stay within `budget` — and MADV_COLD on the consumed ranges it
+    advised (a non-destructive hint: those pages are reclaimed first, before the ones read ahead).
 
-    A tensor whose probe finds it cached gets no advice and takes no budget, so on a warm page cache the thread probes
-    every tensor once, early, and ends. The consumer's :meth:`advance` wakes the thread only while it waits: a wake-up
-    per tensor would cost the consumer GIL hand-offs (about 0.2 ms a tensor, 5% of a warm `lpt diff`)."""
+    A range whose probe finds it cached gets no advice and takes nothing from the budget, so on a warm page cache the
+    thread probes every tensor once, early, and ends. The consumer's :meth:`advance` wakes the thread only while it
+    waits: a wake-up per tensor would cost the consumer GIL hand-offs (about 0.2 ms a tensor, 5% of a warm
+    `lpt diff`)."""
 
-    def __init__(self, jobs, sizes, budget):
+    def __init__(self, jobs, budget):
         super().__init__(name="lpt-checkpoint-prefetch", daemon=True)
         self.jobs = jobs          # per tensor: [(file object, mmap, start, end, chunk)] over checkpoints
-        self.sizes = sizes
         self.budget = budget
         self.cur = -1             # index of the tensor the consumer holds
         self.stopped = False
@@ -183,7 +185,9 @@ class _Prefetcher(threading.Thread):
         self.cond = threading.Condition()
         self.cold_ok = hasattr(mmap, "MADV_COLD")
         self.nxt = 0              # next tensor to probe
-        self.advised: List[int] = []  # tensors advised and not yet cooled (or passed, without MADV_COLD)
+        self.pending = None       # (tensor, its uncached ranges, their bytes): probed, waiting for room in the budget
+        self.advised = collections.deque()  # (tensor, ranges advised, bytes), in tensor order, not yet cooled
+        self.ahead = 0            # bytes in self.advised
 
     def advance(self, k: int) -> None:
         with self.cond:
@@ -198,22 +202,26 @@ class _Prefetcher(threading.Thread):
         if self.is_alive() and threading.current_thread() is not self:
             self.join(timeout=5)
 
-    def _room(self, cur: int) -> bool:
-        """Whether tensor max(nxt, cur) may be probed (and advised) now."""
-        nxt = max(self.nxt, cur)
-        if nxt >= len(self.jobs):
-            return False
-        return nxt <= cur + 1 or sum(self.sizes[k] for k in self.advised if k > cur) < self.budget
+    def _fits(self, k: int, nbytes: int, cur: int) -> bool:
+        held = sum(b for t, _, b in itertools.takewhile(lambda a: a[0] <= cur, self.advised))  # consumed already
+        return k <= cur + 1 or self.ahead - held + nbytes <= self.budget
 
-    def _to_cool(self, cur: int) -> bool:
-        return bool(self.advised) and self.advised[0] < cur
+    def _work(self, cur: int) -> bool:
+        """Whether there is something to do now: a consumed tensor to cool, a tensor to probe, or a probed one that
+        fits the budget now."""
+        if self.advised and self.advised[0][0] < cur:
+            return True
+        if self.pending is not None:
+            k, _, nbytes = self.pending
+            return k <= cur or self._fits(k, nbytes, cur)
+        return max(self.nxt, cur) < len(self.jobs)
 
     def run(self) -> None:
         try:
             while True:
                 with self.cond:
-                    while not self.stopped and not self._room(self.cur) and not self._to_cool(self.cur):
-                        if self.nxt >= len(self.jobs) and not self.advised:
+                    while not self.stopped and not self._work(self.cur):
+                        if self.nxt >= len(self.jobs) and self.pending is None and not self.advised:
                             return  # every tensor probed, nothing left to cool: advance() is a flag check now
                         self.waiting = True
                         self.cond.wait()
@@ -221,27 +229,37 @@ class _Prefetcher(threading.Thread):
                     if self.stopped:
                         return
                     cur = self.cur
-                while self._to_cool(cur):  # consumed tensors: hint that their pages go first
-                    k = self.advised.pop(0)
+                while self.advised and self.advised[0][0] < cur:  # consumed tensors: their pages go first
+                    _, ranges, nbytes = self.advised.popleft()
+                    self.ahead -= nbytes
                     if self.cold_ok:
-                        for fh, mm, s, e, chunk in self.jobs[k]:
+                        for fh, mm, s, e, chunk in ranges:
                             try:
                                 _advise(fh, mm, s, e, mmap.MADV_COLD, max(chunk, e - s))
                             except OSError:
                                 self.cold_ok = False
                                 break
-                if not self._room(cur):
+                if self.pending is None:
+                    k = self.nxt = max(self.nxt, cur)
+                    if k >= len(self.jobs):
+                        continue
+                    self.nxt = k + 1
+                    ranges = [j for j in self.jobs[k] if j[0] is None or not looks_cached(j[0].fileno(), j[2], j[3])]
+                    if not ranges:
+                        continue  # cached: no advice, no budget
+                    self.pending = (k, ranges, sum(e - s for _, _, s, e, _ in ranges))
+                k, ranges, nbytes = self.pending
+                if k < cur:  # the consumer passed it while it waited
+                    self.pending = None
                     continue
-                nxt = self.nxt = max(self.nxt, cur)
-                stale = lambda k=nxt: self.stopped or self.cur > k  # noqa: E731
-                advised = False
-                for fh, mm, s, e, chunk in self.jobs[nxt]:
-                    if fh is None or not looks_cached(fh.fileno(), s, e):
-                        _advise(fh, mm, s, e, mmap.MADV_WILLNEED, chunk, stale)
-                        advised = True
-                if advised:
-                    self.advised.append(nxt)
-                self.nxt = nxt + 1
+                if not self._fits(k, nbytes, cur):
+                    continue  # wait for the consumer to free the budget
+                self.pending = None
+                stale = lambda k=k: self.stopped or self.cur > k  # noqa: E731
+                for fh, mm, s, e, chunk in ranges:
+                    _advise(fh, mm, s, e, mmap.MADV_WILLNEED, chunk, stale)
+                self.advised.append((k, ranges, nbytes))
+                self.ahead += nbytes
         except (ValueError, OSError):
             return  # a mapping was closed under us, or the kernel refused: read-ahead is only advice
 
@@ -281,7 +299,7 @@ def _stream(ckpts, names, prefetch_bytes, progress):
                 if mm is not None and i.end > i.start:
                     row.append((c._handle(i.file), mm, i.start, i.end, c._chunk(i.file)))
             jobs.append(row)
-        pre = _Prefetcher(jobs, sizes, int(prefetch_bytes))
+        pre = _Prefetcher(jobs, int(prefetch_bytes))
         pre.start()
     try:
         for k, n in enumerate(names):
