@@ -99,7 +99,7 @@ def build(gen) -> List[Roof]:
         one = [w[:, :16] for w in full]
         roofs.append(Roof(f"unit_gram K={k} axis1 cols", k * 256 * ncols * 2, gram_call(ws, 1),
                           lambda one=one: lpt_kernels.unit_gram(one, axis=1, atol=ATOL, backend="cpu"),
-                          asm=rf"StaticKern<{k - 1}, 0, 1>::strips<1, false>", elems=32 if k == 2 else 16,
+                          asm=rf"StaticKern<{k - 1}, 0, 1>::cols<1>", elems=32 if k == 2 else 16,
                           inputs=k))
     # masked_cosine of a chain of 3 (atol = 0): 10% of the rows of a [640, 2560] tensor (64 rows, ~1 MB) ...
     ws = chain(3, (640, HIDDEN), gen)

@@ -237,13 +237,17 @@ def test_each_forbidden_header_has_its_message(tmp_path):
     assert "not a whole number of bytes" in err({"a": {"dtype": "F4", "shape": [3], "data_offsets": [0, 2]}},
                                                 bytes(2))
     assert "too many" in err({"a": {"dtype": "F32", "shape": [2 ** 63, 2 ** 63, 0], "data_offsets": [0, 0]}}, b"")
+    assert "lone surrogate" in err(b'{"a\\udc00":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}')
+    assert "lone surrogate" in err(dict(good, __metadata__={"k": "x\ud800"}))  # json.dumps escapes it
+    assert "nesting deeper than 127" in err({"a": dict(good["a"], x=json.loads("[" * 130 + "]" * 130))})
 
 
 def test_what_the_format_allows_is_read(tmp_path):
     """Zero-size tensors at any offset of the tiling, 0-d scalars, metadata, padding, extra fields, an empty file."""
     hdr = {"__metadata__": {"format": "pt"},
            "z0": {"dtype": "F32", "shape": [3, 0], "data_offsets": [0, 0]},
-           "s": {"dtype": "F32", "shape": [], "data_offsets": [0, 4], "note": "extra fields are ignored"},
+           "s": {"dtype": "F32", "shape": [], "data_offsets": [0, 4], "note": "extra fields are ignored",
+                 "text": "\\ud800 is text, \U0001F600 an escaped pair", "deep": json.loads("[" * 100 + "]" * 100)},
            "e": {"dtype": "BF16", "shape": [0], "data_offsets": [4, 4]},
            "w": {"dtype": "BF16", "shape": [2, 2], "data_offsets": [4, 12]}}
     raw = b"  " + json.dumps(hdr).encode() + b"    "

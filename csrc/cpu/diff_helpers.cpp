@@ -219,17 +219,21 @@ py::tuple fold_unit_gram(uintptr_t gram, uintptr_t abs_sum, uintptr_t abs_max, u
   };
   check(g, n * m * m);
   check(s, n * m);
-  for (int64_t a = 0; a < m; ++a) {
-    // four interleaved partial totals: the double sum and the max are latency chains otherwise
-    int64_t sz = 0, snz = 0;
-    double sq[4] = {0.0, 0.0, 0.0, 0.0};
-    float smx[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-    for (int64_t u = 0; u < n; ++u) {
+  // One pass over the units (each array read once, not once per delta), four interleaved partial totals per delta:
+  // the double sums and the maxima are latency chains otherwise.
+  double sq[4][8] = {};
+  float smx[4][8] = {};
+  for (int64_t u = 0; u < n; ++u) {
+    double* q = sq[u & 3];
+    float* x = smx[u & 3];
+    for (int64_t a = 0; a < m; ++a) {
       const int64_t i = u * m + a;
-      sz += z[i], snz += nz[i], sq[u & 3] += g[i * m + a], smx[u & 3] = nan_max(smx[u & 3], mx[i]);
+      tz[a] += z[i], tnz[a] += nz[i], q[a] += g[i * m + a], x[a] = nan_max(x[a], mx[i]);
     }
-    tz[a] = sz, tnz[a] = snz, tsq[a] = (sq[0] + sq[1]) + (sq[2] + sq[3]);
-    tmx[a] = nan_max(nan_max(smx[0], smx[1]), nan_max(smx[2], smx[3]));
+  }
+  for (int64_t a = 0; a < m; ++a) {
+    tsq[a] = (sq[0][a] + sq[1][a]) + (sq[2][a] + sq[3][a]);
+    tmx[a] = nan_max(nan_max(smx[0][a], smx[1][a]), nan_max(smx[2][a], smx[3][a]));
   }
   if (a_gram) {
     double* __restrict ag = (double*)a_gram;

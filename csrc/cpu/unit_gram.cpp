@@ -9,9 +9,9 @@
 //   with the accumulators in registers, and folds them into fp64 lanes every kFold strips, prefetching kPrefetch0
 //   bytes ahead in software. Listed (gathered) units prefetch the next unit's row while the last row of a unit is read.
 // - axis 1 (a unit is `block` columns): each thread owns a range of columns. For a block of row_block() rows it walks
-//   its columns strip by strip, running down the block's rows with the accumulators in registers, then adds the
-//   strip into per-column fp32 sums (L2-resident, laid out group by group); those are folded into fp64 every
-//   kFoldRows rows. The block's row streams are prefetched in software.
+//   its columns strip by strip (all in one call), running down the block's rows with the accumulators in registers,
+//   then adds the strip into per-column 32-bit sums (L2-resident, laid out group by group, the two counts packed in
+//   one int32); those are folded into fp64 every kFoldRows rows. The block's row streams are prefetched in software.
 //
 // The near-zero test is specialised on the tolerances (NearZero): with atol = rtol = 0 it is the zero test and is not
 // computed twice; with rtol = 0 the bound is the constant atol; only rtol > 0 needs |w_ref| per element, and there the
@@ -54,13 +54,20 @@ static_assert(kFoldRows % kRowBlock == 0, "column sums fold at row block boundar
 
 // Axis 1 rows per register block for k inputs. Fewer rows cost more flushes per element; more cost misses, since
 // the block's k * rows row streams are read side by side (measured on 2560 x 9728 bf16: k = 2 best at 16 rows,
-// k = 5 at 8, both clearly worse at half or double). A power of two dividing kFoldRows.
+// k = 5 at 8; k = 5 at 16 rows took 1.5x as long from memory, at 4 as long). A power of two dividing kFoldRows.
 inline int64_t row_block(int k) {
   int64_t rb = kRowBlock;
   while (rb > 2 && rb * k > kMaxStreams) rb /= 2;
   return rb;
 }
 constexpr int kMaxStrip = 32;  // widest strip (elements)
+
+// The two counts of a delta share one int32 lane, zeros in the high half and near zeros in the low half: a zero adds
+// kZeroOne, a near zero 1 (with atol = rtol = 0 a zero is the one test and adds kZeroOne + 1). Register lanes count at
+// most kMaxLaneCount elements between folds, the packed column sums of axis 1 kFoldRows.
+constexpr int32_t kZeroOne = 1 << 16;
+constexpr int64_t kMaxLaneCount = std::max(2 * kFold, kFoldRows);
+static_assert(kMaxLaneCount < kZeroOne, "packed counts must not overflow their 16 bits");
 
 // Runtime description of the call.
 struct Ctx {
@@ -184,24 +191,25 @@ struct VTot {
   }
 };
 
-// Per-column totals of axis 1 (tensor columns, or listed positions when gathering). Statistics (stat index): NG gram
-// entries, M abs sums, M zero counts, M near-zero counts, then M maxima. Strips are added into fp32 sums (c32) once
-// per row block; every kFoldRows rows the sums are folded into fp64 (c64). Both are laid out group by group of kW
-// columns, all statistics of a group together ([group][stat][kW]), so that adding a strip touches a few contiguous
-// lines rather than one line in each of NT arrays (which fall into the same L1 sets and thrash).
+// Per-column totals of axis 1 (tensor columns, or listed positions when gathering). Strips are added into 32-bit sums
+// (c32: stat index NG gram entries, M abs sums, M packed counts (int32, see kZeroOne), then M maxima) once per row
+// block; every kFoldRows rows the sums are folded into fp64 (c64: NG gram entries, M abs sums, M zero counts, M
+// near-zero counts). Both are laid out group by group of kW columns, all statistics of a group together
+// ([group][stat][kW]), so that adding a strip touches a few contiguous lines rather than one line in each of NS
+// arrays (which fall into the same L1 sets and thrash).
 struct ColTotals {
-  int M, NG, NS, NT;
+  int M, NG, NS, ZC, MX;  // NS statistics a column; c32's packed counts at ZC, maxima at MX
   int64_t n;
-  Scratch<float, 0> s32;   // c32: [groups][NT][kW]
+  Scratch<float, 0> s32;   // c32: [groups][NS][kW]
   Scratch<double, 1> s64;  // c64: [groups][NS][kW]
   float* c32;
   double* c64;
   ColTotals(int M_, int64_t n_)
-      : M(M_), NG(M_ * (M_ + 1) / 2), NS(NG + 3 * M_), NT(NS + M_), n(n_),
-        s32((n_ + kW - 1) / kW * NT * kW), s64((n_ + kW - 1) / kW * NS * kW), c32(s32.data()), c64(s64.data()) {}
+      : M(M_), NG(M_ * (M_ + 1) / 2), NS(NG + 3 * M_), ZC(NG + M_), MX(NG + 2 * M_), n(n_),
+        s32((n_ + kW - 1) / kW * NS * kW), s64((n_ + kW - 1) / kW * NS * kW), c32(s32.data()), c64(s64.data()) {}
 
-  float* f32(int64_t col, int st) { return c32 + ((col / kW) * NT + st) * kW + col % kW; }
-  const float* f32(int64_t col, int st) const { return c32 + ((col / kW) * NT + st) * kW + col % kW; }
+  float* f32(int64_t col, int st) { return c32 + ((col / kW) * NS + st) * kW + col % kW; }
+  const float* f32(int64_t col, int st) const { return c32 + ((col / kW) * NS + st) * kW + col % kW; }
   const double* f64(int64_t col, int st) const { return c64 + ((col / kW) * NS + st) * kW + col % kW; }
 
   template <int W>
@@ -209,19 +217,27 @@ struct ColTotals {
     for (int p = 0; p < NG; ++p) *f32(col, p) += a.g[p][l];
     for (int m = 0; m < M; ++m) {
       *f32(col, NG + m) += a.s[m][l];
-      *f32(col, NG + M + m) += (float)a.z[m][l];
-      *f32(col, NG + 2 * M + m) += (float)a.nz[m][l];
-      float* mx = f32(col, NS + m);
+      int32_t zc;
+      memcpy(&zc, f32(col, ZC + m), 4);
+      zc += a.z[m][l] * kZeroOne + a.nz[m][l];
+      memcpy(f32(col, ZC + m), &zc, 4);
+      float* mx = f32(col, MX + m);
       *mx = std::max(*mx, a.mx[m][l]);
     }
   }
 
-  // c64 += c32, c32 = 0 (sums only) over the groups of columns [lo, hi) (lo a multiple of kW).
+  // c64 += c32 (the packed counts unpacked), c32 = 0 (not the maxima) over the groups of columns [lo, hi) (lo a
+  // multiple of kW).
   void fold(int64_t lo, int64_t hi) {
     for (int64_t g = lo / kW; g < (hi + kW - 1) / kW; ++g) {
-      float* a = c32 + g * NT * kW;
+      float* a = c32 + g * NS * kW;
       double* b = c64 + g * NS * kW;
-      for (int i = 0; i < NS * kW; ++i) b[i] += a[i], a[i] = 0.0f;
+      for (int i = 0; i < ZC * kW; ++i) b[i] += a[i], a[i] = 0.0f;
+      for (int i = ZC * kW; i < MX * kW; ++i) {
+        uint32_t zc;
+        memcpy(&zc, a + i, 4);
+        b[i] += zc >> 16, b[i + M * kW] += zc & (kZeroOne - 1), a[i] = 0.0f;
+      }
     }
   }
 
@@ -239,7 +255,7 @@ struct ColTotals {
           out.abs_sum[u * M + a] = (float)(0.0 + t[(NG + a) * kW]);
           out.zeros[u * M + a] = (int64_t)t[(NG + M + a) * kW];
           out.near_zeros[u * M + a] = (int64_t)t[(NG + 2 * M + a) * kW];
-          out.abs_max[u * M + a] = std::max(0.0f, *f32(u, NS + a));
+          out.abs_max[u * M + a] = std::max(0.0f, *f32(u, MX + a));
         }
       }
       return;
@@ -253,7 +269,7 @@ struct ColTotals {
           t.s[m] += *f64(col, NG + m);
           t.z[m] += (int64_t)*f64(col, NG + M + m);
           t.nz[m] += (int64_t)*f64(col, NG + 2 * M + m);
-          t.mx[m] = std::max(t.mx[m], *f32(col, NS + m));
+          t.mx[m] = std::max(t.mx[m], *f32(col, MX + m));
         }
       }
       t.store(out, u, M);
@@ -262,22 +278,23 @@ struct ColTotals {
 };
 
 LPT_VINLINE void col_add(float* p, const vf& v) { store_vf(p, load_vf(p) + v); }
+LPT_VINLINE void col_add(float* p, const vi& v) {
+  vi x;
+  memcpy(&x, p, sizeof x);
+  x += v;
+  memcpy(p, &x, sizeof x);
+}
 LPT_VINLINE void col_max(float* p, const vf& v) { store_vf(p, vmax(v, load_vf(p))); }
 
 // Accumulators of one strip: U sets of kW lanes per statistic, sized by M at compile time. The two counts of a delta
-// share one int32 lane, zeros in the high half and near zeros in the low half (kZeroOne each), so that K = 5 keeps
-// its 22 accumulators and its inputs in the 32 registers (separate counts spilled 4 of them to the stack). A lane
-// counts at most kMaxLaneCount elements between folds; with atol = rtol = 0 the one count is both.
-constexpr int32_t kZeroOne = 1 << 16;
-constexpr int64_t kMaxLaneCount = 2 * kFold > kRowBlock ? 2 * kFold : kRowBlock;
-static_assert(kMaxLaneCount < kZeroOne, "packed counts must not overflow their 16 bits");
-
+// share one int32 lane (see kZeroOne), so that K = 5 keeps its 22 accumulators and its inputs in the 32 registers
+// (separate counts spilled 4 of them to the stack).
 template <int M, int MODE, int NZ, int U>
 struct VAcc {
   static constexpr int NG = M * (M + 1) / 2;
   static constexpr int K = num_inputs(MODE, M);
   vf g[NG][U], s[M][U], mx[M][U];
-  vi z[M][U];  // NZ == kNzZero: the zero count; else zeros * kZeroOne + near zeros
+  vi z[M][U];  // zeros * kZeroOne + near zeros
 
   LPT_VINLINE void clear() {
     for (int u = 0; u < U; ++u) {
@@ -285,14 +302,14 @@ struct VAcc {
       for (int m = 0; m < M; ++m) s[m][u] = mx[m][u] = vf{}, z[m][u] = vi{};
     }
   }
-  LPT_VINLINE vi zeros(int m, int u) const { return NZ == kNzZero ? z[m][u] : (vi)((vu)z[m][u] >> 16); }
-  LPT_VINLINE vi near_zeros(int m, int u) const { return NZ == kNzZero ? z[m][u] : z[m][u] & (kZeroOne - 1); }
+  LPT_VINLINE vi zeros(int m, int u) const { return (vi)((vu)z[m][u] >> 16); }
+  LPT_VINLINE vi near_zeros(int m, int u) const { return z[m][u] & (kZeroOne - 1); }
 
   // Set u from the loaded inputs w[0..K-1]: lpt/element.h's delta, delta_ref, abs_update, is_zero and is_near_zero,
   // lane-wise (thr0: the near-zero bound of a given delta, atol + rtol * 0).
   LPT_VINLINE void update(const vf* w, int u, float atol, float rtol, float thr0) {
     const vf zero = {};
-    const vi one = vi{} + 1, zero_one = vi{} + (NZ == kNzZero ? 1 : kZeroOne);
+    const vi one = vi{} + 1, zero_one = vi{} + (NZ == kNzZero ? kZeroOne + 1 : kZeroOne);
     vf d[M];
     for (int m = 0; m < M; ++m) d[m] = MODE == kConsecutive ? w[m + 1] - w[m] : MODE == kBase ? w[m + 1] - w[0] : w[m];
     int p = 0;
@@ -346,7 +363,7 @@ struct VAcc {
   template <int DT>
   LPT_VINLINE void flush(ColTotals& t, int64_t col) const {
     float* c = t.f32(col, 0);
-    float* c2 = c + t.NT * kW;  // the next group of kW columns
+    float* c2 = c + t.NS * kW;  // the next group of kW columns
     auto add = [&](int st, vf x, vf y) {
       if (U == 2) pair_order<DT>(x, y), col_add(c2 + st * kW, y);
       col_add(c + st * kW, x);
@@ -354,12 +371,12 @@ struct VAcc {
     for (int p = 0; p < NG; ++p) add(p, g[p][0], g[p][U - 1]);
     for (int m = 0; m < M; ++m) {
       add(NG + m, s[m][0], s[m][U - 1]);
-      add(NG + M + m, __builtin_convertvector(zeros(m, 0), vf), __builtin_convertvector(zeros(m, U - 1), vf));
-      add(NG + 2 * M + m, __builtin_convertvector(near_zeros(m, 0), vf),
-          __builtin_convertvector(near_zeros(m, U - 1), vf));
-      vf x = mx[m][0], y = mx[m][U - 1];
-      if (U == 2) pair_order<DT>(x, y), col_max(c2 + (NG + 3 * M + m) * kW, y);
-      col_max(c + (NG + 3 * M + m) * kW, x);
+      vf x = (vf)z[m][0], y = (vf)z[m][U - 1];  // packed counts: moved as bits, added as int32
+      if (U == 2) pair_order<DT>(x, y), col_add(c2 + (NG + M + m) * kW, (vi)y);
+      col_add(c + (NG + M + m) * kW, (vi)x);
+      x = mx[m][0], y = mx[m][U - 1];
+      if (U == 2) pair_order<DT>(x, y), col_max(c2 + (NG + 2 * M + m) * kW, y);
+      col_max(c + (NG + 2 * M + m) * kW, x);
     }
   }
 };
@@ -413,9 +430,8 @@ struct VAccDyn {
     for (int p = 0; p < NG; ++p) col_add(c + p * kW, g[p]);
     for (int m = 0; m < M; ++m) {
       col_add(c + (NG + m) * kW, s[m]);
-      col_add(c + (NG + M + m) * kW, __builtin_convertvector(z[m], vf));
-      col_add(c + (NG + 2 * M + m) * kW, __builtin_convertvector(nz[m], vf));
-      col_max(c + (NG + 3 * M + m) * kW, mx[m]);
+      col_add(c + (NG + M + m) * kW, z[m] * kZeroOne + nz[m]);
+      col_max(c + (NG + 2 * M + m) * kW, mx[m]);
     }
   }
 };
@@ -433,6 +449,16 @@ struct StripArgs {
   int64_t n;
   bool prefetch;
 };
+
+// Axis 1 read in place: a block of n rows, strips of columns [col0, col1) (multiples of G on from col0).
+struct ColArgs {
+  const char* const* q;  // each input at the block's first row, column 0
+  int64_t st;            // row stride (bytes)
+  int64_t n;             // rows
+  int64_t col0, col1;
+  int64_t wrap;          // bytes from the block's first row to the next block's (where the prefetch runs on)
+};
+using ColsFn = void (*)(const ColArgs&, const Ctx&, ColTotals&);
 
 // Registers, M <= kStaticM. Two sets of accumulators when they (and the inputs) fit the registers: then a strip is
 // a pair of vectors (load_pair), else one vector.
@@ -470,6 +496,31 @@ struct StaticKern {
     }
     if (vt) acc.fold(*vt);
     else acc.template flush<DT>(*ct, col);
+  }
+
+  // Axis 1 in place: each strip of the block runs down its rows in registers and is added into the column totals,
+  // all in one call (a call a strip cost K = 5 a third of its time in set-up and spills). Prefetches kPrefetch bytes
+  // ahead in every row, past col1 into the next block's rows from col0 on.
+  template <int DT>
+  static void cols(const ColArgs& a, const Ctx& c, ColTotals& ct) {
+    constexpr int K = num_inputs(MODE, M);
+    constexpr int64_t es = DT == kF32 ? 4 : 2, kLines = (G * es + 63) / 64;
+    const float atol = c.atol, rtol = c.rtol, thr0 = near_bound(0.0f, atol, rtol);
+    const int64_t st = a.st;
+    for (int64_t col = a.col0; col < a.col1; col += G) {
+      const int64_t pc = col + kPrefetch / es;
+      const int64_t pfo = pc < a.col1 ? (pc - col) * es : a.wrap + (a.col0 + pc - a.col1 - col) * es;
+      const char* p[K];
+      for (int k = 0; k < K; ++k) p[k] = a.q[k] + col * es;
+      VAcc<M, MODE, NZ, U> acc;
+      acc.clear();
+      for (int64_t j = 0, off = 0; j < a.n; ++j, off += st) {
+        for (int k = 0; k < K; ++k)
+          for (int l = 0; l < kLines; ++l) __builtin_prefetch(p[k] + off + pfo + 64 * l);
+        acc.template load_update<DT, false>(p, off, atol, rtol, thr0);
+      }
+      acc.template flush<DT>(ct, col);
+    }
   }
 };
 
@@ -565,14 +616,16 @@ void axis0(const Tensor2D* ws, int64_t cols, int64_t block, const int64_t* index
 
 // ---- axis 1 -------------------------------------------------------------------------------------------------------
 
-// fn != nullptr: all columns, inputs of one dtype (es bytes) with unit inner stride, read in place by fn; otherwise
-// (listed units, mixed dtypes, other strides) the strip of every row of a block is gathered into fp32 buffers first.
+// cols != nullptr: all columns, inputs of one dtype (es bytes) with unit inner stride, read in place by cols;
+// otherwise (listed units, mixed dtypes, other strides) the strip of every row of a block is gathered into fp32
+// buffers first.
 template <class Kern>
 void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index, int64_t n_units, const Ctx& c,
-           const GramOut& out, int threads, StripsFn<Kern> fn, int64_t es) {
+           const GramOut& out, int threads, ColsFn cols, int64_t es) {
   constexpr int64_t G = Kern::G;
-  const bool gather = fn == nullptr;
-  if (gather) fn = &Kern::template strips<kF32, false>, es = 4;
+  const bool gather = cols == nullptr;
+  const StripsFn<Kern> fn = &Kern::template strips<kF32, false>;
+  if (gather) es = 4;
   const int64_t ncol = n_units * block;
   std::vector<int64_t> col_ids(gather ? ncol : 0);  // listed columns, unit by unit
   for (int64_t u = 0; gather && u < n_units; ++u)
@@ -601,8 +654,11 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
     const int64_t st = gather ? kMaxInputs * G * 4 : ws[0].stride0 * es;  // direct: one row stride
     for (int64_t r0 = 0; r0 < rows; r0 += rb) {
       const int64_t r1 = std::min(rows, r0 + rb);
-      for (int64_t col = lo; col < full; col += G) {
-        if (gather) {
+      if (!gather) {
+        for (int k = 0; k < c.k; ++k) q[k] = (const char*)ws[k].data + r0 * ws[k].stride0 * es;
+        cols(ColArgs{q, st, r1 - r0, lo, full, rb * st}, c, tot);
+      } else {
+        for (int64_t col = lo; col < full; col += G) {
           for (int64_t r = r0; r < r1; ++r)
             for (int k = 0; k < c.k; ++k) {
               float* dst = storage.data() + ((r - r0) * kMaxInputs + k) * G;
@@ -613,12 +669,6 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
             }
           for (int k = 0; k < c.k; ++k) q[k] = (const char*)(storage.data() + k * G);
           fn(StripArgs{q, st, 0, r1 - r0, false}, c, nullptr, &tot, col);
-        } else {
-          // Prefetch kPrefetch bytes ahead in every row of the block, wrapping into the next block's rows.
-          int64_t pc = col + kPrefetch / es, pr = 0;
-          if (pc >= full) pc = lo + (pc - full), pr = rb;
-          for (int k = 0; k < c.k; ++k) q[k] = (const char*)ws[k].data + (r0 * ws[k].stride0 + col) * es;
-          fn(StripArgs{q, st, (pr * ws[0].stride0 + pc - col) * es, r1 - r0, kPrefetch > 0}, c, nullptr, &tot, col);
         }
       }
       if (full < hi) {  // columns that do not fill a strip: scalar, one lane per column
@@ -645,20 +695,20 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
 template <class Kern>
 void run(const Tensor2D* ws, int64_t rows, int64_t cols, int axis, int64_t block, const int64_t* index,
          int64_t n_units, const Ctx& c, const GramOut& out, int threads, bool direct) {
-  StripsFn<Kern> fn = nullptr;
+  StripsFn<Kern> fn = nullptr;  // axis 0
+  ColsFn colfn = nullptr;        // axis 1
   if (direct) {  // one dtype, unit inner stride
-    const bool a0 = axis == 0;
     switch (ws[0].dtype) {
-      case kBF16: fn = a0 ? &Kern::template strips<kBF16, true> : &Kern::template strips<kBF16, false>; break;
-      case kF16: fn = a0 ? &Kern::template strips<kF16, true> : &Kern::template strips<kF16, false>; break;
-      default: fn = a0 ? &Kern::template strips<kF32, true> : &Kern::template strips<kF32, false>; break;
+      case kBF16: fn = &Kern::template strips<kBF16, true>, colfn = &Kern::template cols<kBF16>; break;
+      case kF16: fn = &Kern::template strips<kF16, true>, colfn = &Kern::template cols<kF16>; break;
+      default: fn = &Kern::template strips<kF32, true>, colfn = &Kern::template cols<kF32>; break;
     }
   }
   const int64_t es = dtype_size(ws[0].dtype);
   if (axis == 0) return axis0<Kern>(ws, cols, block, index, n_units, c, out, threads, fn, es);
   bool one_stride = true;  // direct axis 1 walks the K inputs with one row stride
   for (int k = 0; k < c.k; ++k) one_stride = one_stride && ws[k].stride0 == ws[0].stride0;
-  if (axis == 1) axis1<Kern>(ws, rows, block, index, n_units, c, out, threads, index || !one_stride ? nullptr : fn, es);
+  if (axis == 1) axis1<Kern>(ws, rows, block, index, n_units, c, out, threads, index || !one_stride ? nullptr : colfn, es);
 }
 
 template <int MODE, int NZ>
