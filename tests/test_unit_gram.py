@@ -103,6 +103,31 @@ def test_near_zero_tolerances_count_exactly(backend):
     assert g.abs_max.cpu().tolist() == [[0.5], [0.0]]
 
 
+@pytest.mark.parametrize("case", ["15 columns", "listed columns"])
+def test_columns_on_more_threads_than_strips(backend, case):
+    """Columns on 2 threads where one thread gets none (fewer strips than threads): it must not fold the other's
+    column sums (it zeroed them while they were being added into, and counts came out off by multiples of 16)."""
+    name, device = backend
+    if name != "cpu":
+        pytest.skip("the CPU backend's OpenMP threads (100000-row inputs would take minutes under Triton's interpreter)")
+    gen = torch.Generator().manual_seed(3)
+    if case == "15 columns":
+        w = torch.randn(100_000, 15, generator=gen).to(device)
+        ws, kw = [w, w.clone(), (w * 2).round()], {}
+    else:
+        w = torch.randn(70_000, 64, generator=gen).to(torch.bfloat16).to(device)
+        ws, kw = [w, w.clone(), w * 3], {"block": 2, "index": [3, 3, 0, 31, 5]}
+    was = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = L.unit_gram(ws, axis=1, backend=name, **kw)
+    finally:
+        torch.set_num_threads(was)
+    ref = L.unit_gram(ws, axis=1, backend="reference", **kw)
+    assert got.zeros.cpu().tolist() == ref.zeros.cpu().tolist()
+    assert_gram_close(got, ref, ws[0].shape[0] * kw.get("block", 1))
+
+
 def test_bf16_differences_are_exact(backend):
     """Widen then subtract: two bf16 values one ulp apart differ by exactly that ulp."""
     name, device = backend

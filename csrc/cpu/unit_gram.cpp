@@ -227,8 +227,10 @@ struct ColTotals {
   }
 
   // c64 += c32 (the packed counts unpacked), c32 = 0 (not the maxima) over the groups of columns [lo, hi) (lo a
-  // multiple of kW).
+  // multiple of kW). An empty range folds nothing: a thread left without columns (lo = hi = n) would otherwise fold
+  // the last, partial group, which another thread is still adding into.
   void fold(int64_t lo, int64_t hi) {
+    if (lo >= hi) return;
     for (int64_t g = lo / kW; g < (hi + kW - 1) / kW; ++g) {
       float* a = c32 + g * NS * kW;
       double* b = c64 + g * NS * kW;
