@@ -476,26 +476,28 @@ struct StaticKern {
   static_assert(G <= kMaxStrip && G0 <= kMaxStrip, "tails and gather buffers hold one strip");
   using Tot = VTot<M>;
 
-  template <int DT, bool AXIS0>
-  static void strips(const StripArgs& a, const Ctx& c, Tot* vt, ColTotals* ct, int64_t col) {
+  // n steps of one strip (a pair of vectors with PAIR) into acc, the pointers p[k] advancing by st bytes a step; with
+  // PREFETCH, also prefetches pfo bytes ahead of every step.
+  template <int DT, bool PAIR, bool PREFETCH>
+  static LPT_VINLINE void run_rows(VAcc<M, MODE, NZ, U>& acc, const char* const* p, int64_t n, int64_t st,
+                                   int64_t pfo, const Ctx& c) {
     constexpr int K = num_inputs(MODE, M);
-    constexpr int kLines = ((AXIS0 ? G0 : G) * (DT == kF32 ? 4 : 2) + 63) / 64;
-    VAcc<M, MODE, NZ, U> acc;
-    acc.clear();
-    const char* p[K];
-    for (int k = 0; k < K; ++k) p[k] = a.q[k];
-    const int64_t st = a.st, pfo = a.pfo;
+    constexpr int kLines = ((PAIR ? G0 : G) * (DT == kF32 ? 4 : 2) + 63) / 64;
     const float atol = c.atol, rtol = c.rtol, thr0 = near_bound(0.0f, atol, rtol);
-    if (a.prefetch) {
-      for (int64_t j = 0, off = 0; j < a.n; ++j, off += st) {
+    for (int64_t j = 0, off = 0; j < n; ++j, off += st) {
+      if (PREFETCH)
         for (int k = 0; k < K; ++k)
           for (int l = 0; l < kLines; ++l) __builtin_prefetch(p[k] + off + pfo + 64 * l);
-        acc.template load_update<DT, AXIS0>(p, off, atol, rtol, thr0);
-      }
-    } else {
-      for (int64_t j = 0, off = 0; j < a.n; ++j, off += st)
-        acc.template load_update<DT, AXIS0>(p, off, atol, rtol, thr0);
+      acc.template load_update<DT, PAIR>(p, off, atol, rtol, thr0);
     }
+  }
+
+  template <int DT, bool AXIS0>
+  static void strips(const StripArgs& a, const Ctx& c, Tot* vt, ColTotals* ct, int64_t col) {
+    VAcc<M, MODE, NZ, U> acc;
+    acc.clear();
+    if (a.prefetch) run_rows<DT, AXIS0, true>(acc, a.q, a.n, a.st, a.pfo, c);
+    else run_rows<DT, AXIS0, false>(acc, a.q, a.n, a.st, 0, c);
     if (vt) acc.fold(*vt);
     else acc.template flush<DT>(*ct, col);
   }
@@ -506,9 +508,7 @@ struct StaticKern {
   template <int DT>
   static void cols(const ColArgs& a, const Ctx& c, ColTotals& ct) {
     constexpr int K = num_inputs(MODE, M);
-    constexpr int64_t es = DT == kF32 ? 4 : 2, kLines = (G * es + 63) / 64;
-    const float atol = c.atol, rtol = c.rtol, thr0 = near_bound(0.0f, atol, rtol);
-    const int64_t st = a.st;
+    constexpr int64_t es = DT == kF32 ? 4 : 2;
     for (int64_t col = a.col0; col < a.col1; col += G) {
       const int64_t pc = col + kPrefetch / es;
       const int64_t pfo = pc < a.col1 ? (pc - col) * es : a.wrap + (a.col0 + pc - a.col1 - col) * es;
@@ -516,11 +516,7 @@ struct StaticKern {
       for (int k = 0; k < K; ++k) p[k] = a.q[k] + col * es;
       VAcc<M, MODE, NZ, U> acc;
       acc.clear();
-      for (int64_t j = 0, off = 0; j < a.n; ++j, off += st) {
-        for (int k = 0; k < K; ++k)
-          for (int l = 0; l < kLines; ++l) __builtin_prefetch(p[k] + off + pfo + 64 * l);
-        acc.template load_update<DT, false>(p, off, atol, rtol, thr0);
-      }
+      run_rows<DT, false, true>(acc, p, a.n, a.st, pfo, c);
       acc.template flush<DT>(ct, col);
     }
   }
