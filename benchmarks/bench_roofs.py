@@ -101,6 +101,11 @@ def build(gen) -> List[Roof]:
                           lambda one=one: lpt_kernels.unit_gram(one, axis=1, atol=ATOL, backend="cpu"),
                           asm=rf"StaticKern<{k - 1}, 0, 1>::cols<1>", elems=32 if k == 2 else 16,
                           inputs=k))
+    # ... and K=5 on 2560 copies of one row (row stride 0): the block's rows and the column sums stay in L1, so this is
+    # the loop with its accumulation and folds but without the L2 traffic, the roof its instruction count allows.
+    ws = [w[:1, :384].expand(2560, 384) for w in chain(5, (1, INTER), gen)]
+    roofs.append(Roof("unit_gram K=5 axis1 cols, rows in L1", 5 * 2560 * 384 * 2, gram_call(ws, 1),
+                      asm=r"StaticKern<4, 0, 1>::cols<1>", elems=16, inputs=5))
     # masked_cosine of a chain of 3 (atol = 0): 10% of the rows of a [640, 2560] tensor (64 rows, ~1 MB) ...
     ws = chain(3, (640, HIDDEN), gen)
     idx = torch.randperm(640, generator=gen)[:64].sort().values
@@ -161,6 +166,15 @@ def memory_ceiling(threads: int, seconds: float) -> float:
 VEC = re.compile(r"\b[xyz]mm\d+")
 
 
+def is_vector_alu(mn: str, op: str) -> bool:
+    """An operation on the SIMD ALU ports: a vector register operand, not a store (memory destination), and not an
+    unmasked move (a plain load goes to the load ports, a register copy is eliminated at rename)."""
+    dst = op.split(",")[0]
+    if not VEC.search(op) or "PTR" in dst:
+        return False
+    return not (mn.startswith(("vmovdq", "vmovap", "vmovup", "movap", "movup", "movdq")) and "{" not in dst)
+
+
 def hot_loops(so: str, isa: str, pattern: str):
     """Innermost loops (backward conditional jumps with no loop inside) of the functions in namespace lpt::cpu::<isa>
     whose name matches pattern: [(function, n_instr, n_vector_ops, n_loads, mnemonic counts)]."""
@@ -194,8 +208,7 @@ def hot_loops(so: str, isa: str, pattern: str):
                                                          for l2, h2 in loops)]
         for lo, hi in inner:
             body = [(mn, op) for a, mn, op in ins if lo <= a <= hi]
-            vec = sum(1 for mn, op in body if VEC.search(op) and not mn.startswith("vmovap") and
-                      not mn.startswith("vmovdqa") and not mn.startswith("vmovup") and "PTR" not in op.split(",")[0])
+            vec = sum(1 for mn, op in body if is_vector_alu(mn, op))
             loads = sum(1 for mn, op in body if "PTR" in op and not mn.startswith("prefetch") and
                         "PTR" not in op.split(",")[0])
             res.append((head.split("<", 1)[1][:90], len(body), vec, loads, Counter(mn for mn, _ in body)))
