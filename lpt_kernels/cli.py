@@ -451,7 +451,7 @@ def _overlap(a) -> int:
             j = j.mean(0)
         print(f"{g}: Jaccard of the top-{a.top:.0%} changed units" + (" (within each layer, averaged over layers)"
                                                                       if a.per_layer else ""))
-        width = max(len(d) for d in prof.deltas) + 2
+        width = max(len(d) for d in prof.deltas + ["0.000"]) + 2  # short labels: the values set the width
         print(" " * width + "".join(f"{d:>{width}}" for d in prof.deltas))
         for i, d in enumerate(prof.deltas):
             cells = []
@@ -464,6 +464,17 @@ def _overlap(a) -> int:
         still = [d for d in prof.deltas if d not in moved]
         if still:
             print(f"  - : {', '.join(still)} did not change any {g} unit")
+        chance = prof.jaccard_chance(g, a.top, per_layer=a.per_layer)
+        if a.per_layer:
+            chance = chance.mean(0)
+        pairs = [(i, k) for i, d in enumerate(prof.deltas) for k, e in enumerate(prof.deltas)
+                 if i < k and d in moved and e in moved]
+        if pairs:
+            levels = sorted({f"{chance[i, k].item():.3f}" for i, k in pairs}, key=float)
+            print(f"  chance (random unit sets of the same sizes): "
+                  + (levels[0] if len(levels) == 1 else f"{levels[0]} to {levels[-1]}"))
+            rows += [[g, "jaccard_chance", prof.deltas[i], prof.deltas[k], "", f"{chance[i, k].item():.6f}"]
+                     for i, k in pairs]
         for x, y in zip(prof.deltas[:-1], prof.deltas[1:]):
             if x not in moved or y not in moved:
                 print(f"  cosine {x} vs {y}: undefined ({x if x not in moved else y} did not change {g})")
@@ -735,6 +746,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"lpt {args.cmd}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`lpt overlap DIR | head`): stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no second error when Python flushes
+        return 141
     except (ValueError, TypeError, OSError, RuntimeError) as e:
         if os.environ.get("LPT_DEBUG"):
             raise

@@ -32,8 +32,20 @@ def test_diff_overlap_report(chain):
 
     r = lpt("overlap", out, "--top", "0.1", "--group", "mlp", "--csv", str(root / "ov.csv"))
     assert r.returncode == 0, r.stderr
-    assert "Jaccard" in r.stdout and "cosine d1 vs d2" in r.stdout
-    assert open(root / "ov.csv").read().startswith("group,kind,a,b,layer,value")
+    assert "Jaccard" in r.stdout and "cosine d1 vs d2" in r.stdout and "chance (random unit sets" in r.stdout
+    lines = r.stdout.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.split() == ["d1", "d2", "d3"])
+    for ln in lines[head + 1: head + 4]:  # a row: its label and three values, apart (short labels once ran together)
+        label, *vals = ln.split()
+        assert label in ("d1", "d2", "d3") and len(vals) == 3 and all(0.0 <= float(v) <= 1.0 for v in vals)
+    ov = open(root / "ov.csv").read()
+    assert ov.startswith("group,kind,a,b,layer,value") and "mlp,jaccard_chance,d1,d2" in ov
+
+    # a reader that has gone away before the first line (`| head -0`): no error message, no traceback
+    cmd = [sys.executable, "-m", "lpt_kernels.cli", "overlap", out, "--top", "0.1"]
+    gone = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    gone.stdout.close()
+    assert gone.wait() == 141 and gone.stderr.read() == b""
 
     r = lpt("report", out)
     assert r.returncode == 0, r.stderr
@@ -41,6 +53,7 @@ def test_diff_overlap_report(chain):
     assert {"sparsity.png", "jaccard_mlp.png", "shared_cosine_mlp.png", "hist_abs.png"} <= {os.path.basename(p) for p in pngs}
     html = open(os.path.join(out, "report", "report.html")).read()
     assert html.count("data:image/png;base64,") == len(pngs)  # self-contained
+    assert "would overlap by 0." in html  # the Jaccard caption's chance level
 
 
 def test_help_and_usage_errors():

@@ -202,6 +202,26 @@ def test_top_units_jaccard_and_shared_cosine(chain):
             assert jac[a, b].item() == pytest.approx(inter / union)
     c = prof.shared_cosine("d1", "d2", "mlp", 0.1)
     assert c["pooled"].shape == (3,) and torch.equal(c["shared"], (tops[0] & tops[1]).sum(1))
+    # chance level: random sets of the same sizes, E|A & B| / E|A | B| with E|A & B| = |A| |B| / N
+    chance, n = prof.jaccard_chance("mlp", 0.1), norms[0].numel()
+    for a in range(3):
+        for b in range(3):
+            sa, sb = tops[a].sum().item(), tops[b].sum().item()
+            want = 1.0 if a == b else sa * sb / n / (sa + sb - sa * sb / n)
+            assert chance[a, b].item() == pytest.approx(want)
+    assert chance[0, 1].item() == pytest.approx(0.1 / 1.9, rel=0.05)  # about frac / (2 - frac)
+    per_layer = prof.jaccard_chance("mlp", 0.1, per_layer=True)
+    assert per_layer.shape == (3, 3, 3) and torch.equal(per_layer[:, 0, 0], torch.ones(3, dtype=torch.float64))
+    # a random pair of sets of those sizes overlaps by about the chance level (a Monte Carlo mean)
+    gen = torch.Generator().manual_seed(0)
+    sa, sb = int(tops[0].sum()), int(tops[1].sum())
+    mc = []
+    for _ in range(2000):
+        x, y = torch.zeros(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)
+        x[torch.randperm(n, generator=gen)[:sa]] = True
+        y[torch.randperm(n, generator=gen)[:sb]] = True
+        mc.append((x & y).sum().item() / (x | y).sum().item())
+    assert sum(mc) / len(mc) == pytest.approx(chance[0, 1].item(), rel=0.1)
 
 
 def test_save_load_roundtrip(chain, tmp_path):

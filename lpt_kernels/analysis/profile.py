@@ -152,13 +152,32 @@ class Profile:
         score = self.norm(delta, group) if by == "norm" else self.stat(delta, group, "abs_sum").double()
         return _top_mask(score, frac, per_layer)
 
+    def _top_masks(self, group: str, frac: float, per_layer: bool) -> torch.Tensor:
+        return torch.stack([self.top_units(d, group, frac, per_layer) for d in self.deltas])  # [M, L, U]
+
     def jaccard(self, group: str, frac: float = 0.10, per_layer: bool = False) -> torch.Tensor:
         """Jaccard overlap of the deltas' top-``frac`` units: [M, M] (global) or [layers, M, M] (per layer)."""
-        masks = torch.stack([self.top_units(d, group, frac, per_layer) for d in self.deltas])  # [M, L, U]
+        masks = self._top_masks(group, frac, per_layer)
         dims = (-1,) if per_layer else (-2, -1)
         inter = (masks[:, None] & masks[None, :]).sum(dims).double()
         union = (masks[:, None] | masks[None, :]).sum(dims).double()
         out = torch.where(union > 0, inter / union.clamp_min(1), 0.0)
+        return out.permute(2, 0, 1) if per_layer else out
+
+    def jaccard_chance(self, group: str, frac: float = 0.10, per_layer: bool = False) -> torch.Tensor:
+        """The chance level of :meth:`jaccard`: the overlap of two sets of units drawn at random with the sizes of the
+        deltas' top sets (E|A & B| / E|A | B|, with E|A & B| = |A| |B| / N over the N units ranked together; about
+        frac / (2 - frac) when both sets are full). Same shape as ``jaccard``; 1 on the diagonal (0 for an empty
+        set), where a set is compared with itself."""
+        masks = self._top_masks(group, frac, per_layer)
+        dims = (-1,) if per_layer else (-2, -1)
+        size = masks.sum(dims).double()  # [M] or [M, L]
+        n = masks.shape[-1] if per_layer else masks.shape[-2] * masks.shape[-1]
+        inter = size[:, None] * size[None, :] / max(n, 1)
+        union = size[:, None] + size[None, :] - inter
+        out = torch.where(union > 0, inter / union.clamp_min(1e-300), 0.0)
+        eye = torch.eye(len(self.deltas), dtype=torch.bool).reshape(out.shape[:2] + (1,) * (out.dim() - 2))
+        out = torch.where(eye, (size[:, None] > 0).double(), out)
         return out.permute(2, 0, 1) if per_layer else out
 
     def shared_cosine(self, a, b, group: str, frac: float = 0.10, per_layer_top: bool = False) -> dict:

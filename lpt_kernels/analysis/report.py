@@ -288,6 +288,17 @@ figcaption{font-size:.9em;color:#444;margin-top:.3em}
 """
 
 
+def _chance(p: Profile, group: str, frac: float) -> str:
+    """The caption's sentence on the chance level of the overlap (Profile.jaccard_chance) of the changed deltas."""
+    moved = [i for i, d in enumerate(p.deltas) if d in changed_deltas(p, group)]
+    ch = p.jaccard_chance(group, frac)
+    vals = sorted({round(ch[a, b].item(), 3) for a in moved for b in moved if a < b})
+    if not vals:
+        return ""
+    level = f"{vals[0]:.3f}" if len(vals) == 1 else f"{vals[0]:.3f} to {vals[-1]:.3f}"
+    return f" Two sets of units drawn at random with the same sizes would overlap by {level} (chance)."
+
+
 def write_report(p: Profile, out_dir: str, frac: float = 0.10, *, force: bool = False) -> Dict[str, str]:
     """Write the PNGs and report.html into `out_dir` (a new or empty directory; an existing non-empty one only with
     ``force``, replaced when the new report is complete); returns ``{name: final path}`` with ``html`` last."""
@@ -396,9 +407,9 @@ def _write(p: Profile, out: str, frac: float) -> Dict[str, str]:
         parts.append(_figure(pics[f"jaccard_{g}"], f"Jaccard overlap of top changed {g} units",
                              f"For each pair of deltas, the Jaccard overlap |A ∩ B| / |A ∪ B| of their {top} units "
                              f"by update norm, ranked over the whole model (0: disjoint, 1: the same units; the "
-                             f"diagonal is 1). High overlap means the domains edit the same units. The paper found "
-                             f"that domains share active routes: their most-changed and most-active neurons "
-                             f"overlap well above chance."))
+                             f"diagonal is 1). High overlap means the domains edit the same units.{_chance(p, g, frac)}"
+                             f" The paper found that domains share active routes: their most-changed and most-active "
+                             f"neurons overlap well above chance."))
         # shared cosine
         pairs = [(a, b) for a, b in zip(p.deltas[:-1], p.deltas[1:]) if a in moved and b in moved]
         if pairs:
