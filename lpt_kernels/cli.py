@@ -17,7 +17,10 @@ import math
 import os
 import sys
 import threading
+import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+_python_format_warning = warnings.formatwarning
 
 EPILOG = """examples:
   lpt demo                    # train a tiny Qwen3 on the CPU and run everything below on it (lpt-demo/)
@@ -725,11 +728,22 @@ def _terminate_as_interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (kill, timeout, a job scheduler) cleans up like Ctrl-C: no temp left behind
 
 
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """The package's own warnings ("lpt diff: ...") as one line, "lpt diff: warning: ...", without the source line
+    Python shows by default; other warnings unchanged."""
+    text = str(message)
+    if text.startswith("lpt ") and ": " in text:
+        head, rest = text.split(": ", 1)
+        return f"{head}: warning: {rest}\n"
+    return _python_format_warning(message, category, filename, lineno, line)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     import signal
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
+    warnings.formatwarning = _format_warning
     parser, subs = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # a mistyped flag: the subcommand's usage, not the top-level one

@@ -531,3 +531,23 @@ def test_help_examples_paste_as_written():
 def test_diff_out_not_writable_is_refused_first(chain):
     root, dirs = chain
     _one_line_error(lpt_in("diff", *dirs[:2], "--out", "/proc/lpt-prof"), "--out", "cannot write")
+
+
+def test_diff_of_a_checkpoint_with_itself_warns(chain, tmp_path):
+    """`lpt diff A A` (or A and a link to it) is a zero update everywhere: it still runs, with a one-line warning that
+    names the two arguments; distinct checkpoints give none."""
+    root, dirs = chain
+    link = tmp_path / "same_as_d1"
+    link.symlink_to(dirs[1])
+    r = lpt("diff", dirs[0], dirs[1], str(link), "--out", str(tmp_path / "p1"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if "warning" in ln]
+    assert lines == [f"lpt diff: warning: checkpoint 3 ({link}) is the same files as checkpoint 2 ({dirs[1]}): "
+                     f"the update between them is zero everywhere"], r.stderr
+    # base mode compares each checkpoint with the first only: d1 twice is two real (equal) updates, no warning
+    r = lpt("diff", dirs[0], dirs[1], str(link), "--mode", "base", "--out", str(tmp_path / "p2"), "--quiet")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    r = lpt("diff", dirs[0], dirs[0], "--out", str(tmp_path / "p3"), "--quiet")
+    assert r.returncode == 0 and "checkpoint 2" in r.stderr and "same files as checkpoint 1" in r.stderr
+    r = lpt("diff", *dirs, "--out", str(tmp_path / "p4"), "--quiet")
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
