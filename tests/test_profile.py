@@ -183,6 +183,26 @@ def test_log_hist_bins_exactly(mode, cols, threads):
         P.cpu.log_hist(ws, torch.tensor([rows]), mode, counts, zeros, P.HIST_BINS, P.HIST_LO, P.HIST_HI)
 
 
+def test_log_hist_bins_subnormal_changes_exactly():
+    """Bins below the smallest normal float (1.2e-38): a subnormal's top 16 bits span several bins there, and each
+    value must still land in the bin of its float64 edges (51 of 100 bins were off before)."""
+    import lpt_kernels.analysis.profile as P
+    if not P.cpu.AVAILABLE:
+        pytest.skip("the CPU extension is not built")
+    lo, hi, bins = -45.0, -35.0, 100
+    edges = torch.tensor([10.0 ** (lo + (hi - lo) * b / bins) for b in range(bins + 1)], dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    d = (10.0 ** (torch.rand(1, 4000, generator=g, dtype=torch.float64) * 10 - 45)).float()
+    d[0, :60] = edges[20:80].float()  # on (the floats nearest) the edges
+    counts, zeros = torch.zeros(2, bins, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    P.cpu.log_hist([torch.zeros_like(d), d], torch.tensor([0]), "consecutive", counts, zeros, bins, lo, hi)
+    v = d.double().flatten()
+    v = v[v >= edges[0]]
+    want = torch.bincount((torch.searchsorted(edges, v, right=True) - 1).clamp(max=bins - 1), minlength=bins)
+    assert torch.equal(counts[0], want.double())
+    assert zeros.tolist() == [float((d == 0).sum()), 4000.0]  # every relative change is against a zero weight
+
+
 def test_top_units_jaccard_and_shared_cosine(chain):
     dirs, states = chain
     prof = diff(dirs, progress=False)

@@ -52,7 +52,8 @@ std::shared_ptr<const HistTables> hist_tables(int bins, double lo, double hi) {
   if (!(edge[0] > 0.0f) || !std::isfinite(edge[bins]) || (hi - lo) / bins < 0.004)
     throw std::invalid_argument("log_hist: bins out of the supported range");
   // Positive floats in buckets of their top 16 bits (exponent and 7 mantissa bits, 1/128 of a binade, under a
-  // tenth of a decade): first[i] is the bin of bucket i's smallest value, so a value's bin is first[i] or the next.
+  // tenth of a decade): first[i] is the bin of bucket i's smallest value, so a normal value's bin is first[i] or the
+  // next. Subnormal floats (below ~1.2e-38) have fewer mantissa bits, so their buckets are wider: bin_of walks on.
   const uint32_t b0 = t->b0 = lpt::f32_to_bits(edge[0]) >> 16, b1 = lpt::f32_to_bits(edge[bins]) >> 16;
   std::vector<int16_t>& first = t->first;
   first.resize(b1 - b0 + 1);
@@ -123,8 +124,9 @@ void log_hist(const std::vector<uintptr_t>& ptrs, const std::vector<int>& dtypes
   auto bin_of = [&](float v) {  // -1 below the range (or NaN), bins at or above the top edge
     if (!(v >= fe[0])) return -1;
     if (v >= fe[bins]) return bins;
-    const int b = ft[(lpt::f32_to_bits(v) >> 16) - b0];
-    return b + (v >= fe[b + 1]);
+    int b = ft[(lpt::f32_to_bits(v) >> 16) - b0];
+    while (v >= fe[b + 1]) ++b;  // once at most for normal floats; a subnormal bucket can span several bins
+    return b;
   };
   auto add = [&](float v, int64_t* c, int64_t& z) {
     if (v == 0.0f) return (void)++z;
