@@ -474,7 +474,7 @@ def _overlap(a) -> int:
                  if i < k and d in moved and e in moved]
         if pairs:
             levels = sorted({f"{chance[i, k].item():.3f}" for i, k in pairs}, key=float)
-            print(f"  chance (random unit sets of the same sizes): "
+            print("  chance (random unit sets of the same sizes): "
                   + (levels[0] if len(levels) == 1 else f"{levels[0]} to {levels[-1]}"))
             rows += [[g, "jaccard_chance", prof.deltas[i], prof.deltas[k], "", f"{chance[i, k].item():.6f}"]
                      for i, k in pairs]

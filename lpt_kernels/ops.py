@@ -312,7 +312,7 @@ def unit_gram(ws: Sequence[torch.Tensor], *, axis: int = 0, block: int = 1, mode
         raise ValueError(f"mode: expected one of {', '.join(MODES)}, got {mode!r}")
     if _num_deltas(mode, len(ws)) < 1:
         raise ValueError(f"ws: mode {mode!r} needs at least 2 tensors")
-    n_units = _check_axis_block(shape, axis, block, "inputs")
+    _check_axis_block(shape, axis, block, "inputs")
     idx = None if index is None else _host_index(index)
     atol = _check_float(atol, "atol", 0.0)
     rtol = _check_float(rtol, "rtol", 0.0)
@@ -397,7 +397,7 @@ def masked_cosine(u: UpdateLike, v: UpdateLike, index, *, axis: int = 0, block: 
             raise ValueError(f"v: shape {tuple(w.shape)} differs from u's {tuple(shape)}")
         if w.device != device:
             raise ValueError(f"v: on {w.device}, but u is on {device}")
-    n_units = _check_axis_block(shape, axis, block, "updates")
+    _check_axis_block(shape, axis, block, "updates")
     if index is None:
         raise ValueError("index: masked_cosine needs the unit ids to restrict to")
     idx = _host_index(index)

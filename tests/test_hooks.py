@@ -12,6 +12,9 @@ import torch
 
 from lpt_kernels import hooks as H
 from lpt_kernels.hooks import ActivationResult, ActivationStats, GradientGram, GramResult, HookError, jaccard
+from lpt_kernels.hooks.gradients import _unit_grams
+from lpt_kernels.layout import load_layout
+from lpt_kernels.units import top_mask
 
 transformers = pytest.importorskip("transformers")
 
@@ -248,7 +251,7 @@ def test_top_units_and_jaccard_against_brute_force():
     top = results[0].top_units("mlp", 0.05)
     assert int(top.sum()) == math.ceil(0.05 * 2 * 96)
     assert torch.equal(results[0].top_units("mlp", 0.25, by="freq"),
-                       H._top_mask(results[0].stat("mlp", "freq"), 0.25, False))
+                       top_mask(results[0].stat("mlp", "freq"), 0.25, False))
     assert float(jaccard(results[0], results[0], "mlp", 0.05)) == 1.0
 
 
@@ -463,7 +466,7 @@ def test_bad_arguments():
     with pytest.raises(HookError, match="input axis"):
         ActivationStats(model, groups=("kv",))
     with pytest.raises(HookError, match="no group"):
-        ActivationStats(model, layout=H.load_layout(None, {n: tuple(p.shape) for n, p in model.named_parameters()},
+        ActivationStats(model, layout=load_layout(None, {n: tuple(p.shape) for n, p in model.named_parameters()},
                                                     model.config.to_dict(), groups=("mlp",)), groups=("attn",))
     with pytest.raises(TypeError):
         ActivationStats(object())
@@ -562,7 +565,7 @@ def test_gradient_gram_many_domains_and_unfed_domain():
     # more domains than one unit_gram call takes (8): chunked pairs
     g = torch.Generator().manual_seed(40)
     ws = [torch.randn(6, 10, generator=g) for _ in range(11)]
-    got = H._unit_grams(ws, 0, 2, None)
+    got = _unit_grams(ws, 0, 2, None)
     s = torch.stack([w.double().reshape(3, 2, 10).reshape(3, 20) for w in ws], 1)  # [U, n, 20]
     want = s @ s.transpose(1, 2)
     d = torch.diagonal(want, dim1=1, dim2=2).sqrt()

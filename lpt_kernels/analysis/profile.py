@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import json
-import math
 import os
 import re
 import warnings
@@ -25,6 +24,7 @@ from lpt_kernels.backends import cpu
 from lpt_kernels.checkpoint import Checkpoint, align, stream
 from lpt_kernels.checkpoint.writer import replace_file
 from lpt_kernels.layout import DEFAULT_GROUPS, Layout, load_layout
+from lpt_kernels.units import jaccard_masks, top_mask
 
 STATS = ("sq_norm", "abs_sum", "abs_max", "zeros", "near_zeros")
 
@@ -150,7 +150,7 @@ class Profile:
         if not 0.0 < frac <= 1.0:
             raise ProfileError(f"frac: must be in (0, 1], got {frac}")
         score = self.norm(delta, group) if by == "norm" else self.stat(delta, group, "abs_sum").double()
-        return _top_mask(score, frac, per_layer)
+        return top_mask(score, frac, per_layer)
 
     def _top_masks(self, group: str, frac: float, per_layer: bool) -> torch.Tensor:
         return torch.stack([self.top_units(d, group, frac, per_layer) for d in self.deltas])  # [M, L, U]
@@ -158,10 +158,7 @@ class Profile:
     def jaccard(self, group: str, frac: float = 0.10, per_layer: bool = False) -> torch.Tensor:
         """Jaccard overlap of the deltas' top-``frac`` units: [M, M] (global) or [layers, M, M] (per layer)."""
         masks = self._top_masks(group, frac, per_layer)
-        dims = (-1,) if per_layer else (-2, -1)
-        inter = (masks[:, None] & masks[None, :]).sum(dims).double()
-        union = (masks[:, None] | masks[None, :]).sum(dims).double()
-        out = torch.where(union > 0, inter / union.clamp_min(1), 0.0)
+        out = jaccard_masks(masks[:, None], masks[None, :], per_layer)
         return out.permute(2, 0, 1) if per_layer else out
 
     def jaccard_chance(self, group: str, frac: float = 0.10, per_layer: bool = False) -> torch.Tensor:
@@ -249,16 +246,6 @@ class Profile:
 def _write_json(path: str, doc: dict) -> None:
     with open(path, "w") as f:
         json.dump(doc, f, indent=1, allow_nan=True)
-
-
-def _top_mask(score: torch.Tensor, frac: float, per_layer: bool) -> torch.Tensor:
-    score = torch.nan_to_num(score.double(), nan=-1.0)
-    flat = score if per_layer else score.reshape(1, -1)
-    k = max(1, int(math.ceil(frac * flat.shape[1])))
-    # a stable sort, not topk: ties at the cut go to the earlier position (lower layer, then lower unit; docs/diff.md)
-    idx = torch.sort(flat, dim=1, descending=True, stable=True).indices[:, :k]
-    mask = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, idx, True) & (flat > 0)
-    return mask.reshape(score.shape)
 
 
 # ---- the streaming pass -----------------------------------------------------------------------------------------

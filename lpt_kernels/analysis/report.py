@@ -390,8 +390,8 @@ def _write(p: Profile, out: str, frac: float) -> Dict[str, str]:
                      f"these slices.</p>")
         moved = changed_deltas(p, g)
         if not moved:
-            parts.append(f"<p class=note>No delta changed any unit of this group (every update norm is 0), so there "
-                         f"is no overlap, cosine or norm to show.</p>")
+            parts.append("<p class=note>No delta changed any unit of this group (every update norm is 0), so there "
+                         "is no overlap, cosine or norm to show.</p>")
             continue
         still = [d for d in p.deltas if d not in moved]
         if still:
@@ -452,9 +452,9 @@ def _write(p: Profile, out: str, frac: float) -> Dict[str, str]:
         parts.append("<h3>Where the updates are: update norm per layer</h3>")
         pics[f"layer_norms_{g}"] = plot_layer_norms(p, g, os.path.join(out, f"layer_norms_{g}.png"))
         parts.append(_figure(pics[f"layer_norms_{g}"], f"per-layer update norm of {g} units",
-                             f"For each layer and delta, the L2 norm of the update over all the layer's units of "
-                             f"this group (the square root of the summed squared changes of their slices). It "
-                             f"shows which layers a domain's training moved most."))
+                             "For each layer and delta, the L2 norm of the update over all the layer's units of "
+                             "this group (the square root of the summed squared changes of their slices). It "
+                             "shows which layers a domain's training moved most."))
 
     doc = (f"<!doctype html><html lang=en><head><meta charset='utf-8'><title>lpt report: "
            f"{html.escape(' → '.join(labels))}</title><style>{STYLE}</style></head><body>{''.join(parts)}"

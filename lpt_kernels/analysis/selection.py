@@ -13,7 +13,6 @@ saved as JSON:
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Tuple
 

@@ -144,7 +144,6 @@ def parse_header(file: str) -> Tuple[List[TensorInfo], int]:
     if not isinstance(header, dict):
         raise CheckpointError(f"{bad} (JSON is a {type(header).__name__}, not an object)")
     base = 8 + hlen
-    data_size = size - base
     infos = []
     for name, entry in header.items():
         if name == "__metadata__":

@@ -392,7 +392,7 @@ def write(out: str, results: dict, profiles: dict, routes: dict, grads: dict) ->
     figs["grad_cosine"] = f("grad_cosine.png")
 
     fl, ref, a = results["floors"], results["rollback_reference"], results["analyses"]
-    summ, sp = a["summary"], a["sparsity"]
+    summ = a["summary"]
     amc2 = aggregate(results["rollback"], "AMC", "mlp", 0.02)
     rnd2 = aggregate(results["rollback"], "random", "mlp", 0.02)
     joint32 = aggregate(results["rollback"], "AMC", "mlp,attn", 0.32)

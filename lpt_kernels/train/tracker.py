@@ -24,11 +24,12 @@ import torch
 
 from lpt_kernels import __version__, distributed, unit_gram
 from lpt_kernels.analysis.profile import (HIST_BINS, HIST_HI, HIST_LO, Profile, _fold, _GroupTotals,
-                                          _HistTotals, _top_mask)
+                                          _HistTotals)
 from lpt_kernels.ops import FLOAT_DTYPES, MAX_INPUTS, UnitGram, _check_float
 from lpt_kernels.train import snapshots
 from lpt_kernels.train._model import (TrainError, check_every, check_model, check_name, model_layout, model_params,
                                       plan, to_device)
+from lpt_kernels.units import top_mask
 
 MAX_DOMAINS = MAX_INPUTS - 1
 _SMALL = 1 << 16  # elements: tensors up to this size without units are measured together  # the chain s_0..s_k plus the live model is one unit_gram call of at most 8 inputs
@@ -291,7 +292,7 @@ class DeltaTracker:
             sq_g = acc[g][:, :, m - 1]
             keys.append(f"lpt/{d}/{g}/update_norm")
             vals.append(sq_g.sum().sqrt())
-            mine = _top_mask(sq_g.float().double().sqrt(), self.top, False)  # the rule of Profile.top_units
+            mine = top_mask(sq_g.float().double().sqrt(), self.top, False)  # the rule of Profile.top_units
             for j, e in enumerate(self._domains[:k]):
                 s = self._summaries[e]
                 theirs = s.top[g]
@@ -347,7 +348,7 @@ class DeltaTracker:
             sq = arrays[f"{name}/{g}/sq_norm"]
             dev = self._tensors[0].param.device
             s.sq[g] = sq.double().to(dev)
-            s.top[g] = _top_mask(sq.double().sqrt(), self.top, False).to(dev)
+            s.top[g] = top_mask(sq.double().sqrt(), self.top, False).to(dev)
         if hist.samples:
             s.hist = hist.as_dict()
         return s

@@ -9,7 +9,7 @@ measurement belongs right after ``_optimizer_step``; the numbers ride in that re
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 from lpt_kernels.train._model import TrainError
 
