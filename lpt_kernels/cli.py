@@ -728,27 +728,46 @@ def _terminate_as_interrupt(signum, frame):
     raise KeyboardInterrupt  # SIGTERM (kill, timeout, a job scheduler) cleans up like Ctrl-C: no temp left behind
 
 
-def _format_warning(message, category, filename, lineno, line=None) -> str:
-    """The package's own warnings ("lpt diff: ...") as one line, "lpt diff: warning: ...", without the source line
-    Python shows by default; other warnings unchanged."""
-    text = str(message)
-    if text.startswith("lpt ") and ": " in text:
-        head, rest = text.split(": ", 1)
-        return f"{head}: warning: {rest}\n"
-    return _python_format_warning(message, category, filename, lineno, line)
+def _one_line_warnings(cmd: str):
+    """A warnings.formatwarning that prints the package's own warnings as "lpt CMD: warning: ..." on one line,
+    without the file:line and source line Python shows by default; other warnings unchanged."""
+    here = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def fmt(message, category, filename, lineno, line=None) -> str:
+        text = str(message)
+        if text.startswith("lpt") or os.path.abspath(filename).startswith(here):
+            if text.startswith("lpt") and ": " in text:  # its own "lpt diff: " / "lpt_kernels: " prefix
+                text = text.split(": ", 1)[1]
+            return f"lpt {cmd}: warning: {text}\n"
+        return _python_format_warning(message, category, filename, lineno, line)
+    return fmt
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    saved = warnings.formatwarning
+    try:
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # a reader that went away shows here, not as an error when Python exits
+    except BrokenPipeError:  # `lpt overlap DIR | head`, `lpt --version | true`: stop quietly, as a shell tool does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    finally:
+        warnings.formatwarning = saved  # main() may be called in-process
+
+
+def _main(argv: Optional[List[str]]) -> int:
     import signal
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _terminate_as_interrupt)
-    warnings.formatwarning = _format_warning
     parser, subs = _parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # a mistyped flag: the subcommand's usage, not the top-level one
         subs[args.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     _usage_checks(args, subs)
+    warnings.formatwarning = _one_line_warnings(args.cmd)
     try:
         run = COMMANDS[args.cmd][1]
         if args.cmd in ("diff", "rollback"):  # under torchrun: one process group for the ranks (docs/distributed.md)
@@ -760,9 +779,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"lpt {args.cmd}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # the reader went away (`lpt overlap DIR | head`): stop quietly, as a shell tool does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # and no second error when Python flushes
-        return 141
+    except BrokenPipeError:
+        raise  # an OSError, but not an error of the command: main() ends quietly
     except (ValueError, TypeError, OSError, RuntimeError) as e:
         if os.environ.get("LPT_DEBUG"):
             raise

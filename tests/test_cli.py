@@ -41,11 +41,16 @@ def test_diff_overlap_report(chain):
     ov = open(root / "ov.csv").read()
     assert ov.startswith("group,kind,a,b,layer,value") and "mlp,jaccard_chance,d1,d2" in ov
 
-    # a reader that has gone away before the first line (`| head -0`): no error message, no traceback
-    cmd = [sys.executable, "-m", "lpt_kernels.cli", "overlap", out, "--top", "0.1"]
-    gone = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    gone.stdout.close()
-    assert gone.wait() == 141 and gone.stderr.read() == b""
+    # a reader that has gone away before the first line (`| true`): no error message, no traceback, with stdout
+    # buffered (Python's default; it then fails at the flush) or not
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    for args in (["overlap", out, "--top", "0.1"], ["--version"]):
+        for unbuffered in ("", "1"):
+            gone = subprocess.Popen([sys.executable, "-m", "lpt_kernels.cli", *args], stdout=subprocess.PIPE,
+                                    stderr=subprocess.PIPE, env=dict(env, **({"PYTHONUNBUFFERED": "1"} if unbuffered
+                                                                            else {})))
+            gone.stdout.close()
+            assert gone.wait() == 141 and gone.stderr.read() == b"", (args, unbuffered)
 
     r = lpt("report", out)
     assert r.returncode == 0, r.stderr
@@ -551,3 +556,16 @@ def test_diff_of_a_checkpoint_with_itself_warns(chain, tmp_path):
     assert r.returncode == 0 and "checkpoint 2" in r.stderr and "same files as checkpoint 1" in r.stderr
     r = lpt("diff", *dirs, "--out", str(tmp_path / "p4"), "--quiet")
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+
+
+def test_package_warnings_print_on_one_line(chain, tmp_path):
+    """Every warning of the package (here the fallback to the reference backend, raised in ops.py) prints as one line
+    'lpt diff: warning: ...' under the command, not Python's file:line form with the source line."""
+    root, dirs = chain
+    code = ("import sys; from lpt_kernels.backends import cpu; cpu.AVAILABLE = False; from lpt_kernels import cli; "
+            f"sys.exit(cli.main(['diff', {dirs[0]!r}, {dirs[1]!r}, '--out', {str(tmp_path / 'p')!r}, '--quiet']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lpt diff: warning: backend 'cpu' is not available"), r.stderr
+    assert lines[0].endswith("falling back to the reference backend (slow)"), r.stderr
