@@ -450,8 +450,9 @@ def _overlap(a) -> int:
             print(f"{g}: no delta changed any {g} unit; nothing to overlap")
             continue
         j = prof.jaccard(g, a.top, per_layer=a.per_layer)
+        layers = prof.group_layers(g)  # per layer: the mean over the layers where the group has units
         if a.per_layer:
-            j = j.mean(0)
+            j = j[layers].mean(0)
         print(f"{g}: Jaccard of the top-{a.top:.0%} changed units" + (" (within each layer, averaged over layers)"
                                                                       if a.per_layer else ""))
         width = max(len(d) for d in prof.deltas + ["0.000"]) + 2  # short labels: the values set the width
@@ -469,7 +470,7 @@ def _overlap(a) -> int:
             print(f"  - : {', '.join(still)} did not change any {g} unit")
         chance = prof.jaccard_chance(g, a.top, per_layer=a.per_layer)
         if a.per_layer:
-            chance = chance.mean(0)
+            chance = chance[layers].mean(0)
         pairs = [(i, k) for i, d in enumerate(prof.deltas) for k, e in enumerate(prof.deltas)
                  if i < k and d in moved and e in moved]
         if pairs:
@@ -485,11 +486,12 @@ def _overlap(a) -> int:
             c = prof.shared_cosine(x, y, g, a.top, per_layer_top=a.per_layer)
             ok = ~c["pooled"].isnan()
             if not ok.any():
-                print(f"  cosine {x} vs {y}: no layer has units in both top sets")
+                print(f"  cosine {x} vs {y}: " + ("no layer has units in both top sets" if not c["shared"].any() else
+                                                  "not finite in any layer (non-finite weights in shared units)"))
             else:
                 mean = c["pooled"][ok].mean().item()
                 print(f"  cosine {x} vs {y} on shared top units: {mean:+.4f} (mean over "
-                      f"{plural(int(ok.sum()), 'layer')} of {len(ok)} with shared units)")
+                      f"{plural(int(ok.sum()), 'layer')} of {len(layers)} with shared units)")
             rows += [[g, "shared_cosine", x, y, str(layer), "" if math.isnan(v) else f"{v:.6f}"]
                      for layer, v in enumerate(c["pooled"].tolist())]
     if a.csv:

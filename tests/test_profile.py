@@ -1,12 +1,13 @@
 """lpt_kernels.analysis.diff against a brute-force float64 computation on a real sharded transformers checkpoint."""
 import math
+from fractions import Fraction
 
 import types
 
 import pytest
 import torch
 
-from ckpt_factory import save_chain
+from ckpt_factory import save_chain, save_moe_chain
 from lpt_kernels.analysis import Profile, ProfileError, diff
 
 
@@ -222,14 +223,16 @@ def test_top_units_jaccard_and_shared_cosine(chain):
             assert jac[a, b].item() == pytest.approx(inter / union)
     c = prof.shared_cosine("d1", "d2", "mlp", 0.1)
     assert c["pooled"].shape == (3,) and torch.equal(c["shared"], (tops[0] & tops[1]).sum(1))
-    # chance level: random sets of the same sizes, E|A & B| / E|A | B| with E|A & B| = |A| |B| / N
+    # chance level: the expected Jaccard of random sets of the same sizes, |A & B| hypergeometric (exact fractions)
     chance, n = prof.jaccard_chance("mlp", 0.1), norms[0].numel()
     for a in range(3):
         for b in range(3):
-            sa, sb = tops[a].sum().item(), tops[b].sum().item()
-            want = 1.0 if a == b else sa * sb / n / (sa + sb - sa * sb / n)
-            assert chance[a, b].item() == pytest.approx(want)
-    assert chance[0, 1].item() == pytest.approx(0.1 / 1.9, rel=0.05)  # about frac / (2 - frac)
+            sa, sb = int(tops[a].sum()), int(tops[b].sum())
+            want = 1.0 if a == b else float(sum(Fraction(math.comb(sa, i) * math.comb(n - sa, sb - i), math.comb(n, sb))
+                                                * Fraction(i, sa + sb - i) for i in range(max(0, sa + sb - n),
+                                                                                          min(sa, sb) + 1)))
+            assert chance[a, b].item() == pytest.approx(want, rel=1e-12)
+    assert chance[0, 1].item() == pytest.approx(0.1 / 1.9, rel=0.1)  # about frac / (2 - frac)
     per_layer = prof.jaccard_chance("mlp", 0.1, per_layer=True)
     assert per_layer.shape == (3, 3, 3) and torch.equal(per_layer[:, 0, 0], torch.ones(3, dtype=torch.float64))
     # a random pair of sets of those sizes overlaps by about the chance level (a Monte Carlo mean)
@@ -241,7 +244,37 @@ def test_top_units_jaccard_and_shared_cosine(chain):
         x[torch.randperm(n, generator=gen)[:sa]] = True
         y[torch.randperm(n, generator=gen)[:sb]] = True
         mc.append((x & y).sum().item() / (x | y).sum().item())
-    assert sum(mc) / len(mc) == pytest.approx(chance[0, 1].item(), rel=0.1)
+    assert sum(mc) / len(mc) == pytest.approx(chance[0, 1].item(), rel=0.05)
+    # a unit whose statistics are NaN (non-finite weights) outside the shared set leaves the shared cosine alone
+    layer = int(c["shared"].argmax())
+    outside = int((~(tops[0][layer] | tops[1][layer])).nonzero()[0])
+    for key in ("d1/mlp/sq_norm", "d1|d2/mlp/dot"):
+        prof.arrays[key] = prof.arrays[key].clone()
+        prof.arrays[key][layer, outside] = float("nan")
+    c2 = prof.shared_cosine("d1", "d2", "mlp", 0.1)
+    assert c2["pooled"][layer].item() == pytest.approx(c["pooled"][layer].item())
+    assert c2["mean"][layer].item() == pytest.approx(c["mean"][layer].item())
+
+
+def test_groups_in_some_layers_rank_their_own_units(tmp_path):
+    """A MoE layout's dense MLP exists in layer 0 only and its experts in layers 1-3: "the top 10%" is 10% of the
+    units that exist, and the chance level draws from those (not from the rows of zeros of the other layers)."""
+    dirs, states, spec = save_moe_chain(str(tmp_path), n_domains=2)
+    prof = diff(dirs, layout=spec, progress=False)
+    assert prof.group_layers("mlp") == [0] and prof.group_layers("expert.0") == [1, 2, 3]
+    for g in ("mlp", "expert.0"):
+        layers = prof.group_layers(g)
+        units = prof.stat("d1", g, "sq_norm").shape[1]
+        n = len(layers) * units
+        top = prof.top_units("d1", g, 0.1)
+        assert int(top.sum()) == math.ceil(0.1 * n) and not top[[i for i in range(4) if i not in layers]].any()
+        sa, sb = int(top.sum()), int(prof.top_units("d2", g, 0.1).sum())
+        want = float(sum(Fraction(math.comb(sa, i) * math.comb(n - sa, sb - i), math.comb(n, sb))
+                         * Fraction(i, sa + sb - i) for i in range(max(0, sa + sb - n), min(sa, sb) + 1)))
+        assert prof.jaccard_chance(g, 0.1)[0, 1].item() == pytest.approx(want, rel=1e-12)
+        per_layer = prof.jaccard_chance(g, 0.1, per_layer=True)
+        assert torch.equal(per_layer[[i for i in range(4) if i not in layers]],
+                           torch.zeros(4 - len(layers), 2, 2, dtype=torch.float64))
 
 
 def test_save_load_roundtrip(chain, tmp_path):

@@ -24,7 +24,7 @@ from lpt_kernels.backends import cpu
 from lpt_kernels.checkpoint import Checkpoint, align, stream
 from lpt_kernels.checkpoint.writer import replace_file
 from lpt_kernels.layout import DEFAULT_GROUPS, Layout, load_layout
-from lpt_kernels.units import jaccard_masks, top_mask
+from lpt_kernels.units import expected_jaccard, jaccard_masks, top_mask
 
 STATS = ("sq_norm", "abs_sum", "abs_max", "zeros", "near_zeros")
 
@@ -142,15 +142,23 @@ class Profile:
         den = (self.dot(a, a, group) * self.dot(b, b, group)).sqrt()
         return torch.where(den > 0, self.dot(a, b, group) / den.clamp_min(1e-300), 0.0)
 
+    def group_layers(self, group: str) -> List[int]:
+        """The layers where ``group`` has units (a MoE layout's dense MLP or experts may exist in some layers only;
+        the arrays have a row of zeros for the others). Every layer for a profile that does not record it."""
+        layers = self.meta.get("group_layers", {}).get(self._g(group))
+        n = self.arrays[f"{self.deltas[0]}/{group}/sq_norm"].shape[0]
+        return list(range(n)) if layers is None else [int(x) for x in layers]
+
     # -- analyses -----------------------------------------------------------------------------------------------
     def top_units(self, delta, group: str, frac: float = 0.10, per_layer: bool = False,
                   by: str = "norm") -> torch.Tensor:
         """Bool [layers, units]: the top ``frac`` of units by update magnitude (``norm`` or ``abs_sum``), over the
-        whole model or within each layer. Units with a zero update are never selected."""
+        group's units in the layers where it exists (:meth:`group_layers`) or within each layer. Units with a zero
+        update are never selected."""
         if not 0.0 < frac <= 1.0:
             raise ProfileError(f"frac: must be in (0, 1], got {frac}")
         score = self.norm(delta, group) if by == "norm" else self.stat(delta, group, "abs_sum").double()
-        return top_mask(score, frac, per_layer)
+        return top_mask(score, frac, per_layer, self.group_layers(group))
 
     def _top_masks(self, group: str, frac: float, per_layer: bool) -> torch.Tensor:
         return torch.stack([self.top_units(d, group, frac, per_layer) for d in self.deltas])  # [M, L, U]
@@ -162,32 +170,39 @@ class Profile:
         return out.permute(2, 0, 1) if per_layer else out
 
     def jaccard_chance(self, group: str, frac: float = 0.10, per_layer: bool = False) -> torch.Tensor:
-        """The chance level of :meth:`jaccard`: the overlap of two sets of units drawn at random with the sizes of the
-        deltas' top sets (E|A & B| / E|A | B|, with E|A & B| = |A| |B| / N over the N units ranked together; about
-        frac / (2 - frac) when both sets are full). Same shape as ``jaccard``; 1 on the diagonal (0 for an empty
-        set), where a set is compared with itself."""
-        masks = self._top_masks(group, frac, per_layer)
-        dims = (-1,) if per_layer else (-2, -1)
-        size = masks.sum(dims).double()  # [M] or [M, L]
-        n = masks.shape[-1] if per_layer else masks.shape[-2] * masks.shape[-1]
-        inter = size[:, None] * size[None, :] / max(n, 1)
-        union = size[:, None] + size[None, :] - inter
-        out = torch.where(union > 0, inter / union.clamp_min(1e-300), 0.0)
-        eye = torch.eye(len(self.deltas), dtype=torch.bool).reshape(out.shape[:2] + (1,) * (out.dim() - 2))
-        out = torch.where(eye, (size[:, None] > 0).double(), out)
-        return out.permute(2, 0, 1) if per_layer else out
+        """The chance level of :meth:`jaccard`: the expected Jaccard overlap of two sets of units drawn at random
+        with the sizes of two deltas' top sets, from the units they were ranked among (the group's units in the
+        layers where it exists, or one layer's with ``per_layer``); exact (:func:`lpt_kernels.units.expected_jaccard`),
+        about frac / (2 - frac) for large full sets, more for sets of a few units. Same shape as ``jaccard``; 1 on
+        the diagonal (0 for an empty set), where a set is compared with itself; 0 in layers without the group."""
+        masks = self._top_masks(group, frac, per_layer)  # [M, L, U]
+        m = len(self.deltas)
+        if per_layer:
+            size = masks.sum(-1)  # [M, L]
+            out = torch.zeros(masks.shape[1], m, m, dtype=torch.float64)
+            for layer in self.group_layers(group):
+                for i in range(m):
+                    for j in range(m):
+                        a, b = int(size[i, layer]), int(size[j, layer])
+                        out[layer, i, j] = float(a > 0) if i == j else expected_jaccard(a, b, masks.shape[-1])
+            return out
+        size = masks.sum((-2, -1))
+        n = len(self.group_layers(group)) * masks.shape[-1]
+        return torch.tensor([[float(size[i] > 0) if i == j else expected_jaccard(int(size[i]), int(size[j]), n)
+                              for j in range(m)] for i in range(m)], dtype=torch.float64)
 
     def shared_cosine(self, a, b, group: str, frac: float = 0.10, per_layer_top: bool = False) -> dict:
         """Layer-wise cosine of deltas a and b restricted to their shared top-``frac`` units: ``pooled`` [layers]
         (over all shared units of the layer together), ``mean`` [layers] (mean of per-unit cosines) and ``shared``
         [layers] (how many units). Layers without a shared unit give NaN."""
         shared = self.top_units(a, group, frac, per_layer_top) & self.top_units(b, group, frac, per_layer_top)
-        m = shared.double()
-        dab, daa, dbb = (self.dot(x, y, group) * m for x, y in ((a, b), (a, a), (b, b)))
+        # where, not a product with the mask: a NaN unit outside the shared set (non-finite weights) stays out
+        dab, daa, dbb = (torch.where(shared, self.dot(x, y, group), 0.0) for x, y in ((a, b), (a, a), (b, b)))
         den = (daa.sum(1) * dbb.sum(1)).sqrt()
         n = shared.sum(1)
         pooled = torch.where(den > 0, dab.sum(1) / den.clamp_min(1e-300), float("nan"))
-        mean = torch.where(n > 0, (self.cosine(a, b, group) * m).sum(1) / n.clamp_min(1), float("nan"))
+        mean = torch.where(n > 0, torch.where(shared, self.cosine(a, b, group), 0.0).sum(1) / n.clamp_min(1),
+                           float("nan"))
         return {"pooled": pooled, "mean": mean, "shared": n}
 
     def sparsity(self, tolerance: bool = False) -> Dict[str, float]:

@@ -292,7 +292,8 @@ class DeltaTracker:
             sq_g = acc[g][:, :, m - 1]
             keys.append(f"lpt/{d}/{g}/update_norm")
             vals.append(sq_g.sum().sqrt())
-            mine = top_mask(sq_g.float().double().sqrt(), self.top, False)  # the rule of Profile.top_units
+            # the rule of Profile.top_units
+            mine = top_mask(sq_g.float().double().sqrt(), self.top, False, sorted(self.layout.groups[g]))
             for j, e in enumerate(self._domains[:k]):
                 s = self._summaries[e]
                 theirs = s.top[g]
@@ -348,7 +349,7 @@ class DeltaTracker:
             sq = arrays[f"{name}/{g}/sq_norm"]
             dev = self._tensors[0].param.device
             s.sq[g] = sq.double().to(dev)
-            s.top[g] = top_mask(sq.double().sqrt(), self.top, False).to(dev)
+            s.top[g] = top_mask(sq.double().sqrt(), self.top, False, sorted(self.layout.groups[g])).to(dev)
         if hist.samples:
             s.hist = hist.as_dict()
         return s
