@@ -876,7 +876,6 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
         stats["stale_removed"] = []
         tmp = None
         bar = _progress_bar(total, progress, f"rollback -> {name}")
-        ra = None
         copier = None
         current = None
         try:
@@ -898,17 +897,8 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
                     current = rel
                     dst = jobs[i][1]
                     items = by_file.get(os.path.abspath(src_path))
-                    if items:  # patched right behind the copy front, its source reads overlapping the copy
-                        ra = _ReadAhead([_source_job(si, s.axes) for s, _, si in items] if _in_place(sc) else [])
-                        ra.consumed(0)
-                        copier.wait_for(i, 0)
-                        p0 = time.perf_counter()
-                        stats["bytes_read"] += _patch_shard(dst, items, sc, alpha, backend, ra,
-                                                            lambda off, i=i: copier.wait_for(i, off))
-                        stats["patch_seconds"] += time.perf_counter() - p0
-                        stats["files_patched"] += 1
-                        ra.close()
-                        ra = None
+                    if items:
+                        _patch_behind_copy(copier, i, dst, items, sc, alpha, backend, stats)
                     copier.wait_for(i, None)
                     stats["files_copied"] += 1
                     size = os.path.getsize(dst)
@@ -939,12 +929,26 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
                                     f"there and the temp dir was removed") from None
             raise
         finally:
-            if ra is not None:
-                ra.close()
             if bar is not None:
                 bar.close()
     stats["seconds"] = time.perf_counter() - t0
     return stats
+
+
+def _patch_behind_copy(copier: "_Copier", k: int, dst: str, items, sc: Checkpoint, alpha: float,
+                       backend: Optional[str], stats: dict) -> None:
+    """Patch the copier's file k (dst, holding the tensors of ``items``) right behind its copy front, the source reads
+    running ahead of the patch (on a source read in place) and overlapping the copy."""
+    ra = _ReadAhead([_source_job(si, s.axes) for s, _, si in items] if _in_place(sc) else [])
+    try:
+        ra.consumed(0)
+        copier.wait_for(k, 0)
+        p0 = time.perf_counter()
+        stats["bytes_read"] += _patch_shard(dst, items, sc, alpha, backend, ra, lambda off: copier.wait_for(k, off))
+        stats["patch_seconds"] += time.perf_counter() - p0
+        stats["files_patched"] += 1
+    finally:
+        ra.close()
 
 
 def _write_ranked(writer: AtomicDir, files, by_file, sc: Checkpoint, stats: dict, alpha: float,
@@ -985,17 +989,7 @@ def _write_ranked(writer: AtomicDir, files, by_file, sc: Checkpoint, stats: dict
                 current, dst = rel, jobs[k][1]
                 items = by_file.get(os.path.abspath(src_path))
                 if items:
-                    ra = _ReadAhead([_source_job(si, s.axes) for s, _, si in items] if _in_place(sc) else [])
-                    try:
-                        ra.consumed(0)
-                        copier.wait_for(k, 0)
-                        p0 = time.perf_counter()
-                        stats["bytes_read"] += _patch_shard(dst, items, sc, alpha, backend, ra,
-                                                            lambda off, k=k: copier.wait_for(k, off))
-                        stats["patch_seconds"] += time.perf_counter() - p0
-                        stats["files_patched"] += 1
-                    finally:
-                        ra.close()
+                    _patch_behind_copy(copier, k, dst, items, sc, alpha, backend, stats)
                 copier.wait_for(k, None)
                 stats["files_copied"] += 1
                 stats["bytes_copied"] += os.path.getsize(dst)
