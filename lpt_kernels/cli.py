@@ -15,12 +15,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import threading
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 _python_format_warning = warnings.formatwarning
+_OWN_PREFIX = re.compile(r"lpt(_kernels| [a-z]+): ")  # how the package's messages begin ("lpt diff: ...")
 
 EPILOG = """examples:
   lpt demo                    # train a tiny Qwen3 on the CPU and run everything below on it (lpt-demo/)
@@ -737,26 +739,54 @@ def _one_line_warnings(cmd: str):
 
     def fmt(message, category, filename, lineno, line=None) -> str:
         text = str(message)
-        if text.startswith("lpt") or os.path.abspath(filename).startswith(here):
-            if text.startswith("lpt") and ": " in text:  # its own "lpt diff: " / "lpt_kernels: " prefix
-                text = text.split(": ", 1)[1]
-            return f"lpt {cmd}: warning: {text}\n"
+        if _OWN_PREFIX.match(text) or os.path.abspath(filename).startswith(here):
+            return f"lpt {cmd}: warning: {_OWN_PREFIX.sub('', text, count=1)}\n"
         return _python_format_warning(message, category, filename, lineno, line)
     return fmt
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    saved = warnings.formatwarning
-    try:
+class _StdoutReaderMayLeave:
+    """sys.stdout for the duration of a command: once its reader has gone away (`lpt overlap DIR --csv o.csv |
+    head -1`), further output is dropped, so the command still finishes the files it was asked to write, and ends
+    without an error message (nor one from Python's last flush at exit)."""
+
+    def __init__(self, stream):
+        self._stream, self.gone = stream, False
+
+    def write(self, text: str) -> int:
+        if not self.gone:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._leave()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.gone:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._leave()
+
+    def _leave(self) -> None:
+        self.gone = True
         try:
-            return _main(argv)
-        finally:
-            sys.stdout.flush()  # a reader that went away shows here, not as an error when Python exits
-    except BrokenPipeError:  # `lpt overlap DIR | head`, `lpt --version | true`: stop quietly, as a shell tool does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        except (OSError, ValueError):  # not a file descriptor (an in-process caller's stream)
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    saved_format, saved_stdout = warnings.formatwarning, sys.stdout
+    sys.stdout = out = _StdoutReaderMayLeave(sys.stdout)
+    try:
+        return _main(argv)
     finally:
-        warnings.formatwarning = saved  # main() may be called in-process
+        out.flush()  # also after --version / --help (SystemExit): a reader that went away shows here, quietly
+        sys.stdout, warnings.formatwarning = saved_stdout, saved_format  # main() may be called in-process
 
 
 def _main(argv: Optional[List[str]]) -> int:
@@ -781,12 +811,11 @@ def _main(argv: Optional[List[str]]) -> int:
     except KeyboardInterrupt:
         print(f"lpt {args.cmd}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:
-        raise  # an OSError, but not an error of the command: main() ends quietly
-    except (ValueError, TypeError, OSError, RuntimeError) as e:
+    except (ValueError, TypeError, OSError, RuntimeError, Warning) as e:  # Warning: under PYTHONWARNINGS=error
         if os.environ.get("LPT_DEBUG"):
             raise
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        msg = _OWN_PREFIX.sub("", msg, count=1)
         print(f"lpt {args.cmd}: error: {msg}", file=sys.stderr)
         return 1
 

@@ -210,6 +210,17 @@ def _member_dict(m: Member) -> dict:
     return {"tensor": m.tensor, "axis": m.axis, "block": m.block}
 
 
+def spec_group_layers(spec: Mapping, group: str) -> list[int] | None:
+    """The layers where ``group`` has units, read from a spec (``Layout.to_spec()``, as saved in profiles and
+    activation results): a group written layer by layer names its layers, a pattern covers the spec's ``layers``.
+    None when the spec does not say."""
+    g = (spec or {}).get("groups", {}).get(group)
+    if isinstance(g, dict):
+        return sorted(int(layer) for layer in g)
+    layers = (spec or {}).get("layers")
+    return None if g is None or layers is None else sorted(int(x) for x in layers)
+
+
 def _templatize(layers: dict[int, list[Member]]) -> list[dict] | None:
     """Member patterns with ``{layer}`` that reproduce ``layers`` exactly, or None if there are none."""
     order = sorted(layers)

@@ -15,10 +15,10 @@ def top_mask(score: torch.Tensor, frac: float, per_layer: bool,
     within each row (``per_layer``): ceil(frac * n) of them, never one whose score is 0 or NaN. Ties at the cut go to
     the earlier position (the lower layer, then the lower unit). ``layers``: the rows where the group has units (the
     others are never selected and do not count in n); None: every row."""
-    if layers is not None:
+    if layers is not None and list(layers) != list(range(score.shape[0])):
+        idx = torch.tensor(list(layers), dtype=torch.long, device=score.device)
         mask = torch.zeros(score.shape, dtype=torch.bool, device=score.device)
-        mask[list(layers)] = top_mask(score[list(layers)], frac, per_layer)
-        return mask
+        return mask.index_copy_(0, idx, top_mask(score.index_select(0, idx), frac, per_layer))
     score = torch.nan_to_num(score.double(), nan=-1.0)
     flat = score if per_layer else score.reshape(1, -1)
     k = max(1, int(math.ceil(frac * flat.shape[1])))

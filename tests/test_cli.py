@@ -41,16 +41,18 @@ def test_diff_overlap_report(chain):
     ov = open(root / "ov.csv").read()
     assert ov.startswith("group,kind,a,b,layer,value") and "mlp,jaccard_chance,d1,d2" in ov
 
-    # a reader that has gone away before the first line (`| true`): no error message, no traceback, with stdout
-    # buffered (Python's default; it then fails at the flush) or not
+    # a reader that has gone away before the first line (`| true`): the command still writes its files, and ends
+    # without an error message or a traceback, with stdout buffered (Python's default: it fails at the flush) or not
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
-    for args in (["overlap", out, "--top", "0.1"], ["--version"]):
-        for unbuffered in ("", "1"):
+    for unbuffered in ("", "1"):
+        csv = root / f"gone{unbuffered}.csv"
+        for args in (["overlap", out, "--top", "0.1", "--csv", str(csv)], ["--version"]):
             gone = subprocess.Popen([sys.executable, "-m", "lpt_kernels.cli", *args], stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, env=dict(env, **({"PYTHONUNBUFFERED": "1"} if unbuffered
                                                                             else {})))
             gone.stdout.close()
-            assert gone.wait() == 141 and gone.stderr.read() == b"", (args, unbuffered)
+            assert gone.wait() == 0 and gone.stderr.read() == b"", (args, unbuffered)
+        assert open(csv).read().startswith("group,kind,a,b,layer,value")
 
     r = lpt("report", out)
     assert r.returncode == 0, r.stderr
@@ -556,6 +558,13 @@ def test_diff_of_a_checkpoint_with_itself_warns(chain, tmp_path):
     assert r.returncode == 0 and "checkpoint 2" in r.stderr and "same files as checkpoint 1" in r.stderr
     r = lpt("diff", *dirs, "--out", str(tmp_path / "p4"), "--quiet")
     assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+    # warnings turned into errors (PYTHONWARNINGS=error): one line, exit 1, nothing written
+    r = subprocess.run([sys.executable, "-m", "lpt_kernels.cli", "diff", dirs[0], dirs[0], "--out",
+                        str(tmp_path / "p5"), "--quiet"], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONWARNINGS="error"))
+    assert r.returncode == 1 and r.stderr.splitlines() == [
+        f"lpt diff: error: checkpoint 2 ({dirs[0]}) is the same files as checkpoint 1 ({dirs[0]}): the update between "
+        f"them is zero everywhere"] and not (tmp_path / "p5").exists(), r.stderr
 
 
 def test_package_warnings_print_on_one_line(chain, tmp_path):

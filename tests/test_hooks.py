@@ -606,3 +606,33 @@ def test_gradient_gram_save_load_and_plot(tmp_path):
     assert os.path.getsize(tmp_path / "heat.png") > 1000
     import matplotlib.pyplot as plt
     plt.close(fig)
+
+
+def test_top_units_of_a_group_in_some_layers_only():
+    """A layout whose group has units in some layers only (a MoE layout's dense MLP, its experts): the top fraction is
+    of the units that exist, as in Profile.top_units, and the other layers' rows of zeros never count."""
+    from lpt_kernels.layout import model_config, spec_group_layers
+
+    model = _qwen3()
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    spec = load_layout(None, shapes, model_config(model), groups=("mlp",)).to_spec()
+    assert spec_group_layers(spec, "mlp") == [0, 1] and spec_group_layers(spec, "attn") is None
+    spec["groups"]["mlp"] = {"1": [dict(m, tensor=m["tensor"].replace("{layer}", "1")) for m in spec["groups"]["mlp"]]}
+    assert spec_group_layers(spec, "mlp") == [1]
+    results = []
+    for seed in (1, 2):
+        ids, mask = _batch(seed, (9, 7))
+        with torch.no_grad(), ActivationStats(model, layout=spec, groups=("mlp",)) as acts:
+            model(ids, attention_mask=mask)
+        results.append(acts.result())
+    r = results[0]
+    assert r.stat("mlp", "mean_abs").shape == (2, 96) and not r.stat("mlp", "mean_abs")[0].any()
+    for frac in (0.1, 0.5):
+        top = r.top_units("mlp", frac)
+        assert int(top.sum()) == math.ceil(frac * 96) and not top[0].any()  # of layer 1's 96 units, not of 2 x 96
+        want = top_mask(r.stat("mlp", "mean_abs")[1:], frac, False)
+        assert torch.equal(top[1:], want)
+    a, b = (x.top_units("mlp", 0.1) for x in results)
+    assert float(jaccard(results[0], results[1], "mlp", 0.1)) == pytest.approx(int((a & b).sum()) / int((a | b).sum()))
+    # a saved result keeps the rule (the layout spec travels in its meta)
+    assert torch.equal(ActivationResult(meta=r.meta, arrays=dict(r.arrays)).top_units("mlp", 0.1), a)

@@ -23,7 +23,7 @@ from lpt_kernels import __version__, distributed, unit_gram
 from lpt_kernels.backends import cpu
 from lpt_kernels.checkpoint import Checkpoint, align, stream
 from lpt_kernels.checkpoint.writer import replace_file
-from lpt_kernels.layout import DEFAULT_GROUPS, Layout, load_layout
+from lpt_kernels.layout import DEFAULT_GROUPS, Layout, load_layout, spec_group_layers
 from lpt_kernels.units import expected_jaccard, jaccard_masks, top_mask
 
 STATS = ("sq_norm", "abs_sum", "abs_max", "zeros", "near_zeros")
@@ -144,8 +144,11 @@ class Profile:
 
     def group_layers(self, group: str) -> List[int]:
         """The layers where ``group`` has units (a MoE layout's dense MLP or experts may exist in some layers only;
-        the arrays have a row of zeros for the others). Every layer for a profile that does not record it."""
+        the arrays have a row of zeros for the others): from ``meta["group_layers"]``, or the layout spec of a
+        profile written before it was recorded; every layer if neither says."""
         layers = self.meta.get("group_layers", {}).get(self._g(group))
+        if layers is None:
+            layers = spec_group_layers(self.meta.get("layout"), group)
         n = self.arrays[f"{self.deltas[0]}/{group}/sq_norm"].shape[0]
         return list(range(n)) if layers is None else [int(x) for x in layers]
 

@@ -13,7 +13,7 @@ import torch
 
 from lpt_kernels import __version__, distributed
 from lpt_kernels.hooks.common import HookError, _model_layout, _read, _write_atomic
-from lpt_kernels.layout import Layout
+from lpt_kernels.layout import Layout, spec_group_layers
 from lpt_kernels.ops import FLOAT_DTYPES, act_stats_, new_act_stats
 from lpt_kernels.units import jaccard_masks, top_mask
 
@@ -430,10 +430,12 @@ class ActivationResult:
     def top_units(self, group: str, frac: float = 0.05, per_layer: bool = False, by: str = "mean_abs",
                   name: Optional[str] = None) -> torch.Tensor:
         """Bool ``[layers, units]``: the top ``frac`` of units by ``by`` (``mean_abs``, ``rms``, ``abs_max``,
-        ``freq``), over the whole model or within each layer; units with a zero score are never selected."""
+        ``freq``), over the group's units in the layers where it exists (from the layout) or within each layer;
+        units with a zero score are never selected (the rule of ``Profile.top_units``)."""
         if not 0.0 < frac <= 1.0:
             raise HookError(f"frac: must be in (0, 1], got {frac}")
-        return top_mask(self.stat(group, by, name), frac, per_layer)
+        return top_mask(self.stat(group, by, name), frac, per_layer,
+                        spec_group_layers(self.meta.get("layout"), self._g(group)))
 
     def jaccard(self, other: "ActivationResult", group: str, frac: float = 0.05, per_layer: bool = False,
                 by: str = "mean_abs", name: Optional[str] = None, other_name: Optional[str] = None) -> torch.Tensor:
