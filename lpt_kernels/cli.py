@@ -495,7 +495,7 @@ def _overlap(a) -> int:
                 print(f"  cosine {x} vs {y} on shared top units: {mean:+.4f} (mean over "
                       f"{plural(int(ok.sum()), 'layer')} of {len(layers)} with shared units)")
             rows += [[g, "shared_cosine", x, y, str(layer), "" if math.isnan(v) else f"{v:.6f}"]
-                     for layer, v in enumerate(c["pooled"].tolist())]
+                     for layer, v in enumerate(c["pooled"].tolist()) if layer in layers]
     if a.csv:
         import csv
 

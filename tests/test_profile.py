@@ -275,6 +275,27 @@ def test_groups_in_some_layers_rank_their_own_units(tmp_path):
         per_layer = prof.jaccard_chance(g, 0.1, per_layer=True)
         assert torch.equal(per_layer[[i for i in range(4) if i not in layers]],
                            torch.zeros(4 - len(layers), 2, 2, dtype=torch.float64))
+    # the report's per-layer norms leave the layers without the group as gaps (not 0); overlap's CSV lists its layers
+    import subprocess
+    import sys
+
+    import lpt_kernels.analysis.report as R
+    figs = []
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(R, "_save", lambda fig, path: figs.append(fig) or path)
+    try:
+        R.plot_layer_norms(prof, "mlp", str(tmp_path / "n.png"))
+    finally:
+        monkey.undo()
+    ys = [torch.tensor(line.get_ydata(), dtype=torch.float64) for line in figs[0].axes[0].lines if line.get_label() in
+          prof.deltas]
+    assert len(ys) == 2 and all(y[0] > 0 and y[1:].isnan().all() for y in ys)
+    prof.save(str(tmp_path / "prof"))
+    r = subprocess.run([sys.executable, "-m", "lpt_kernels.cli", "overlap", str(tmp_path / "prof"), "--group", "mlp",
+                        "--csv", str(tmp_path / "o.csv")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    cos_layers = {ln.split(",")[4] for ln in open(tmp_path / "o.csv").read().splitlines() if ",shared_cosine," in ln}
+    assert cos_layers == {"0"}
 
 
 def test_save_load_roundtrip(chain, tmp_path):

@@ -227,13 +227,15 @@ def plot_shared_cosine(p: Profile, group: str, frac: float, path: str) -> Option
 
 def plot_layer_norms(p: Profile, group: str, path: str) -> str:
     """Per layer, each delta's L2 norm over the group's units: a linear axis from 0 (a log axis only when the norms
-    span more than two orders of magnitude)."""
+    span more than two orders of magnitude). Layers without units of the group (a MoE layout's) are gaps, not 0."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(8, 3.8))
     vals = []
+    absent = torch.ones(p.meta["num_layers"], dtype=torch.bool)
+    absent[p.group_layers(group)] = False
     for i, d in enumerate(p.deltas):
-        v = p.norm(d, group).pow(2).sum(1).sqrt()
-        vals.append(v)
+        v = p.norm(d, group).pow(2).sum(1).sqrt().masked_fill(absent, float("nan"))
+        vals.append(v[~absent])
         ax.plot(range(len(v)), v.numpy(), color=f"C{i}", label=d, **PAIR_STYLE)
     allv = torch.cat(vals)
     pos = allv[allv > 0]
