@@ -729,7 +729,16 @@ def _usage_checks(a, subs) -> None:
 
 
 def _terminate_as_interrupt(signum, frame):
-    raise KeyboardInterrupt  # SIGTERM (kill, timeout, a job scheduler) cleans up like Ctrl-C: no temp left behind
+    """SIGTERM (kill, timeout, a job scheduler) cleans up like Ctrl-C: no temp left behind. Python prints and drops
+    an exception raised inside a finalizer (a library's __del__ running when the signal lands), so there the signal
+    is delivered again a moment later instead of being lost."""
+    f = frame
+    while f is not None:
+        if f.f_code.co_name == "__del__":
+            threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+            return
+        f = f.f_back
+    raise KeyboardInterrupt
 
 
 def _one_line_warnings(cmd: str):
