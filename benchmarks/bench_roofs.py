@@ -166,13 +166,24 @@ def memory_ceiling(threads: int, seconds: float) -> float:
 VEC = re.compile(r"\b[xyz]mm\d+")
 
 
-def is_vector_alu(mn: str, op: str) -> bool:
-    """An operation on the SIMD ALU ports: a vector register operand, not a store (memory destination), and not an
-    unmasked move (a plain load goes to the load ports, a register copy is eliminated at rename)."""
-    dst = op.split(",")[0]
+# Instructions that issue two operations on the vector ports of Intel cores since Ice Lake (measured on the Xeon of
+# benchmarks/README.md: 1 vpermw and 3 vaddps took 2.6 cycles a group where 4 one-port operations take 2.0; vpermb,
+# vpshufb and the compares into mask registers took one).
+TWO_OPS = {"vpermw"}
+
+
+def vector_ops(mn: str, op: str) -> int:
+    """Operations of one instruction on the SIMD ALU ports: none without a vector register operand, for a store
+    (memory destination), an unmasked move (a plain load goes to the load ports, a register copy is eliminated at
+    rename) or a broadcast from memory (done by the load port); two for TWO_OPS; else one."""
+    dst, src = op.split(",")[0], op.split(",", 1)[-1]
     if not VEC.search(op) or "PTR" in dst:
-        return False
-    return not (mn.startswith(("vmovdq", "vmovap", "vmovup", "movap", "movup", "movdq")) and "{" not in dst)
+        return 0
+    if mn.startswith(("vmovdq", "vmovap", "vmovup", "movap", "movup", "movdq")) and "{" not in dst:
+        return 0
+    if mn.startswith(("vbroadcast", "vpbroadcast")) and "PTR" in src and "{" not in dst:
+        return 0
+    return 2 if mn in TWO_OPS else 1
 
 
 def hot_loops(so: str, isa: str, pattern: str):
@@ -208,7 +219,7 @@ def hot_loops(so: str, isa: str, pattern: str):
                                                          for l2, h2 in loops)]
         for lo, hi in inner:
             body = [(mn, op) for a, mn, op in ins if lo <= a <= hi]
-            vec = sum(1 for mn, op in body if is_vector_alu(mn, op))
+            vec = sum(vector_ops(mn, op) for mn, op in body)
             loads = sum(1 for mn, op in body if "PTR" in op and not mn.startswith("prefetch") and
                         "PTR" not in op.split(",")[0])
             res.append((head.split("<", 1)[1][:90], len(body), vec, loads, Counter(mn for mn, _ in body)))

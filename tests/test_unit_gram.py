@@ -128,6 +128,27 @@ def test_columns_on_more_threads_than_strips(backend, case):
     assert_gram_close(got, ref, ws[0].shape[0] * kw.get("block", 1))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_columns_read_in_place_keep_their_lanes(backend, dtype, k):
+    """Columns of one dtype read in place: the CPU kernel widens 16-bit strips into lanes out of element order at
+    some widths (AVX-512, K = 4, 5) and keeps the column sums in that order, so every column's statistics must still
+    be its own: a different update per column, rows past a fold period (256) and a row block, a tail of columns."""
+    name, device = backend
+    rows, cols = (20, 20) if is_slow(name) else (300, 75)
+    gen = torch.Generator().manual_seed(k)
+    w = rand((rows, cols), dtype, device, gen)
+    scale = torch.arange(1, cols + 1, dtype=torch.float32, device=device)  # column j moves by ~j
+    ws = [w]
+    for i in range(1, k):
+        keep = torch.rand(rows, cols, generator=gen).to(device) < (torch.arange(cols, device=device) % 7) / 7
+        ws.append(torch.where(keep, ws[-1], (ws[-1].float() + 1e-2 * i * scale).to(dtype)))
+    for block in (1, 5):
+        got = _check(backend, ws, axis=1, block=block, mode="consecutive", atol=1e-3)
+        ref = L.unit_gram(ws, axis=1, block=block, mode="consecutive", atol=1e-3, backend="reference")
+        assert torch.equal(got.zeros.cpu(), ref.zeros.cpu()) and torch.equal(got.abs_max.cpu(), ref.abs_max.cpu())
+
+
 def test_bf16_differences_are_exact(backend):
     """Widen then subtract: two bf16 values one ulp apart differ by exactly that ulp."""
     name, device = backend

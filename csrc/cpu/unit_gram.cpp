@@ -20,7 +20,7 @@
 // Up to kStaticM deltas (K <= 5) the accumulators are sized at compile time and live in registers (StaticKern); more
 // deltas use runtime-sized accumulators in L1 (DynKern: the rare K > 5, kept generic to keep the build small). The
 // hot loop (strips<DT>) is instantiated per dtype, the drivers around it are dtype-free. Inputs of one dtype with
-// unit inner stride (the common case) are read in place (load_pair / load_vec); mixed dtypes, other strides and
+// unit inner stride (the common case) are read in place (load_pair / load_vec_p); mixed dtypes, other strides and
 // listed columns go through small fp32 buffers (load_run / load_gather). Inputs all contiguous along axis 0 instead
 // (transposed views) are handled as their transposes. Elements that do not fill a strip use lpt/element.h's scalar
 // functions.
@@ -200,17 +200,19 @@ struct VTot {
 struct ColTotals {
   int M, NG, NS, ZC, MX;  // NS statistics a column; c32's packed counts at ZC, maxima at MX
   int64_t n;
+  bool perm;               // a group's lanes in load_vec_p's order (strips of one vector of a 16-bit dtype, in place)
   Scratch<float, 0> s32;   // c32: [groups][NS][kW]
   Scratch<double, 1> s64;  // c64: [groups][NS][kW]
   float* c32;
   double* c64;
-  ColTotals(int M_, int64_t n_)
-      : M(M_), NG(M_ * (M_ + 1) / 2), NS(NG + 3 * M_), ZC(NG + M_), MX(NG + 2 * M_), n(n_),
+  ColTotals(int M_, int64_t n_, bool perm_)
+      : M(M_), NG(M_ * (M_ + 1) / 2), NS(NG + 3 * M_), ZC(NG + M_), MX(NG + 2 * M_), n(n_), perm(perm_),
         s32((n_ + kW - 1) / kW * NS * kW), s64((n_ + kW - 1) / kW * NS * kW), c32(s32.data()), c64(s64.data()) {}
 
-  float* f32(int64_t col, int st) { return c32 + ((col / kW) * NS + st) * kW + col % kW; }
-  const float* f32(int64_t col, int st) const { return c32 + ((col / kW) * NS + st) * kW + col % kW; }
-  const double* f64(int64_t col, int st) const { return c64 + ((col / kW) * NS + st) * kW + col % kW; }
+  int64_t at(int64_t col, int st) const { return ((col / kW) * NS + st) * kW + (perm ? p_lane(col % kW) : col % kW); }
+  float* f32(int64_t col, int st) { return c32 + at(col, st); }
+  const float* f32(int64_t col, int st) const { return c32 + at(col, st); }
+  const double* f64(int64_t col, int st) const { return c64 + at(col, st); }
 
   template <int W>
   void add_lane(const Lanes<W>& a, int l, int64_t col) {
@@ -343,7 +345,7 @@ struct VAcc {
       update(a, 0, atol, rtol, thr0);
       update(b, U - 1, atol, rtol, thr0);
     } else {
-      for (int k = 0; k < K; ++k) a[k] = load_vec<DT>(q[k] + off, 0);
+      for (int k = 0; k < K; ++k) a[k] = load_vec_p<DT>(q[k] + off, 0);  // only axis 1 comes here
       update(a, 0, atol, rtol, thr0);
     }
   }
@@ -640,7 +642,7 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
       col_pos[k * ncol + j] = (int32_t)pos;
       pos0[k] = pos0[k] || pos == 0;
     }
-  ColTotals tot(c.m, ncol);
+  ColTotals tot(c.m, ncol, !gather && es == 2 && G == kW);
 #pragma omp parallel num_threads(threads)
   {
     int64_t lo, hi;
