@@ -103,10 +103,12 @@ def test_near_zero_tolerances_count_exactly(backend):
     assert g.abs_max.cpu().tolist() == [[0.5], [0.0]]
 
 
-@pytest.mark.parametrize("case", ["15 columns", "listed columns"])
+@pytest.mark.parametrize("case", ["15 columns", "listed columns", "units of 3 across threads",
+                                  "units of 40 across threads"])
 def test_columns_on_more_threads_than_strips(backend, case):
     """Columns on 2 threads where one thread gets none (fewer strips than threads): it must not fold the other's
-    column sums (it zeroed them while they were being added into, and counts came out off by multiples of 16)."""
+    column sums (it zeroed them while they were being added into, and counts came out off by multiples of 16). And
+    units whose columns two threads share (each thread stores the units inside its columns, these after both)."""
     name, device = backend
     if name != "cpu":
         pytest.skip("the CPU backend's OpenMP threads (100000-row inputs would take minutes under Triton's interpreter)")
@@ -114,9 +116,13 @@ def test_columns_on_more_threads_than_strips(backend, case):
     if case == "15 columns":
         w = torch.randn(100_000, 15, generator=gen).to(device)
         ws, kw = [w, w.clone(), (w * 2).round()], {}
-    else:
+    elif case == "listed columns":
         w = torch.randn(70_000, 64, generator=gen).to(torch.bfloat16).to(device)
         ws, kw = [w, w.clone(), w * 3], {"block": 2, "index": [3, 3, 0, 31, 5]}
+    else:  # the threads split at column 64 (strips of 16): inside unit 21 of 3 columns, unit 1 of 40
+        block = 3 if "of 3" in case else 40
+        w = torch.randn(800, 111 if block == 3 else 120, generator=gen).to(torch.bfloat16).to(device)
+        ws, kw = [w, (w * 1.5).to(torch.bfloat16), (w * 3).to(torch.bfloat16)], {"block": block}
     was = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
