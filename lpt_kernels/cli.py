@@ -819,6 +819,10 @@ def _main(argv: Optional[List[str]]) -> int:
         return run(args)
     except KeyboardInterrupt:
         print(f"lpt {args.cmd}: interrupted", file=sys.stderr)
+        # CPython (3.11 here) marks a KeyboardInterrupt raised inside exec() of a string (dataclasses and transformers
+        # build classes that way while importing) as unhandled even once it is caught, and `python -m` then ends
+        # the process by SIGINT (exit -2) instead of with this code; an exec that completes clears the mark.
+        exec("")
         return 130
     except (ValueError, TypeError, OSError, RuntimeError, Warning) as e:  # Warning: under PYTHONWARNINGS=error
         if os.environ.get("LPT_DEBUG"):
