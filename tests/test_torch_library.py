@@ -137,3 +137,18 @@ def test_eager_calls_skip_the_dispatcher_and_tracing_sees_the_ops():
         assert torch.equal(a, b)
     assert torch.equal(t, t_op)
     assert not L.unit_gram([x.requires_grad_() for x in w]).gram.requires_grad
+
+
+def test_eager_calls_restore_grad_mode():
+    """The eager path turns autograd off for the kernel's call only: on return, on error, and inside no_grad."""
+    w = [torch.randn(6, 4, requires_grad=True) for _ in range(3)]
+    pooled, per_unit = L.masked_cosine((w[0], w[1]), (w[1], w[2]), [0, 5])
+    assert torch.is_grad_enabled() and not pooled.requires_grad and not per_unit.requires_grad
+    for backend in ("cpu", "reference"):
+        with pytest.raises(ValueError, match="unit id 6 out of range"):
+            L.masked_cosine((w[0], w[1]), (w[1], w[2]), torch.tensor([0, 6]), backend=backend)
+        assert torch.is_grad_enabled()
+    with torch.no_grad():
+        L.unit_gram(w)
+        assert not torch.is_grad_enabled()
+    assert torch.is_grad_enabled()

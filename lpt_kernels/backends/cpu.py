@@ -25,6 +25,14 @@ def _code(t, name: str) -> int:
         raise TypeError(f"{name}: dtype {t.dtype} is not supported (expected bfloat16, float16 or float32)") from None
 
 
+def _codes(ws) -> list:
+    """The dtype codes of tensors ``ws`` (arguments ws[i])."""
+    try:
+        return [DTYPE_CODES[w.dtype] for w in ws]
+    except KeyError:
+        return [_code(w, f"ws[{i}]") for i, w in enumerate(ws)]  # raises, naming the argument
+
+
 def _ext():
     if _C is None:
         raise RuntimeError(f"the CPU backend is not available: {REASON}; reinstall lpt_kernels (pip install .)")
@@ -58,7 +66,7 @@ def unit_gram(ws, axis, block, mode, index, atol, rtol):
     abs_sum, abs_max = torch.empty(n_units, m, **kw), torch.empty(n_units, m, **kw)
     zeros = torch.empty(n_units, m, dtype=torch.int64)
     near = torch.empty(n_units, m, dtype=torch.int64)
-    C.unit_gram([w.data_ptr() for w in ws], [_code(w, f"ws[{i}]") for i, w in enumerate(ws)], [w.stride(0) for w in ws],
+    C.unit_gram([w.data_ptr() for w in ws], _codes(ws), [w.stride(0) for w in ws],
                 [w.stride(1) for w in ws], rows, cols, axis, block, MODE_CODES[mode],
                 index.data_ptr() if index is not None else 0, n_units, atol, rtol, gram.data_ptr(),
                 abs_sum.data_ptr(), abs_max.data_ptr(), zeros.data_ptr(), near.data_ptr(), torch.get_num_threads())
@@ -69,7 +77,7 @@ def masked_cosine(ws, mode, a, b, index, axis, block):
     gram = unit_gram(ws, axis, block, mode, index, 0.0, 0.0)[0]
     per_unit = torch.empty(gram.shape[0], dtype=torch.float32)
     pooled = _ext().gram_cosines(gram.data_ptr(), gram.shape[0], gram.shape[1], a, b, per_unit.data_ptr())
-    return torch.tensor(pooled, dtype=torch.float32), per_unit
+    return torch.scalar_tensor(pooled, dtype=torch.float32), per_unit
 
 
 def log_hist(ws, rows, mode, counts, zeros, bins, lo, hi):
