@@ -66,7 +66,7 @@ void strip(const BlockArgs& a, float threshold, ChanTotals& tot, int64_t j) {
   constexpr int kLines = (kG * (DT == kF32 ? 4 : 2) + 63) / 64;
   vf as[2 * kP], sq[2 * kP], mx[2 * kP], ac[2 * kP];
   for (int u = 0; u < 2 * kP; ++u) as[u] = sq[u] = mx[u] = ac[u] = vf{};
-  const vf one = vf{} + 1.0f, zero = {};
+  const vf one = vf{} + 1.0f;
   for (int64_t i = 0; i < a.n; ++i) {
     if (a.pf) {
       const char* pf = a.pf[i] + a.pb;
