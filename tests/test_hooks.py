@@ -253,6 +253,9 @@ def test_top_units_and_jaccard_against_brute_force():
     assert torch.equal(results[0].top_units("mlp", 0.25, by="freq"),
                        top_mask(results[0].stat("mlp", "freq"), 0.25, False))
     assert float(jaccard(results[0], results[0], "mlp", 0.05)) == 1.0
+    for by, err in (("tokens", "same for every unit"), ("median", "not one of")):
+        with pytest.raises(HookError, match=err):
+            results[0].top_units("mlp", 0.05, by=by)
 
 
 # ---- ActivationStats: modes and the model ------------------------------------------------------------------------

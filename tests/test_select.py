@@ -1,5 +1,6 @@
 """The A x M x C selector against brute-force scoring on a real sharded checkpoint chain."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -115,6 +116,27 @@ def test_selection_file_roundtrip_and_bad_budget(setup, tmp_path):
     (tmp_path / "bad.json").write_text("{nope")
     with pytest.raises(SelectionError, match="JSON"):
         Selection.load(str(tmp_path / "bad.json"))
+
+
+def test_empty_selection_says_why(setup):
+    """A budget that rounds to no unit, scores that are all 0, or a target below every unit's cost: an empty
+    selection (it rolls nothing back) with a warning naming the reason."""
+    dirs, states, prof, layout, acts = setup
+    s = conflict_scores(prof, "d1", "d2", acts, groups=("mlp", "attn"))
+    with pytest.warns(RuntimeWarning, match=r"nothing selected: budget 0.02 of 12 units rounds to 0"):
+        sel = select(s, layout, "AMC", 0.02, groups=("attn",))  # 4 heads x 3 layers
+    assert sel.count("attn") == 0 and sel.meta["budget_target"] == 0
+    total = 3 * (96 * s.unit_params["mlp"] + 4 * s.unit_params["attn"])
+    with pytest.warns(RuntimeWarning, match="cheapest eligible unit costs more than the target of 1 parameter$"):
+        sel = select(s, layout, "AMC", 1.0 / total, groups=("mlp", "attn"))
+    assert sel.count("mlp") == sel.count("attn") == 0
+    zero = conflict_scores(prof, "d1", "d2", FakeActivations({g: torch.zeros_like(a) for g, a in acts.arrays.items()}),
+                           groups=("mlp",))
+    with pytest.warns(RuntimeWarning, match="no unit of mlp is eligible"):
+        select(zero, layout, "AMC", 0.1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert select(s, layout, "AMC", 0.1, groups=("attn",)).count("attn") > 0
 
 
 def test_gradient_conflict_matches_dense(setup):

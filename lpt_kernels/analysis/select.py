@@ -29,6 +29,7 @@ best units left anywhere that fit, so the spent budget falls short of the target
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
@@ -339,6 +340,13 @@ def select(scores: Scores, layout=None, selector: str = "AMC", budget: float = 0
                 units[g].setdefault(layer, []).append(u)
                 left -= cost[g]
                 spent += cost[g]
+    if spent == 0:  # an empty selection rolls nothing back: say why rather than let a sweep measure nothing
+        unit = "parameters" if joint else "units"
+        why = (f"budget {budget:g} of {total} {unit} rounds to 0" if target == 0 else
+               f"no unit of {', '.join(groups)} is eligible (every {selector} score is 0)" if not any(
+                   bool(eligible[g].any()) for g in groups) else
+               f"the cheapest eligible unit costs more than the target of {target} {unit[:-1] if target == 1 else unit}")
+        warnings.warn(f"lpt select: nothing selected: {why}", RuntimeWarning, stacklevel=2)
     meta = dict(scores.meta, selector=selector, budget=budget, allocation=allocation, norm=norm, seed=seed,
                 groups=list(groups), budget_unit="parameters" if joint else "units", budget_total=total,
                 budget_target=target, budget_spent=spent, budget_spent_fraction=spent / total if total else 0.0,

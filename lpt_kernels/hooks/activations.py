@@ -434,6 +434,9 @@ class ActivationResult:
         units with a zero score are never selected (the rule of ``Profile.top_units``)."""
         if not 0.0 < frac <= 1.0:
             raise HookError(f"frac: must be in (0, 1], got {frac}")
+        if by == "tokens":  # one count for every unit of a site: a ranking by it would be the tie order
+            raise HookError(f"by: 'tokens' is the same for every unit; rank by one of "
+                            f"{', '.join(s for s in ACT_STATS if s != 'tokens')}")
         return top_mask(self.stat(group, by, name), frac, per_layer,
                         spec_group_layers(self.meta.get("layout"), self._g(group)))
 
