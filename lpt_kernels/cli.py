@@ -18,6 +18,7 @@ import os
 import re
 import sys
 import threading
+import unicodedata
 import warnings
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -41,6 +42,16 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 class CliError(ValueError):
     """A bad argument found by the command's own checks (one line, exit code 1)."""
+
+
+def _cols(s: str) -> int:
+    """Terminal columns of s: East Asian wide and fullwidth characters take two (labels such as 代码)."""
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in s)
+
+
+def _rjust(s: str, width: int) -> str:
+    """s right-aligned in `width` terminal columns (str.rjust counts characters)."""
+    return " " * max(0, width - _cols(s)) + s
 
 
 def plural(n: int, word: str, words: Optional[str] = None) -> str:
@@ -421,9 +432,9 @@ def _diff(a) -> int:
         print("  groups: " + ", ".join(f"{g} ({plural(len(ls), 'layer')})" for g, ls in
                                        prof.meta.get("group_layers", {}).items())
               + (f"; not analysed: {', '.join(left_out)}" if left_out else ""))
-        width = max(len(d) for d in prof.deltas)
+        width = max(_cols(d) for d in prof.deltas)
         for d in prof.deltas:
-            line = f"  {d:>{width}}: {exact[d]:7.2%} of parameters unchanged"
+            line = f"  {_rjust(d, width)}: {exact[d]:7.2%} of parameters unchanged"
             if prof.meta["atol"] or prof.meta["rtol"]:
                 line += f", {tol[d]:7.2%} within tolerance"
             print(line)
@@ -457,8 +468,8 @@ def _overlap(a) -> int:
             j = j[layers].mean(0)
         print(f"{g}: Jaccard of the top-{a.top:.0%} changed units" + (" (within each layer, averaged over layers)"
                                                                       if a.per_layer else ""))
-        width = max(len(d) for d in prof.deltas + ["0.000"]) + 2  # short labels: the values set the width
-        print(" " * width + "".join(f"{d:>{width}}" for d in prof.deltas))
+        width = max(_cols(d) for d in prof.deltas + ["0.000"]) + 2  # short labels: the values set the width
+        print(" " * width + "".join(_rjust(d, width) for d in prof.deltas))
         for i, d in enumerate(prof.deltas):
             cells = []
             for k, e in enumerate(prof.deltas):
@@ -466,7 +477,7 @@ def _overlap(a) -> int:
                 v = j[i, k].item()
                 cells.append(f"{v:>{width}.3f}" if ok else f"{'-':>{width}}")
                 rows.append([g, "jaccard", d, e, "", f"{v:.6f}" if ok else ""])
-            print(f"{d:>{width}}" + "".join(cells))
+            print(_rjust(d, width) + "".join(cells))
         still = [d for d in prof.deltas if d not in moved]
         if still:
             print(f"  - : {', '.join(still)} did not change any {g} unit")

@@ -277,6 +277,31 @@ def test_usage_errors_name_the_subcommand():
     assert r.returncode == 0 and "self-contained report.html" in r.stdout and "--force" in r.stdout
 
 
+def test_wide_labels_align(chain):
+    """Labels in CJK take two terminal columns a character: the overlap table stays aligned."""
+    import unicodedata
+    root, dirs = chain
+    out = str(root / "prof_cjk")
+    r = subprocess.run([sys.executable, "-m", "lpt_kernels.cli", "diff", *dirs, "--out", out, "--labels",
+                        "基座,代码,数学,问答"], capture_output=True, encoding="utf-8",
+                       env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "lpt_kernels.cli", "overlap", out, "--group", "mlp"],
+                       capture_output=True, encoding="utf-8", env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.split() == ["代码", "数学", "问答"])
+    table = lines[head: head + 4]
+    def ends(ln):  # the terminal column where each word ends
+        out, col = [], 0
+        for i, c in enumerate(ln):
+            col += 2 if unicodedata.east_asian_width(c) in "WF" else 1
+            if c != " " and (i + 1 == len(ln) or ln[i + 1] == " "):
+                out.append(col)
+        return out
+    assert all(ends(ln)[-3:] == ends(table[0]) for ln in table), table  # labels end where the values end
+
+
 def test_labels_plurals_unchanged_groups_and_no_bars(mlp_chain, tmp_path):
     base, math_dir, qa = mlp_chain
     out = tmp_path / "prof"
