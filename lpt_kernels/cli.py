@@ -45,8 +45,10 @@ class CliError(ValueError):
 
 
 def _cols(s: str) -> int:
-    """Terminal columns of s: East Asian wide and fullwidth characters take two (labels such as 代码)."""
-    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in s)
+    """Terminal columns of s: East Asian wide and fullwidth characters take two (labels such as 代码), combining
+    marks and format characters none (e + U+0301, as macOS spells é in file names)."""
+    return sum(0 if unicodedata.combining(c) or unicodedata.category(c) in ("Mn", "Me", "Cf") else
+               2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in s)
 
 
 def _rjust(s: str, width: int) -> str:
@@ -466,7 +468,7 @@ def _overlap(a) -> int:
         layers = prof.group_layers(g)  # per layer: the mean over the layers where the group has units
         if a.per_layer:
             j = j[layers].mean(0)
-        print(f"{g}: Jaccard of the top-{a.top:.0%} changed units" + (" (within each layer, averaged over layers)"
+        print(f"{g}: Jaccard of the top-{a.top * 100:.3g}% changed units" + (" (within each layer, averaged over layers)"
                                                                       if a.per_layer else ""))
         width = max(_cols(d) for d in prof.deltas + ["0.000"]) + 2  # short labels: the values set the width
         print(" " * width + "".join(_rjust(d, width) for d in prof.deltas))

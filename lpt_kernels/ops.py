@@ -6,6 +6,7 @@ naming the argument; the custom ops then call the chosen backend (see ``lpt_kern
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
@@ -107,7 +108,8 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     """The backend a call on `device` uses: the argument, else LPT_BACKEND, else the best one available."""
     name = backend or os.environ.get("LPT_BACKEND") or "auto"
     if name not in BACKENDS:
-        raise ValueError(f"backend: unknown backend {name!r} (expected one of {', '.join(BACKENDS)})")
+        what = "backend" if backend else "LPT_BACKEND (environment)"
+        raise ValueError(f"{what}: unknown backend {name!r} (expected one of {', '.join(BACKENDS)})")
     if name == "auto":
         candidates = ("cpu",) if device.type == "cpu" else ("triton", "cuda") if device.type == "cuda" else ()
         for cand in candidates:
@@ -146,10 +148,27 @@ def _check_tensor(t, name: str) -> None:
         raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
 
 
+def _check_writable(t: torch.Tensor, name: str) -> None:
+    """torch's rules for an in-place write, which a kernel writing through a pointer would otherwise skip: no two
+    elements at one memory location (an expanded or overlapping as_strided view would be written twice, wrong),
+    no inference tensor outside inference mode, no tensor that requires grad while grad is on."""
+    dims = sorted((abs(st), n) for st, n in zip(t.stride(), t.shape) if n > 1)
+    extent = 0  # elements spanned by the faster dims: a slower stride must step past them
+    for st, n in dims:
+        if st <= extent:
+            raise ValueError(f"{name}: several of its elements share memory (an expanded or overlapping view); "
+                             f"write into a tensor with distinct elements (e.g. a .clone())")
+        extent += st * (n - 1)
+    if t.is_inference() and not torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{name}: an inference tensor cannot be updated in place outside torch.inference_mode()")
+    if t.requires_grad and torch.is_grad_enabled():  # (autograd would not see the kernel's write)
+        raise ValueError(f"{name}: requires grad; update it under torch.no_grad()")
+
+
 def _check_axis_block(shape, axis, block, what: str = "tensor") -> int:
-    if not isinstance(axis, int) or isinstance(axis, bool) or axis not in (0, 1):
+    if not isinstance(axis, numbers.Integral) or isinstance(axis, bool) or axis not in (0, 1):
         raise ValueError(f"axis: must be 0 or 1, got {axis!r}")
-    if not isinstance(block, int) or isinstance(block, bool) or block < 1:
+    if not isinstance(block, numbers.Integral) or isinstance(block, bool) or block < 1:
         raise ValueError(f"block: must be a positive int, got {block!r}")
     if shape[axis] % block:
         raise ValueError(f"block: {block} does not divide axis {axis} of the {what} (size {shape[axis]})")
@@ -179,6 +198,12 @@ def _host_index(index, name: str = "index") -> torch.Tensor:
         raise TypeError(f"{name}: expected integer unit ids, got dtype {idx.dtype}")
     if idx.dim() != 1:
         raise ValueError(f"{name}: expected a 1-D list of unit ids, got shape {tuple(idx.shape)}")
+    if idx.device.type == "meta":
+        raise TypeError(f"{name}: a meta tensor has no unit ids to read")
+    if idx.dtype == torch.uint64 and idx.numel():  # ids from 2**63 on would wrap to negative ones in int64
+        big = idx.view(torch.int64) < 0
+        if bool(big.any()):
+            raise ValueError(f"{name}: unit id {int(idx.view(torch.int64)[big][0]) + 2**64} out of range")
     return idx.to(device="cpu", dtype=torch.int64).contiguous()
 
 
@@ -228,7 +253,7 @@ def _unique_index(idx: torch.Tensor, n_units: int, name: str = "index") -> torch
 
 
 def _check_float(x, name: str, lo: float, hi: float = float("inf")) -> float:
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
+    if isinstance(x, bool) or not isinstance(x, numbers.Real):  # (numpy scalars are Real too)
         raise TypeError(f"{name}: expected a number, got {type(x).__name__}")
     x = float(x)
     if not (lo <= x <= hi):
@@ -246,12 +271,14 @@ _dispatch_modes = getattr(torch._C, "_len_torch_dispatch_stack", lambda: 1)
 _functorch_active = getattr(torch._C, "_are_functorch_transforms_active", lambda: True)
 
 
-def _run(op, impl, tensors, *args):
+def _run(op, impl, tensors, *args, mutated: Tuple[torch.Tensor, ...] = ()):
     """Call ``impl(*args)`` directly in plain eager mode, else the custom op ``op`` (same function, registered).
 
     In eager mode the dispatcher adds nothing but cost: its first call imports torch._dynamo (about 2 s) and every
     call pays tens of microseconds, which per-slice callers (a live rollback, a hook) pay many times. Anything that
     traces — torch.compile, make_fx, fake tensors, dispatch modes, functorch transforms — goes through the op.
+    ``mutated``: the tensors the kernel writes in place; their version counters are bumped as the op's would be, so
+    autograd refuses a backward through values that changed.
     """
     if (torch.compiler.is_compiling() or _dispatch_modes() or _functorch_active()
             or any(t is not None and type(t) not in _PLAIN for t in tensors)):
@@ -259,9 +286,12 @@ def _run(op, impl, tensors, *args):
     grad = torch.is_grad_enabled()  # torch.no_grad() without its context manager's ~2 us a call
     torch._C._set_grad_enabled(False)
     try:
-        return impl(*args)
+        out = impl(*args)
     finally:
         torch._C._set_grad_enabled(grad)
+    if mutated:
+        torch.autograd.graph.increment_version(mutated)
+    return out
 
 
 # ---- unit_gram ---------------------------------------------------------------------------------------------------
@@ -395,6 +425,14 @@ def masked_cosine(u: UpdateLike, v: UpdateLike, index, *, axis: int = 0, block: 
         raise TypeError(f"{name}: expected a tensor or a (before, after) pair of tensors")
 
     (u0, u1), (v0, v1) = parts(u, "u"), parts(v, "v")
+    # shapes and devices first: before a difference is formed below, or a kernel reads
+    ref_name, ref = ("u", u1) if u0 is None else ("u[0]", u0)
+    named = ([] if u0 is None else [("u[1]", u1)]) + ([("v", v1)] if v0 is None else [("v[0]", v0), ("v[1]", v1)])
+    for name, w in named:
+        if w.shape != ref.shape:
+            raise ValueError(f"{name}: shape {tuple(w.shape)} differs from {ref_name}'s {tuple(ref.shape)}")
+        if w.device != ref.device:
+            raise ValueError(f"{name}: on {w.device}, but {ref_name} is on {ref.device}")
     if (u0 is None) != (v0 is None):
         # One update given, one pair: form the pair's difference (a full-size fp32 temporary).
         if u0 is not None:
@@ -409,11 +447,6 @@ def masked_cosine(u: UpdateLike, v: UpdateLike, index, *, axis: int = 0, block: 
         # Consecutive deltas of (u0, u1, v0, v1): d0 = u1 - u0 and d2 = v1 - v0 are the two updates.
         ws, mode, a, b = [u0, u1, v0, v1], "consecutive", 0, 2
     shape, device = ws[0].shape, ws[0].device
-    for i, w in enumerate(ws):
-        if w.shape != shape:
-            raise ValueError(f"v: shape {tuple(w.shape)} differs from u's {tuple(shape)}")
-        if w.device != device:
-            raise ValueError(f"v: on {w.device}, but u is on {device}")
     _check_axis_block(shape, axis, block, "updates")
     if index is None:
         raise ValueError("index: masked_cosine needs the unit ids to restrict to")
@@ -477,6 +510,7 @@ def act_stats_(x: torch.Tensor, stats: torch.Tensor, *, token_mask: Optional[tor
         raise ValueError(f"stats: expected shape (5, {c}), got {tuple(stats.shape)}")
     if stats.device != x.device:
         raise ValueError(f"stats: on {stats.device}, but x is on {x.device}")
+    _check_writable(stats, "stats")
     mask = None
     if token_mask is not None:
         if not isinstance(token_mask, torch.Tensor):
@@ -491,7 +525,8 @@ def act_stats_(x: torch.Tensor, stats: torch.Tensor, *, token_mask: Optional[tor
     threshold = _check_float(threshold, "threshold", float("-inf"))
     name = resolve_backend(backend, x.device)
     tokens = math.prod(x.shape[:-1])  # explicit: reshape(-1, 0) cannot infer the token count
-    _run(_act_stats_op, _act_stats_impl, [x, stats, mask], x.reshape(tokens, c), stats, mask, threshold, name)
+    _run(_act_stats_op, _act_stats_impl, [x, stats, mask], x.reshape(tokens, c), stats, mask, threshold, name,
+         mutated=(stats,))
     return stats
 
 
@@ -518,7 +553,7 @@ def _rollback_compact_(target, source, index, axis: int, block: int, alpha: floa
     """rollback_ from a compact source (the i-th listed unit at position i along `axis`), for callers that checked,
     sorted and de-duplicated the ids and gathered the source themselves; `backend` a resolved name."""
     _run(_rollback_op, _rollback_impl, [target, source, index], target, source, index, axis, block, alpha, True,
-         backend)
+         backend, mutated=(target,))
 
 
 def rollback_(target: torch.Tensor, source: torch.Tensor, index, *, axis: int = 0, block: int = 1,
@@ -539,8 +574,7 @@ def rollback_(target: torch.Tensor, source: torch.Tensor, index, *, axis: int = 
         raise ValueError(f"source: shape {tuple(source.shape)} differs from target's {tuple(target.shape)}")
     n_units = _check_axis_block(target.shape, axis, block, "target")
     alpha = _check_float(alpha, "alpha", 0.0, 1.0)
-    if target.requires_grad and torch.is_grad_enabled():
-        raise ValueError("target: requires grad; call rollback_ under torch.no_grad()")
+    _check_writable(target, "target")
     name = resolve_backend(backend, target.device)
     if source.device != target.device:
         # Read only the listed units on the source's device, then move just those.
@@ -559,5 +593,5 @@ def rollback_(target: torch.Tensor, source: torch.Tensor, index, *, axis: int = 
     else:
         idx = _host_index(index)
         _run(_rollback_op, _rollback_impl, [target, source, idx], target, source, idx, axis, block, alpha, False,
-             name)
+             name, mutated=(target,))
     return target

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import pytest
 import torch
@@ -183,6 +184,17 @@ def test_file_rollback_alpha_half(chain, tmp_path):
             else:
                 assert torch.equal(bits(got), bits(t_state[name]))
     assert moved > 100
+
+
+def test_rollback_onto_itself_warns(chain, tmp_path):
+    """TARGET and SOURCE the same files (here: the directory and its index): a mistyped command, said so."""
+    root, src, tgt, s_state, t_state = chain
+    with pytest.warns(RuntimeWarning, match="are the same files: the rollback changes nothing"):
+        rollback_checkpoint(tgt, os.path.join(tgt, "model.safetensors.index.json"), full_selection(tgt),
+                            tmp_path / "same")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rollback_checkpoint(tgt, src, full_selection(tgt), tmp_path / "other")
 
 
 def test_file_rollback_fp32_source_into_bf16_target(chain, tmp_path):

@@ -278,28 +278,50 @@ def test_usage_errors_name_the_subcommand():
 
 
 def test_wide_labels_align(chain):
-    """Labels in CJK take two terminal columns a character: the overlap table stays aligned."""
+    """Labels in CJK take two terminal columns a character, combining marks none (macOS spells é as e + U+0301 in
+    file names): the tables stay aligned. The report says when the plotting font lacks a label's characters."""
     import unicodedata
+    import warnings
+
     root, dirs = chain
     out = str(root / "prof_cjk")
+    labels = ["基座", "代码", "e\u0301te\u0301", "问答"]
+    utf8 = dict(capture_output=True, encoding="utf-8", env=dict(os.environ, PYTHONIOENCODING="utf-8"))
     r = subprocess.run([sys.executable, "-m", "lpt_kernels.cli", "diff", *dirs, "--out", out, "--labels",
-                        "基座,代码,数学,问答"], capture_output=True, encoding="utf-8",
-                       env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+                        ",".join(labels)], **utf8)
     assert r.returncode == 0, r.stderr
-    r = subprocess.run([sys.executable, "-m", "lpt_kernels.cli", "overlap", out, "--group", "mlp"],
-                       capture_output=True, encoding="utf-8", env=dict(os.environ, PYTHONIOENCODING="utf-8"))
-    assert r.returncode == 0, r.stderr
-    lines = r.stdout.splitlines()
-    head = next(i for i, ln in enumerate(lines) if ln.split() == ["代码", "数学", "问答"])
-    table = lines[head: head + 4]
+
     def ends(ln):  # the terminal column where each word ends
         out, col = [], 0
         for i, c in enumerate(ln):
-            col += 2 if unicodedata.east_asian_width(c) in "WF" else 1
+            col += 0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
             if c != " " and (i + 1 == len(ln) or ln[i + 1] == " "):
                 out.append(col)
         return out
+    summary = [ln for ln in r.stdout.splitlines() if "of parameters unchanged" in ln]
+    assert len(summary) == 3 and len({ends(ln.split(":")[0])[0] for ln in summary}) == 1, summary
+    r = subprocess.run([sys.executable, "-m", "lpt_kernels.cli", "overlap", out, "--group", "mlp", "--top", "0.0001"],
+                       **utf8)
+    assert r.returncode == 0, r.stderr
+    assert "Jaccard of the top-0.01% changed units" in r.stdout
+    lines = r.stdout.splitlines()
+    head = next(i for i, ln in enumerate(lines) if ln.split() == labels[1:])
+    table = lines[head: head + 4]
     assert all(ends(ln)[-3:] == ends(table[0]) for ln in table), table  # labels end where the values end
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    with warnings.catch_warnings(record=True) as caught:  # does this machine's plotting font draw 基?
+        warnings.simplefilter("always")
+        fig, ax = plt.subplots()
+        ax.set_title("基")
+        fig.savefig(os.devnull, format="png")
+        plt.close(fig)
+    lacks = any("missing from" in str(w.message) for w in caught)
+    r = subprocess.run([sys.executable, "-m", "lpt_kernels.cli", "report", out], **utf8)
+    assert r.returncode == 0, r.stderr
+    assert ("lpt report: warning: the plotting font has no glyph for" in r.stderr) == lacks, r.stderr
 
 
 def test_labels_plurals_unchanged_groups_and_no_bars(mlp_chain, tmp_path):

@@ -89,6 +89,67 @@ def test_rollback_refuses_grad_leaf():
     assert torch.equal(p[0].detach(), torch.zeros(3))
 
 
+def test_in_place_ops_follow_torchs_rules():
+    """rollback_ and act_stats_ write through a pointer: they bump the version counter as torch's in-place ops do
+    (autograd then refuses a backward through changed values) and refuse what torch refuses: one memory location
+    for several elements, an inference tensor outside inference mode, a tensor that requires grad."""
+    p = torch.randn(6, 4, requires_grad=True)
+    y = (p * p).sum()
+    with torch.no_grad():
+        L.rollback_(p, torch.zeros(6, 4), [0, 2])
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
+    stats = L.new_act_stats(4)
+    v = stats._version
+    L.act_stats_(torch.randn(3, 4), stats)
+    assert stats._version > v
+
+    for target in (torch.zeros(1, 4).expand(6, 4), torch.zeros(24).as_strided((6, 4), (2, 1))):
+        with pytest.raises(ValueError, match="target: several of its elements share memory"):
+            L.rollback_(target, torch.randn(6, 4), [0, 2])
+        assert not target.any()
+    stats = torch.zeros(5, 1, dtype=torch.float64).expand(5, 4)
+    with pytest.raises(ValueError, match="stats: several of its elements share memory"):
+        L.act_stats_(torch.ones(2, 4), stats)
+    assert not stats.any()
+    for target in (torch.randn(4, 6).t(), torch.randn(6, 8)[:, ::2], torch.randn(1, 4).expand(1, 4)):  # distinct
+        L.rollback_(target, torch.zeros(6, 4) if target.shape[0] == 6 else torch.zeros(1, 4), [0])
+        assert not target[0].any()
+
+    with torch.inference_mode():
+        it, ist = torch.zeros(6, 4), L.new_act_stats(4)
+    with pytest.raises(RuntimeError, match="target: an inference tensor"):
+        L.rollback_(it, torch.ones(6, 4), [0])
+    with pytest.raises(RuntimeError, match="stats: an inference tensor"):
+        L.act_stats_(torch.ones(2, 4), ist)
+    assert not it.any() and not ist.any()
+    with torch.inference_mode():
+        L.rollback_(it, torch.ones(6, 4), [0])
+        L.act_stats_(torch.ones(2, 4), ist)
+    assert it[0].eq(1).all() and ist[0].eq(2).all()
+    with pytest.raises(ValueError, match="stats: requires grad"):
+        L.act_stats_(torch.ones(2, 4), L.new_act_stats(4).requires_grad_())
+
+
+def test_numpy_scalars_and_odd_ids():
+    np = pytest.importorskip("numpy")
+    g = L.unit_gram([W, W * 2], atol=np.float32(1e-3), axis=np.int64(1), block=np.int64(2))
+    assert torch.equal(g.gram, L.unit_gram([W, W * 2], atol=1e-3, axis=1, block=2).gram)
+    t = torch.zeros(6, 4)
+    L.rollback_(t, torch.ones(6, 4), np.array([1]), alpha=np.float32(0.5))
+    assert t[1].eq(0.5).all() and t.sum() == 2
+    with pytest.raises(ValueError, match="index: unit id 9223372036854775808 out of range"):
+        L.masked_cosine(W, W, torch.tensor([2**63], dtype=torch.uint64))
+    with pytest.raises(TypeError, match="index: a meta tensor"):
+        L.masked_cosine(W, W, torch.tensor([0], device="meta"))
+
+
+def test_bad_backend_from_the_environment_is_named(monkeypatch):
+    monkeypatch.setenv("LPT_BACKEND", "bogus")
+    with pytest.raises(ValueError, match=r"LPT_BACKEND \(environment\): unknown backend 'bogus'"):
+        L.unit_gram([W, W])
+
+
 def test_masked_cosine_errors():
     with pytest.raises(ValueError, match="index"):
         L.masked_cosine(W, W, None)
@@ -98,6 +159,13 @@ def test_masked_cosine_errors():
         L.masked_cosine((W,), W, [0])
     with pytest.raises(ValueError, match="v"):
         L.masked_cosine(W, torch.randn(5, 4), [0])
+    # a pair beside an update: the shapes are checked before the pair's difference is formed
+    with pytest.raises(ValueError, match=r"u\[1\]: shape \(5, 4\) differs from u\[0\]'s \(6, 4\)"):
+        L.masked_cosine((W, W[:5]), W, [0])
+    with pytest.raises(ValueError, match=r"v\[1\]: shape \(5, 4\) differs from u's \(6, 4\)"):
+        L.masked_cosine(W, (W, W[:5]), [0])
+    with pytest.raises(ValueError, match=r"v\[0\]: on meta, but u\[0\] is on cpu"):
+        L.masked_cosine((W, W), (W.to("meta"), W), [0])
 
 
 def test_c_extension_rejects_bad_arguments_without_crashing():

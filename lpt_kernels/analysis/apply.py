@@ -28,6 +28,7 @@ import shutil
 import signal
 import threading
 import time
+import warnings
 from collections.abc import Mapping
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -838,6 +839,9 @@ def rollback_checkpoint(target, source, selection, out, alpha: float = 1.0, prog
     out, name = writer.out, writer.name
 
     with Checkpoint(target) as tc, Checkpoint(source) as sc:
+        if tc.same_files(sc):
+            warnings.warn(f"lpt rollback: TARGET {tc.path} and SOURCE {sc.path} are the same files: the rollback "
+                          f"changes nothing", RuntimeWarning, stacklevel=2)
         if not _in_place(tc):
             raise RollbackError(f"TARGET {tc.path}: a {tc.format} checkpoint can be a rollback SOURCE (--from) but "
                                 f"not the TARGET: the output is a copy of TARGET's safetensors files (merge it to "

@@ -330,17 +330,10 @@ def diff(checkpoints: Sequence[Union[str, Checkpoint]], mode: str = "consecutive
 def _warn_same_files(ckpts, mode: str) -> None:
     """Warn when a delta compares a checkpoint with itself (the same files, under any path or link): its update is
     zero everywhere, which is a mistyped command line far more often than an experiment."""
-    def files(c):
-        try:
-            return frozenset((st.st_dev, st.st_ino) for st in map(os.stat, c.files)) if c.files else None
-        except (OSError, TypeError):
-            return None
-
-    ids = [files(c) for c in ckpts]
     pairs = zip(range(len(ckpts) - 1), range(1, len(ckpts))) if mode == "consecutive" else \
         ((0, j) for j in range(1, len(ckpts)))
     for i, j in pairs:
-        if ids[i] is not None and ids[i] == ids[j]:
+        if ckpts[j].same_files(ckpts[i]):
             warnings.warn(f"lpt diff: checkpoint {j + 1} ({ckpts[j].path}) is the same files as checkpoint {i + 1} "
                           f"({ckpts[i].path}): the update between them is zero everywhere", RuntimeWarning,
                           stacklevel=3)

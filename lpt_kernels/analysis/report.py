@@ -11,6 +11,7 @@ import base64
 import html
 import math
 import os
+import re
 import warnings
 from typing import Dict, List, Optional, Tuple
 
@@ -32,11 +33,18 @@ def _plt():
     return plt
 
 
+_missing_glyphs: set = set()  # characters of labels the plotting font lacks (drawn as boxes), said once a report
+
+
 def _save(fig, path: str) -> str:
-    with warnings.catch_warnings():  # layout engines warn about tight boxes on tiny figures: never to the terminal
-        warnings.simplefilter("ignore")
+    with warnings.catch_warnings(record=True) as caught:  # layout engines warn about tight boxes on tiny figures:
+        warnings.simplefilter("always")                   # never to the terminal
         fig.tight_layout()
         fig.savefig(path, dpi=110)
+    for w in caught:
+        m = re.match(r"Glyph (\d+) .*missing from", str(w.message))
+        if m:
+            _missing_glyphs.add(chr(int(m.group(1))))
     _plt().close(fig)
     return path
 
@@ -309,16 +317,23 @@ def write_report(p: Profile, out_dir: str, frac: float = 0.10, *, force: bool = 
     if not 0.0 < frac <= 1.0:
         raise ValueError(f"frac: must be in (0, 1], got {frac}")
     writer = AtomicDir(out_dir, force=force)
+    _missing_glyphs.clear()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # nothing from matplotlib reaches the terminal
         with writer as tmp:
             pics = _write(p, tmp, frac)
+    if _missing_glyphs:
+        warnings.warn(f"lpt report: the plotting font has no glyph for {''.join(sorted(_missing_glyphs)[:8])}"
+                      f"{'...' if len(_missing_glyphs) > 8 else ''}: the PNGs show boxes there (report.html's text "
+                      f"is fine); install a font that has them and list it in matplotlibrc (font.family: DejaVu Sans, "
+                      f"Noto Sans CJK JP)",
+                      RuntimeWarning, stacklevel=2)
     return {k: os.path.join(writer.out, os.path.basename(v)) for k, v in pics.items()}
 
 
 def _write(p: Profile, out: str, frac: float) -> Dict[str, str]:
     pics: Dict[str, str] = {}
-    top = f"top-{frac:.0%}"
+    top = f"top-{frac * 100:.3g}%"
     mode = p.meta.get("mode", "consecutive")
     labels = p.meta.get("labels", [])
     parts = [f"<h1>Update profile: {html.escape(' → '.join(labels))}</h1>"]

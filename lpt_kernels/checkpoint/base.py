@@ -138,6 +138,17 @@ class Checkpoint:
         return (f"{type(self).__name__}({self.path!r}, {len(self)} tensors, {len(self.files)} file(s), "
                 f"{self.nbytes / 2**30:.2f} GiB{', closed' if getattr(self, '_closed', False) else ''})")
 
+    def same_files(self, other: "Checkpoint") -> bool:
+        """Whether ``other`` is stored in exactly this checkpoint's files (under any path or link); False when
+        either cannot tell (no files, or one cannot be stat'ed)."""
+        def ids(c):
+            try:
+                return frozenset((st.st_dev, st.st_ino) for st in map(os.stat, c.files)) if c.files else None
+            except (OSError, TypeError):
+                return None
+        mine = ids(self)
+        return mine is not None and mine == ids(other)
+
     # -- tensors --------------------------------------------------------------------------------------------------
     def tensor(self, name: str):
         """The whole tensor (a zero-copy view where the format stores it in one piece, else assembled)."""
