@@ -495,7 +495,9 @@ def act_stats_(x: torch.Tensor, stats: torch.Tensor, *, token_mask: Optional[tor
     GPU. Returns ``stats``.
 
     Raises TypeError (x not a bf16/fp16/fp32 tensor, stats not float64, token_mask not bool) or ValueError (a 0-d
-    x, shapes or devices that do not match), naming the argument.
+    x, shapes or devices that do not match, stats whose elements share memory or that requires grad), naming the
+    argument; RuntimeError for an inference-mode stats updated outside inference mode. Like torch's in-place ops it
+    bumps stats' version counter.
     """
     if distributed.is_dtensor(x):
         return distributed.act_stats_(x, stats, token_mask=token_mask, threshold=threshold, backend=backend)
@@ -568,6 +570,11 @@ def rollback_(target: torch.Tensor, source: torch.Tensor, index, *, axis: int = 
     may be on another device (e.g. a CPU memory-mapped checkpoint for a GPU model) and of another dtype: only the
     listed units are read and moved. ``index``: unit ids (list, array or integer tensor, any strides), checked and
     de-duplicated on the host (duplicates are applied once). Nothing is written unless every argument is valid.
+
+    Raises TypeError / ValueError naming the argument (dtypes, shapes, ids out of range, alpha outside [0, 1], a
+    target whose elements share memory, e.g. an expanded view, or that requires grad while grad is enabled) and
+    RuntimeError for an inference tensor outside inference mode. Like torch's in-place ops it bumps target's
+    version counter, so autograd refuses a backward through values it changed.
     """
     if distributed.is_dtensor(target) or distributed.is_dtensor(source):
         return distributed.rollback_(target, source, index, axis=axis, block=block, alpha=alpha, backend=backend)
