@@ -592,7 +592,7 @@ def _rollback(a) -> int:
     if not a.quiet and rank == 0:
         mb = info["bytes_touched"] / 2**20
         print(f"wrote {a.out}: {plural(info['units'], 'unit')} in {plural(info['tensors'], 'tensor')} rolled back "
-              f"({mb:.2f} MiB changed, {plural(info['files_copied'], 'file')} copied, "
+              f"({mb:.2f} MiB rewritten, {plural(info['files_copied'], 'file')} copied, "
               f"{info['seconds']:.2f} s)")
         if info.get("world_size", 1) > 1:
             print(f"  world_size {info['world_size']}: files per rank "

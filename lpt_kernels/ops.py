@@ -107,8 +107,8 @@ def available_backends() -> List[str]:
 def resolve_backend(backend: Optional[str], device: torch.device) -> str:
     """The backend a call on `device` uses: the argument, else LPT_BACKEND, else the best one available."""
     name = backend or os.environ.get("LPT_BACKEND") or "auto"
+    what = "backend" if backend else "LPT_BACKEND (environment)"
     if name not in BACKENDS:
-        what = "backend" if backend else "LPT_BACKEND (environment)"
         raise ValueError(f"{what}: unknown backend {name!r} (expected one of {', '.join(BACKENDS)})")
     if name == "auto":
         candidates = ("cpu",) if device.type == "cpu" else ("triton", "cuda") if device.type == "cuda" else ()
@@ -120,11 +120,11 @@ def resolve_backend(backend: Optional[str], device: torch.device) -> str:
                 _warn_once(cand, f"lpt_kernels: {e}; falling back to the reference backend (slow)")
         return "reference"
     if name == "cpu" and device.type != "cpu":
-        raise ValueError(f"backend: 'cpu' runs on CPU tensors, got tensors on {device}")
+        raise ValueError(f"{what}: 'cpu' runs on CPU tensors, got tensors on {device}")
     if name == "cuda" and device.type != "cuda":
-        raise ValueError(f"backend: 'cuda' runs on CUDA tensors, got tensors on {device}")
+        raise ValueError(f"{what}: 'cuda' runs on CUDA tensors, got tensors on {device}")
     if name == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError(f"backend: 'triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got {device}")
+        raise ValueError(f"{what}: 'triton' runs on CUDA tensors (or on CPU under TRITON_INTERPRET=1), got {device}")
     _load(name)
     return name
 
@@ -148,24 +148,44 @@ def _check_tensor(t, name: str) -> None:
         raise ValueError(f"{name}: expected a 2-D tensor, got shape {tuple(t.shape)}")
 
 
-def _check_writable(t: torch.Tensor, name: str) -> None:
+def _check_writable(t: torch.Tensor, name: str, source: Optional[torch.Tensor] = None) -> None:
     """torch's rules for an in-place write, which a kernel writing through a pointer would otherwise skip: no two
-    elements at one memory location (an expanded or overlapping as_strided view would be written twice, wrong),
-    no inference tensor outside inference mode, no tensor that requires grad while grad is on. (Under
-    torch.compile the op's registration carries the mutation, and torch's own checks apply.)"""
-    if torch.compiler.is_compiling():
+    elements at one memory location (an expanded or overlapping as_strided view would be written twice), no
+    ``source`` that overlaps the target in part (rows would be read after they were written), no inference tensor
+    outside inference mode, no tensor that requires grad while grad is on. The memory checks are conservative (a
+    view whose strides interleave may be refused); under torch.compile only the strides and grad are checked."""
+    if t.requires_grad and torch.is_grad_enabled():  # (autograd would not see the kernel's write)
+        raise ValueError(f"{name}: requires grad; update it under torch.no_grad()")
+    if t.numel() == 0:
         return
     dims = sorted((abs(st), n) for st, n in zip(t.stride(), t.shape) if n > 1)
     extent = 0  # elements spanned by the faster dims: a slower stride must step past them
     for st, n in dims:
         if st <= extent:
-            raise ValueError(f"{name}: several of its elements share memory (an expanded or overlapping view); "
-                             f"write into a tensor with distinct elements (e.g. a .clone())")
+            raise ValueError(f"{name}: its elements may share memory (an expanded or overlapping view); write into "
+                             f"a tensor with distinct elements (e.g. a .clone())")
         extent += st * (n - 1)
+    if torch.compiler.is_compiling():  # (data pointers and is_inference() cannot be traced)
+        return
+    if source is not None and source.numel() and source.device == t.device and _overlap_in_part(t, source):
+        raise ValueError(f"source: shares memory with {name} (e.g. w[:-1] into w[1:]); pass a copy (.clone())")
     if t.is_inference() and not torch.is_inference_mode_enabled():
         raise RuntimeError(f"{name}: an inference tensor cannot be updated in place outside torch.inference_mode()")
-    if t.requires_grad and torch.is_grad_enabled():  # (autograd would not see the kernel's write)
-        raise ValueError(f"{name}: requires grad; update it under torch.no_grad()")
+
+
+def _overlap_in_part(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the byte ranges of a and b intersect, unless they are the same view (rolling a tensor back to
+    itself changes nothing, as copy_ of a tensor into itself)."""
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    if (a.data_ptr(), a.stride(), a.shape, a.dtype) == (b.data_ptr(), b.stride(), b.shape, b.dtype):
+        return False
+
+    def span(x):
+        lo = x.data_ptr() + sum(st * (n - 1) for st, n in zip(x.stride(), x.shape) if st < 0) * x.element_size()
+        return lo, lo + (sum(abs(st) * (n - 1) for st, n in zip(x.stride(), x.shape)) + 1) * x.element_size()
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
 
 
 def _check_axis_block(shape, axis, block, what: str = "tensor") -> int:
@@ -191,6 +211,8 @@ def _host_index(index, name: str = "index") -> torch.Tensor:
             return index  # the usual case, without two no-op conversions (a few microseconds a call)
         idx = index
     else:
+        if any(st < 0 for st in getattr(index, "strides", None) or ()):
+            index = index.copy()  # a reversed numpy array (argsort(x)[::-1]): torch takes no negative strides
         try:
             idx = torch.as_tensor(index)
         except (TypeError, ValueError, RuntimeError) as e:
@@ -584,7 +606,9 @@ def rollback_(target: torch.Tensor, source: torch.Tensor, index, *, axis: int = 
         raise ValueError(f"source: shape {tuple(source.shape)} differs from target's {tuple(target.shape)}")
     n_units = _check_axis_block(target.shape, axis, block, "target")
     alpha = _check_float(alpha, "alpha", 0.0, 1.0)
-    _check_writable(target, "target")
+    if source.device.type == "meta" and target.device.type != "meta":
+        raise ValueError("source: a meta tensor has no values to roll back to")
+    _check_writable(target, "target", source)
     name = resolve_backend(backend, target.device)
     if source.device != target.device:
         # Read only the listed units on the source's device, then move just those.

@@ -113,6 +113,12 @@ def test_selection_file_roundtrip_and_bad_budget(setup, tmp_path):
         select(s, layout, "XYZ", 0.1)
     with pytest.raises(SelectionError, match="out of range"):
         Selection(layout, {"mlp": {0: [96]}})
+    for units, err in (({"mlp": {"0": "12"}}, "must be a list of ids"), ({"mlp": {"0": [1.5]}}, "not an integer"),
+                       ({"mlp": {"0": [True]}}, "not an integer"), ({"mlp": {"x": [1]}}, "not a layer number"),
+                       ({"mlp": [1]}, "must map layers")):
+        with pytest.raises(SelectionError, match=err):
+            Selection(layout, units)
+    assert Selection(layout, {"mlp": {"1": [3, torch.tensor(1), 3]}}).units == {"mlp": {1: [1, 3]}}
     (tmp_path / "bad.json").write_text("{nope")
     with pytest.raises(SelectionError, match="JSON"):
         Selection.load(str(tmp_path / "bad.json"))

@@ -152,3 +152,14 @@ def test_eager_calls_restore_grad_mode():
         L.unit_gram(w)
         assert not torch.is_grad_enabled()
     assert torch.is_grad_enabled()
+
+
+def test_compiled_rollback_refuses_a_leaf_that_requires_grad():
+    def f(w, s):
+        L.rollback_(w, s, [0, 2])
+        return w.sum()
+    p, s = torch.randn(5, 6, requires_grad=True), torch.randn(5, 6)
+    before = p.detach().clone()
+    with pytest.raises(Exception, match="target: requires grad"):
+        torch.compile(f, fullgraph=True)(p, s)
+    assert torch.equal(p.detach(), before)

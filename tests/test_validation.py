@@ -105,16 +105,28 @@ def test_in_place_ops_follow_torchs_rules():
     assert stats._version > v
 
     for target in (torch.zeros(1, 4).expand(6, 4), torch.zeros(24).as_strided((6, 4), (2, 1))):
-        with pytest.raises(ValueError, match="target: several of its elements share memory"):
+        with pytest.raises(ValueError, match="target: its elements may share memory"):
             L.rollback_(target, torch.randn(6, 4), [0, 2])
         assert not target.any()
     stats = torch.zeros(5, 1, dtype=torch.float64).expand(5, 4)
-    with pytest.raises(ValueError, match="stats: several of its elements share memory"):
+    with pytest.raises(ValueError, match="stats: its elements may share memory"):
         L.act_stats_(torch.ones(2, 4), stats)
     assert not stats.any()
     for target in (torch.randn(4, 6).t(), torch.randn(6, 8)[:, ::2], torch.randn(1, 4).expand(1, 4)):  # distinct
         L.rollback_(target, torch.zeros(6, 4) if target.shape[0] == 6 else torch.zeros(1, 4), [0])
         assert not target[0].any()
+
+    w = torch.arange(24.).reshape(6, 4)  # a source overlapping the target in part: refused (torch's copy_ too)
+    for target, source in ((w[1:], w[:-1]), (w[:4], w[:4].t()), (w[:, ::2], w[:, 1::2])):
+        with pytest.raises(ValueError, match="source: shares memory with target"):
+            L.rollback_(target, source, [0, 1])
+    assert torch.equal(w, torch.arange(24.).reshape(6, 4))
+    L.rollback_(w, w, [0, 1])  # the same view: nothing changes, as w.copy_(w)
+    assert torch.equal(w, torch.arange(24.).reshape(6, 4))
+    L.rollback_(torch.empty(0, 1).expand(0, 5), torch.empty(0, 5), [])  # no element, nothing shared
+    L.act_stats_(torch.randn(3, 0), torch.zeros(1, 0, dtype=torch.float64).expand(5, 0))
+    with pytest.raises(ValueError, match="source: a meta tensor"):
+        L.rollback_(torch.zeros(6, 4), torch.zeros(6, 4, device="meta"), [0])
 
     with torch.inference_mode():
         it, ist = torch.zeros(6, 4), L.new_act_stats(4)
@@ -142,11 +154,17 @@ def test_numpy_scalars_and_odd_ids():
         L.masked_cosine(W, W, torch.tensor([2**63], dtype=torch.uint64))
     with pytest.raises(TypeError, match="index: a meta tensor"):
         L.masked_cosine(W, W, torch.tensor([0], device="meta"))
+    t = torch.zeros(8, 4)
+    L.rollback_(t, torch.ones(8, 4), np.argsort(np.array([5., 1., 7., 3., 0., 2., 6., 4.]))[::-1][:3])  # top 3
+    assert t.sum(1).tolist() == [4, 0, 4, 0, 0, 0, 4, 0]  # rows 2, 6, 0: the three largest
 
 
 def test_bad_backend_from_the_environment_is_named(monkeypatch):
     monkeypatch.setenv("LPT_BACKEND", "bogus")
     with pytest.raises(ValueError, match=r"LPT_BACKEND \(environment\): unknown backend 'bogus'"):
+        L.unit_gram([W, W])
+    monkeypatch.setenv("LPT_BACKEND", "cuda")
+    with pytest.raises(ValueError, match=r"LPT_BACKEND \(environment\): 'cuda' runs on CUDA tensors"):
         L.unit_gram([W, W])
 
 

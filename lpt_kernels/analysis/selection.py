@@ -13,6 +13,8 @@ saved as JSON:
 from __future__ import annotations
 
 import json
+import operator
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Tuple
 
@@ -33,8 +35,37 @@ class Selection:
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
-        self.units = {g: {int(l): sorted({int(u) for u in ids}) for l, ids in layers.items() if len(ids)}
-                      for g, layers in self.units.items()}
+        def unit_id(u, g, layer):
+            try:
+                if not isinstance(u, bool):
+                    return operator.index(u)  # ints, numpy ints, 0-d integer tensors; not 1.5, "1" or true
+            except TypeError:
+                pass
+            raise SelectionError(f"selection: unit {u!r} of {g} layer {layer} is not an integer id")
+
+        def layer_no(layer, g):
+            if isinstance(layer, str) and layer.lstrip("-").isdigit():  # JSON keys are strings of digits
+                return int(layer)
+            try:
+                if not isinstance(layer, bool):
+                    return operator.index(layer)
+            except TypeError:
+                pass
+            raise SelectionError(f"selection: layer {layer!r} of group {g!r} is not a layer number")
+
+        units = {}
+        for g, layers in self.units.items():
+            if not isinstance(layers, Mapping):
+                raise SelectionError(f"selection: group {g!r} must map layers to lists of unit ids")
+            units[g] = {}
+            for layer, ids in layers.items():
+                n = layer_no(layer, g)
+                if isinstance(ids, (str, bytes)) or not hasattr(ids, "__iter__"):
+                    raise SelectionError(f"selection: units of {g} layer {n} must be a list of ids, got {ids!r}")
+                ids = sorted({unit_id(u, g, n) for u in ids})
+                if ids:
+                    units[g][n] = ids
+        self.units = units
         for g, layers in self.units.items():
             if g not in self.layout.groups:
                 raise SelectionError(f"selection: group {g!r} is not in the layout ({', '.join(self.layout.groups)})")
