@@ -85,7 +85,8 @@ def test_groups_of_zero_size_units_profile_select_and_roll_back(ckpts, tmp_path)
     assert float(prof.norm("l", "hollow").sum()) == 0.0
     s = conflict_scores(prof, "e", "l", None, groups=("mlp", "hollow", "none"))
     for g in ("hollow", "none"):  # nothing moved: nothing to choose, nothing spent
-        sel = select(s, prof.layout, "M", 0.5, groups=(g,))
+        with pytest.warns(RuntimeWarning, match=f"nothing selected: no unit of {g} is eligible"):
+            sel = select(s, prof.layout, "M", 0.5, groups=(g,))
         assert sel.count() == 0 and sel.meta["budget_spent"] == 0
     joint = select(s, prof.layout, "MC", 0.1, groups=("mlp", "hollow", "none"))
     assert joint.count("mlp") > 0 and joint.count("hollow") == 0

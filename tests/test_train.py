@@ -5,6 +5,7 @@ import gc
 import math
 import os
 import tracemalloc
+import warnings
 
 import pytest
 import torch
@@ -400,7 +401,11 @@ def test_profile_feeds_the_cli_and_the_selector(tmp_path, capsys):
         for name in ("p_tracker", "p_diff"):
             prof = Profile.load(str(tmp_path / name))
             layout = layout_from_spec(prof.meta["layout"], list(prof.tensors), None)
-            sels.append(select(conflict_scores(prof, "math", "qa"), layout, selector, 0.1).units)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                sels.append(select(conflict_scores(prof, "math", "qa"), layout, selector, 0.1).units)
+            said = any("nothing selected" in str(w.message) for w in caught)
+            assert said == (not any(sels[-1].values())), caught  # an empty selection says so, and only then
         assert sels[0] == sels[1]
         assert sels[0] or selector == "MC"  # MC takes only units with a conflict (there may be none)
 
