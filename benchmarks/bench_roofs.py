@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import glob
 import os
 import re
 import subprocess
@@ -82,10 +83,30 @@ def gram_call(ws, axis, index=None, atol=ATOL, threads=1):
     return lambda: (keep, C.unit_gram(*args))[1]
 
 
+def l2_bytes() -> int:
+    """One core's L2 (sysfs), or 2 MiB where sysfs does not say."""
+    for d in sorted(glob.glob("/sys/devices/system/cpu/cpu0/cache/index*")):
+        try:
+            level, kind = open(f"{d}/level").read().strip(), open(f"{d}/type").read().strip()
+            size = open(f"{d}/size").read().strip()
+        except OSError:
+            continue
+        if level == "2" and kind in ("Unified", "Data"):
+            return int(size[:-1]) * {"K": 2**10, "M": 2**20}.get(size[-1], 1) if not size.isdigit() else int(size)
+    return 2 * 2**20
+
+
+def scaled(n: int, f: float, multiple: int = 1, least: int = 1) -> int:
+    return max(least, int(n * f) // multiple * multiple)
+
+
 def build(gen) -> List[Roof]:
     roofs = []
+    # The cases are sized for a 2 MiB L2 (~1 MB a call); a smaller L2 (Zen 3: 512 KiB) scales them down to ~half of
+    # it, or the roof is the L3's (at 1 MB, K=2 rows measured 14.0 GB/s on a Zen 3 core, at 0.25 MB ...).
+    f = min(1.0, l2_bytes() / (2 * 2**20))
     # unit_gram axis 0: whole rows of gate_proj (2560 bf16), as many rows as make ~1 MB.
-    for k, rows in ((2, 96), (5, 40)):
+    for k, rows in ((2, scaled(96, f)), (5, scaled(40, f))):
         ws = chain(k, (rows, HIDDEN), gen)
         one = [w[:1] for w in ws]
         roofs.append(Roof(f"unit_gram K={k} axis0 rows", k * rows * HIDDEN * 2, gram_call(ws, 0),
@@ -93,7 +114,7 @@ def build(gen) -> List[Roof]:
                           asm=rf"StaticKern<{k - 1}, 0, 1>::strips<1, true>", elems=32, inputs=k))
     # unit_gram axis 1: 256 rows (one fold period) x 1024 (K=2) or 384 (K=5) columns of down_proj-strided tensors (row
     # stride 9728), ~1 MB: 1024 columns at K=5 (2.6 MB) spill a 2 MB L2 and measured the L3 instead (7.6 vs 13 GB/s).
-    for k, ncols in ((2, 1024), (5, 384)):
+    for k, ncols in ((2, scaled(1024, f, 32, 32)), (5, scaled(384, f, 32, 32))):
         full = chain(k, (256, INTER), gen)
         ws = [w[:, :ncols] for w in full]
         one = [w[:, :16] for w in full]
@@ -107,25 +128,28 @@ def build(gen) -> List[Roof]:
     roofs.append(Roof("unit_gram K=5 axis1 cols, rows in L1", 5 * 2560 * 384 * 2, gram_call(ws, 1),
                       asm=r"StaticKern<4, 0, 1>::cols<1>", elems=16, inputs=5))
     # masked_cosine of a chain of 3 (atol = 0): 10% of the rows of a [640, 2560] tensor (64 rows, ~1 MB) ...
-    ws = chain(3, (640, HIDDEN), gen)
-    idx = torch.randperm(640, generator=gen)[:64].sort().values
-    roofs.append(Roof("masked_cosine 10% rows", 3 * 64 * HIDDEN * 2, gram_call(ws, 0, idx, atol=0.0),
+    n_mc = scaled(64, f, 8, 8)
+    ws = chain(3, (10 * n_mc, HIDDEN), gen)
+    idx = torch.randperm(10 * n_mc, generator=gen)[:n_mc].sort().values
+    roofs.append(Roof("masked_cosine 10% rows", 3 * n_mc * HIDDEN * 2, gram_call(ws, 0, idx, atol=0.0),
                       lambda ws=ws: lpt_kernels.masked_cosine((ws[0], ws[1]), (ws[1], ws[2]), torch.tensor([0]),
                                                               backend="cpu"),
                       asm=r"StaticKern<2, 0, 0>::strips<1, true>", elems=32, inputs=3))
     # ... and 10% of the columns of 32 rows of down_proj (every 64-byte line of those rows is touched: 3.7 MB in L2/L3)
-    ws = chain(3, (32, INTER), gen)
+    n_mc = scaled(32, f, 8, 8)
+    ws = chain(3, (n_mc, INTER), gen)
     idx = torch.randperm(INTER, generator=gen)[:973].sort().values
-    roofs.append(Roof("masked_cosine 10% cols", 3 * 32 * 973 * 2, gram_call(ws, 1, idx, atol=0.0),
+    roofs.append(Roof("masked_cosine 10% cols", 3 * n_mc * 973 * 2, gram_call(ws, 1, idx, atol=0.0),
                       lambda ws=ws: lpt_kernels.masked_cosine((ws[0], ws[1]), (ws[1], ws[2]), torch.tensor([0]),
                                                               axis=1, backend="cpu"),
                       asm=r"axis1<[^>]*StaticKern<2, 0, 0> >", elems=32, inputs=3))  # strips<kF32, false> is inlined there
     # act_stats_: 256 tokens x 2048 channels of a [256, 9728] bf16 activation (1 MB).
     xf = torch.randn(256, INTER, generator=gen).to(torch.bfloat16)
-    x = xf[:, :2048]
-    st = torch.zeros(5, 2048, dtype=torch.float64)
-    roofs.append(Roof("act_stats_ bf16", 256 * 2048 * 2,
-                      lambda: C.act_stats(x.data_ptr(), BF16, x.stride(0), 1, 256, 2048, 0, st.data_ptr(), 2048, 1,
+    ch = scaled(2048, f, 64, 64)
+    x = xf[:, :ch]
+    st = torch.zeros(5, ch, dtype=torch.float64)
+    roofs.append(Roof("act_stats_ bf16", 256 * ch * 2,
+                      lambda: C.act_stats(x.data_ptr(), BF16, x.stride(0), 1, 256, ch, 0, st.data_ptr(), ch, 1,
                                           THRESHOLD, 1),
                       lambda: lpt_kernels.act_stats_(xf[:1], torch.zeros(5, INTER, dtype=torch.float64),
                                                      threshold=THRESHOLD, backend="cpu"),
@@ -133,12 +157,13 @@ def build(gen) -> List[Roof]:
     # rollback_: 64 rows of gate_proj-shaped bf16 (2560) from a separate source (3 x 0.33 MB touched, counted 3x).
     t = torch.randn(640, HIDDEN, generator=gen).to(torch.bfloat16)
     s = torch.randn(640, HIDDEN, generator=gen).to(torch.bfloat16)
-    ridx = torch.randperm(640, generator=gen)[:64].sort().values
+    n_rb = scaled(64, f, 8, 8)
+    ridx = torch.randperm(640, generator=gen)[:n_rb].sort().values
     for alpha in (1.0, 0.5):
         roofs.append(Roof(
-            f"rollback_ rows alpha={alpha:g}", 3 * 64 * HIDDEN * 2,
+            f"rollback_ rows alpha={alpha:g}", 3 * n_rb * HIDDEN * 2,
             lambda alpha=alpha: C.rollback(t.data_ptr(), BF16, HIDDEN, 1, s.data_ptr(), BF16, HIDDEN, 1, 640, HIDDEN,
-                                           ridx.data_ptr(), 64, 0, 1, alpha, False, 1),
+                                           ridx.data_ptr(), n_rb, 0, 1, alpha, False, 1),
             lambda alpha=alpha: lpt_kernels.rollback_(t, s, torch.tensor([3]), alpha=alpha, backend="cpu"),
             asm=r"::run<1, 1>\(" if alpha != 1.0 else "", elems=16, inputs=2, counted=6, pick="fma_smallest"))
     return roofs

@@ -178,3 +178,23 @@ def test_property(backend, lead, t, c, dtype, masked, mask_layout, stats_layout,
                        threshold=threshold, backend=name)
     ref = L.act_stats_(x, init.clone(), token_mask=mask, threshold=threshold, backend="reference")
     _check(got, ref, max(t, 1))
+
+
+@pytest.mark.parametrize("threshold", [float("-inf"), -1.0, -0.0, 0.0, 1e-40, 0.5, 3.0e38, float("inf")])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_active_count_at_its_edges(backend, threshold):
+    """count(|x| > threshold) and max|x| exactly as the reference on values at and around the threshold (signed
+    zeros, subnormals, inf, NaN), on channels wide enough for every vector path and tokens over several blocks."""
+    name, device = backend
+    t = torch.tensor(threshold)
+    edge = [0.0, -0.0, 1e-40, -1e-40, 0.5, -0.5, 3.0e38, -3.0e38, float("inf"), -float("inf"), float("nan"),
+            torch.nextafter(t, torch.tensor(0.0)).item() if abs(threshold) not in (0.0, float("inf")) else 1.0,
+            torch.nextafter(t, torch.tensor(float("inf"))).item(), threshold]
+    gen = torch.Generator().manual_seed(11)
+    vals = torch.tensor(edge, dtype=torch.float32)
+    c = 19 if is_slow(name) else 131
+    x = vals[torch.randint(len(edge), (70, c), generator=gen)]
+    got = L.act_stats_(x.to(device), L.new_act_stats(c, device), threshold=threshold, backend=name).cpu()
+    ref = L.act_stats_(x, L.new_act_stats(c), threshold=threshold, backend="reference")
+    assert torch.equal(got[4], ref[4]), "active counts"
+    assert torch.equal(got[3], ref[3]), "max |x|"

@@ -350,3 +350,24 @@ def test_listed_columns_read_nothing_outside_the_tensor(backend, dtype):
         t = None
         for unmap in unmaps:
             unmap()
+
+
+@pytest.mark.parametrize("atol", [0.0, 1e-40, 1e-3, 3.0e38, float("inf")])
+@pytest.mark.parametrize("axis", [0, 1])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+def test_counts_at_their_edges(backend, atol, axis):
+    """Exact zeros and near zeros (|d| <= atol, rtol = 0: a constant bound) exactly as the reference on deltas at and
+    around the bound (signed zeros, subnormals, inf, NaN), on units wide enough for every vector path."""
+    name, device = backend
+    a = torch.tensor(atol)
+    edge = [0.0, -0.0, 1e-40, -1e-40, 1e-3, -1e-3, 3.0e38, float("inf"), -float("inf"), float("nan"), atol, -atol,
+            torch.nextafter(a, torch.tensor(float("inf"))).item(), torch.nextafter(a, torch.tensor(0.0)).item()]
+    gen = torch.Generator().manual_seed(12)
+    vals = torch.tensor(edge, dtype=torch.float32)
+    n = 9 if is_slow(name) else 67
+    d = vals[torch.randint(len(edge), (n, n + 3), generator=gen)]
+    ws = [torch.zeros_like(d).to(device), d.to(device)]  # consecutive: the delta is d exactly
+    got = [t.cpu() for t in L.unit_gram(ws, axis=axis, atol=atol, backend=name)]
+    ref = L.unit_gram([w.cpu() for w in ws], axis=axis, atol=atol, backend="reference")
+    assert torch.equal(got[3], ref.zeros) and torch.equal(got[4], ref.near_zeros), "counts"
+    assert torch.equal(got[2], ref.abs_max), "abs_max"

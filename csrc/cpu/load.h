@@ -266,6 +266,33 @@ LPT_VINLINE vf vmax(vf a, vf m) {
   return a > m ? a : m;
 #endif
 }
+// ---- counts of two tests in one int32 lane ------------------------------------------------------------------------
+// Two 16-bit counters per lane (unit_gram: exact zeros in the high half, near zeros in the low half), counted from
+// lane masks (all ones where a test holds): one 16-bit subtraction of the masks adds 1 to each counter whose test
+// holds. Without AVX-512's mask registers this takes a blend and a subtraction where a select per test took an add
+// and a blend each (vpblendvb and the compares share Zen 3's two FP pipes with the arithmetic).
+typedef int16_t vs __attribute__((vector_size(4 * kW)));
+LPT_VINLINE vi count_both(vi z, vi mask) { return (vi)((vs)z - (vs)mask); }
+LPT_VINLINE vi count_pair(vi z, vi hi_mask, vi lo_mask) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+  const vi m = (vi)_mm256_blend_epi16((__m256i)lo_mask, (__m256i)hi_mask, 0xaa);
+#else
+  const vi m = (hi_mask & (int32_t)0xffff0000) | (lo_mask & 0xffff);
+#endif
+  return count_both(z, m);
+}
+
+// a <= thr for lanes a with the sign bit cleared (|d|, NaN included) and a constant thr, as one integer compare of
+// the bit patterns, (vi)a < b with b = below_bits(thr): non-negative floats order as their bits, and a NaN's bits lie
+// above inf's, so NaN is never near. An integer compare runs on any of the four vector pipes of a Zen core, a float
+// compare on two.
+inline int32_t below_bits(float thr) {
+  if (!(thr >= 0.0f)) return INT32_MIN;  // NaN or negative: no a is below (-0 compares >= 0 and means +0)
+  uint32_t u;
+  memcpy(&u, &thr, 4);
+  return (int32_t)(u & 0x7fffffffu) + 1;  // <= 0x7f800001: no overflow
+}
+
 LPT_VINLINE vd widen(vf x) { return __builtin_convertvector(x, vd); }
 LPT_VINLINE vd widen(vi x) { return __builtin_convertvector(x, vd); }
 
@@ -375,6 +402,30 @@ LPT_VINLINE vf gather_vec(const void* base, const int32_t* pos) {
   vf v;
   for (int l = 0; l < kW; ++l) v[l] = load_f32<DT>(base, pos[l]);
   return v;
+#endif
+}
+
+// out[i] = t[off + pos[i]], i < n, element by element (int32 positions: no multiply per element). AMD cores take
+// longer for a gather instruction than for its loads one by one (Zen 3: ~14 cycles a vpgatherdd of 8, ~1 cycle an
+// element here), so there the gathers go this way.
+template <int DT>
+void load_pos_t(const void* p, int64_t off, const int32_t* pos, int64_t n, float* out) {
+#pragma GCC unroll 4
+  for (int64_t i = 0; i < n; ++i) out[i] = load_f32<DT>(p, off + pos[i]);
+}
+inline void load_pos(const Tensor2D& t, int64_t off, const int32_t* pos, int64_t n, float* out) {
+  switch (t.dtype) {
+    case kF32: load_pos_t<kF32>(t.data, off, pos, n, out); break;
+    case kBF16: load_pos_t<kBF16>(t.data, off, pos, n, out); break;
+    default: load_pos_t<kF16>(t.data, off, pos, n, out); break;
+  }
+}
+inline bool gather_instructions_pay() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool amd = __builtin_cpu_is("amd");
+  return !amd;
+#else
+  return true;
 #endif
 }
 

@@ -43,7 +43,9 @@ constexpr int kMaxNG = kMaxM * (kMaxM + 1) / 2;
 constexpr int kStaticM = 4;          // register-resident accumulators up to this many deltas (K <= 5)
 constexpr int64_t kRun = 512;        // buffered axis 0: elements per input per step (a multiple of every strip)
 constexpr int64_t kFold = 128;       // axis 0: strips accumulated in fp32 before folding into fp64
-constexpr int64_t kRowBlock = 16;    // axis 1: most rows accumulated in registers per strip (see row_block)
+// axis 1: most rows accumulated in registers per strip (see row_block). 16 on the Xeon with AVX-512; with AVX2 on a
+// Zen 3, 8 (16 row streams at K = 2) took K = 2 from 0.56-0.64 of the read ceiling to 0.75-0.78 (4: 0.66).
+constexpr int64_t kRowBlock = kVRegs >= 32 ? 16 : 8;
 constexpr int kMaxStreams = 40;      // axis 1: most row streams (inputs x rows) of a register block
 constexpr int64_t kFoldRows = 256;   // axis 1: rows accumulated in fp32 column sums before folding into fp64
 constexpr int64_t kPrefetch = 512;   // axis 1: bytes ahead in each row stream
@@ -53,8 +55,8 @@ constexpr int64_t kPrefetch0 = 1024;
 static_assert(kFoldRows % kRowBlock == 0, "column sums fold at row block boundaries");
 
 // Axis 1 rows per register block for k inputs. Fewer rows cost more flushes per element; more cost misses, since
-// the block's k * rows row streams are read side by side (measured on 2560 x 9728 bf16: k = 2 best at 16 rows,
-// k = 5 at 8; k = 5 at 16 rows took 1.5x as long from memory, at 4 as long). A power of two dividing kFoldRows.
+// the block's k * rows row streams are read side by side (measured on 2560 x 9728 bf16 on the Xeon: k = 2 best at
+// 16 rows, k = 5 at 8; k = 5 at 16 rows took 1.5x as long from memory, at 4 as long). A power of two dividing kFoldRows.
 inline int64_t row_block(int k) {
   int64_t rb = kRowBlock;
   while (rb > 2 && rb * k > kMaxStreams) rb /= 2;
@@ -316,8 +318,10 @@ struct VAcc {
   // Set u from the loaded inputs w[0..K-1]: lpt/element.h's delta, delta_ref, abs_update, is_zero and is_near_zero,
   // lane-wise (thr0: the near-zero bound of a given delta, atol + rtol * 0).
   LPT_VINLINE void update(const vf* w, int u, float atol, float rtol, float thr0) {
+#if defined(__AVX512F__)
     const vf zero = {};
     const vi one = vi{} + 1, zero_one = vi{} + (NZ == kNzZero ? kZeroOne + 1 : kZeroOne);
+#endif
     vf d[M];
     for (int m = 0; m < M; ++m) d[m] = MODE == kConsecutive ? w[m + 1] - w[m] : MODE == kBase ? w[m + 1] - w[0] : w[m];
     int p = 0;
@@ -329,6 +333,7 @@ struct VAcc {
       const vf a = vabs(d[m]);
       s[m][u] += a;
       mx[m][u] = vmax(a, mx[m][u]);
+#if defined(__AVX512F__)  // compares into mask registers and masked adds
       z[m][u] = d[m] == zero ? z[m][u] + zero_one : z[m][u];
       if (NZ == kNzAbs) {
         z[m][u] = a <= thr0 ? z[m][u] + one : z[m][u];
@@ -336,6 +341,17 @@ struct VAcc {
         const vf thr = MODE == kBase ? thr_base : vmul_rn(vf{} + rtol, vabs(w[m])) + atol;
         z[m][u] = a <= thr ? z[m][u] + one : z[m][u];
       }
+#else  // lane masks counted by count_both / count_pair; d == 0 exactly when the bits of |d| are 0
+      const vi eq = (vi)a == vi{};
+      if (NZ == kNzZero) {
+        z[m][u] = count_both(z[m][u], eq);
+      } else if (NZ == kNzAbs) {
+        z[m][u] = count_pair(z[m][u], eq, (vi)a < vi{} + below_bits(thr0));
+      } else {
+        const vf thr = MODE == kBase ? thr_base : vmul_rn(vf{} + rtol, vabs(w[m])) + atol;
+        z[m][u] = count_pair(z[m][u], eq, (vi)(a <= thr));
+      }
+#endif
     }
   }
 
@@ -460,11 +476,12 @@ struct StripArgs {
 
 // Axis 1 read in place: a block of n rows, strips of columns [col0, col1) (multiples of G on from col0).
 struct ColArgs {
-  const char* const* q;  // each input at the block's first row, column 0
+  const char* const* q;  // each input at the block's first row, column `base`
   int64_t st;            // row stride (bytes)
   int64_t n;             // rows
   int64_t col0, col1;
   int64_t wrap;          // bytes from the block's first row to the next block's (where the prefetch runs on)
+  int64_t base = 0;      // the column q points at
 };
 using ColsFn = void (*)(const ColArgs&, const Ctx&, ColTotals&);
 
@@ -519,7 +536,7 @@ struct StaticKern {
       const int64_t pc = col + kPrefetch / es;
       const int64_t pfo = pc < a.col1 ? (pc - col) * es : a.wrap + (a.col0 + pc - a.col1 - col) * es;
       const char* p[K];
-      for (int k = 0; k < K; ++k) p[k] = a.q[k] + col * es;
+      for (int k = 0; k < K; ++k) p[k] = a.q[k] + (col - a.base) * es;
       VAcc<M, MODE, NZ, U> acc;
       acc.clear();
       run_rows<DT, false, true>(acc, p, a.n, a.st, pfo, c);
@@ -621,11 +638,18 @@ void axis0(const Tensor2D* ws, int64_t cols, int64_t block, const int64_t* index
 // ---- axis 1 -------------------------------------------------------------------------------------------------------
 
 // cols != nullptr: all columns, inputs of one dtype (es bytes) with unit inner stride, read in place by cols;
-// otherwise (listed units, mixed dtypes, other strides) the strip of every row of a block is gathered into fp32
-// buffers first.
+// otherwise (listed units, mixed dtypes, other strides) the columns are gathered into fp32 buffers first: with
+// gcols (the fp32 in-place kernel), a row block's rows chunk by chunk of kChunk columns, each row of an input read
+// front to back (a few forward streams, which the hardware prefetchers follow), then run through gcols; without it
+// (K > 5), one strip of the block's rows at a time.
 template <class Kern>
 void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index, int64_t n_units, const Ctx& c,
-           const GramOut& out, int threads, ColsFn cols, int64_t es) {
+           const GramOut& out, int threads, ColsFn cols, int64_t es, ColsFn gcols) {
+  // Listed columns per gathered chunk: the block's chunk buffers (rows x K x kChunk fp32: 48 KB for K = 3, 80 KB for
+  // K = 5) stay in L2. Gathering one strip of all the block's rows at a time instead read 24 row streams (K = 3, 8
+  // rows) a few elements each, which no prefetcher followed: masked_cosine on 10% of down_proj's columns ran at 0.16
+  // of its memory ceiling on a Zen 3 core.
+  constexpr int64_t kChunk = 512;
   constexpr int64_t G = Kern::G;
   const bool gather = cols == nullptr;
   const StripsFn<Kern> fn = &Kern::template strips<kF32, false>;
@@ -634,11 +658,12 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
   std::vector<int64_t> col_ids(gather ? ncol : 0);  // listed columns, unit by unit
   for (int64_t u = 0; gather && u < n_units; ++u)
     for (int64_t j = 0; j < block; ++j) col_ids[u * block + j] = (index ? index[u] : u) * block + j;
-  // Listed columns are gathered with the ISA's gather instruction (int32 positions per input) where they fit in 32
-  // bits; a column of 10% of a bf16 row is one element per 64-byte line, and the scalar gather (an index, a
-  // position, a load, a widening and a store per element) was what bounded masked_cosine on columns.
+  // Listed columns are gathered by int32 positions per input where they fit in 32 bits: with the ISA's gather
+  // instruction where it pays (see load_pos), else a load each. A column of 10% of a bf16 row is one element per
+  // 64-byte line, and the int64 gather (an index, a multiply, a load, a widening and a store per element) was what
+  // bounded masked_cosine on columns on the Xeon.
   std::vector<int32_t> col_pos(gather ? c.k * ncol : 0);  // [input][listed column]
-  bool vgather = gather, pos0[kMaxInputs] = {};          // pos0: a listed position 0 (see gather_vec)
+  bool vgather = gather, pos0[kMaxInputs] = {};  // vgather: positions fit; pos0: a listed position 0 (see gather_vec)
   for (int k = 0; k < c.k && vgather; ++k)
     for (int64_t j = 0; j < ncol && vgather; ++j) {
       const int64_t pos = col_ids[j] * ws[k].stride1;
@@ -646,6 +671,17 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
       col_pos[k * ncol + j] = (int32_t)pos;
       pos0[k] = pos0[k] || pos == 0;
     }
+  // n listed columns from j of row r of input k into dst (fp32)
+  const bool vinstr = gather_instructions_pay();
+  auto gather_row = [&](int k, int64_t r, int64_t j, int64_t n, float* dst) {
+    const int64_t off = r * ws[k].stride0;
+    if (!vgather)
+      load_gather(ws[k], off, ws[k].stride1, &col_ids[j], n, dst);
+    else if (!vinstr || (off == 0 && pos0[k]))  // never element offset 0: see gather_vec
+      load_pos(ws[k], off, &col_pos[k * ncol + j], n, dst);
+    else
+      load_gather_vec(ws[k], off, &col_pos[k * ncol + j], n, dst);
+  };
   ColTotals tot(c.m, ncol, !gather && es == 2 && G == kW);
   std::vector<int64_t> ends(threads, 0);  // each thread's last column + 1
 #pragma omp parallel num_threads(threads)
@@ -655,7 +691,7 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
     ends[omp_get_thread_num()] = hi;
     const int64_t full = lo + (hi - lo) / G * G;
     const int64_t rb = row_block(c.k);
-    std::vector<float> storage(gather ? rb * kMaxInputs * G : 0);  // [row][input][G]
+    std::vector<float> storage(!gather ? 0 : gcols ? rb * c.k * kChunk : rb * kMaxInputs * G);
     const char* q[kMaxInputs];
     const int64_t st = gather ? kMaxInputs * G * 4 : ws[0].stride0 * es;  // direct: one row stride
     for (int64_t r0 = 0; r0 < rows; r0 += rb) {
@@ -663,16 +699,18 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
       if (!gather) {
         for (int k = 0; k < c.k; ++k) q[k] = (const char*)ws[k].data + r0 * ws[k].stride0 * es;
         cols(ColArgs{q, st, r1 - r0, lo, full, rb * st}, c, tot);
-      } else {
+      } else if (gcols) {
+        for (int64_t c0 = lo; c0 < full; c0 += kChunk) {  // [row][input][chunk]
+          const int64_t w = std::min(full - c0, kChunk);
+          for (int64_t r = r0; r < r1; ++r)
+            for (int k = 0; k < c.k; ++k) gather_row(k, r, c0, w, storage.data() + ((r - r0) * c.k + k) * w);
+          for (int k = 0; k < c.k; ++k) q[k] = (const char*)(storage.data() + k * w);
+          gcols(ColArgs{q, c.k * w * 4, r1 - r0, c0, c0 + w, 0, c0}, c, tot);
+        }
+      } else {  // [row][input][G]
         for (int64_t col = lo; col < full; col += G) {
           for (int64_t r = r0; r < r1; ++r)
-            for (int k = 0; k < c.k; ++k) {
-              float* dst = storage.data() + ((r - r0) * kMaxInputs + k) * G;
-              if (vgather && (r * ws[k].stride0 != 0 || !pos0[k]))  // never element offset 0: see gather_vec
-                load_gather_vec(ws[k], r * ws[k].stride0, &col_pos[k * ncol + col], G, dst);
-              else
-                load_gather(ws[k], r * ws[k].stride0, ws[k].stride1, &col_ids[col], G, dst);
-            }
+            for (int k = 0; k < c.k; ++k) gather_row(k, r, col, G, storage.data() + ((r - r0) * kMaxInputs + k) * G);
           for (int k = 0; k < c.k; ++k) q[k] = (const char*)(storage.data() + k * G);
           fn(StripArgs{q, st, 0, r1 - r0, false}, c, nullptr, &tot, col);
         }
@@ -718,7 +756,11 @@ void run(const Tensor2D* ws, int64_t rows, int64_t cols, int axis, int64_t block
   if (axis == 0) return axis0<Kern>(ws, cols, block, index, n_units, c, out, threads, fn, es);
   bool one_stride = true;  // direct axis 1 walks the K inputs with one row stride
   for (int k = 0; k < c.k; ++k) one_stride = one_stride && ws[k].stride0 == ws[0].stride0;
-  if (axis == 1) axis1<Kern>(ws, rows, block, index, n_units, c, out, threads, index || !one_stride ? nullptr : colfn, es);
+  if (axis == 1)
+    // Chunked gathers where the gather instruction does not pay or without AVX-512 (measured on a Zen 3); the
+    // strip-by-strip gathers on Intel's AVX-512, where they were measured (0.75-0.90 of the read ceiling).
+    axis1<Kern>(ws, rows, block, index, n_units, c, out, threads, index || !one_stride ? nullptr : colfn, es,
+                kVRegs >= 32 && gather_instructions_pay() ? nullptr : &Kern::template cols<kF32>);
 }
 
 template <int MODE, int NZ>
@@ -771,7 +813,7 @@ void unit_gram(const Tensor2D* ws_in, int k, int64_t rows, int64_t cols, int axi
     if (axis == 0)
       axis0<DynKern>(ws, cols, block, index, n_units, c, out, threads, nullptr, 4);
     else
-      axis1<DynKern>(ws, rows, block, index, n_units, c, out, threads, nullptr, 4);
+      axis1<DynKern>(ws, rows, block, index, n_units, c, out, threads, nullptr, 4, nullptr);
   } else if (mode == kConsecutive) {
     run_mode<kConsecutive>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
   } else if (mode == kBase) {
