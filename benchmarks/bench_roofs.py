@@ -7,10 +7,11 @@ A memory-bound kernel is one whose compute roof (GB/s of minimum bytes when no b
 above the memory ceiling; the two are measured here side by side:
 
 - roof 1T: the kernel (the extension's own entry point, lpt_kernels._C_cpu, so that Python's per-call validation is
-  not counted) on Qwen3-4B-strided inputs small enough to stay in one core's L2 (~1 MB a call), one thread, the
-  minimum over many calls (a minimum survives time-slicing on a shared machine; medians do not). roof 2C = 2 x roof
-  1T: two cores each working on their own L2-resident half (the kernels split work statically, so the halves do
-  not interact), the figure to hold against a 2-thread memory ceiling;
+  not counted) on Qwen3-4B-strided inputs small enough to stay in one core's L2 (~1 MB a call; about half the L2
+  where it is smaller than 2 MiB), one thread, the minimum over many calls (a minimum survives time-slicing on a
+  shared machine; medians do not). roof 2C = 2 x roof 1T: two cores each working on their own L2-resident half
+  (the kernels split work statically, so the halves do not interact), the figure to hold against a 2-thread memory
+  ceiling;
 - memory ceiling: lpt_kernels._C_cpu.stream_read of 256 MB (beyond any L3 here), 1 and 2 threads, minimum;
 - per call: the fixed cost of the public op (validation, dispatch, output allocation, thread start) on a
   one-row input, which bounds the small calls (rollback_ of 2% of a tensor, masked_cosine) beside bytes / ceiling.
@@ -102,8 +103,8 @@ def scaled(n: int, f: float, multiple: int = 1, least: int = 1) -> int:
 
 def build(gen) -> List[Roof]:
     roofs = []
-    # The cases are sized for a 2 MiB L2 (~1 MB a call); a smaller L2 (Zen 3: 512 KiB) scales them down to ~half of
-    # it, or the roof is the L3's (at 1 MB, K=2 rows measured 14.0 GB/s on a Zen 3 core, at 0.25 MB ...).
+    # The cases are sized for a 2 MiB L2 (~1 MB a call); a smaller L2 (Zen 3: 512 KiB) scales them down to about
+    # half of it, or the roof measured is the L3's.
     f = min(1.0, l2_bytes() / (2 * 2**20))
     # unit_gram axis 0: whole rows of gate_proj (2560 bf16), as many rows as make ~1 MB.
     for k, rows in ((2, scaled(96, f)), (5, scaled(40, f))):

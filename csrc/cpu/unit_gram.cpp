@@ -56,7 +56,8 @@ static_assert(kFoldRows % kRowBlock == 0, "column sums fold at row block boundar
 
 // Axis 1 rows per register block for k inputs. Fewer rows cost more flushes per element; more cost misses, since
 // the block's k * rows row streams are read side by side (measured on 2560 x 9728 bf16 on the Xeon: k = 2 best at
-// 16 rows, k = 5 at 8; k = 5 at 16 rows took 1.5x as long from memory, at 4 as long). A power of two dividing kFoldRows.
+// 16 rows, k = 5 at 8; k = 5 at 16 rows took 1.5x as long from memory, at 4 as long). A power of two dividing
+// kFoldRows.
 inline int64_t row_block(int k) {
   int64_t rb = kRowBlock;
   while (rb > 2 && rb * k > kMaxStreams) rb /= 2;
@@ -296,6 +297,8 @@ LPT_VINLINE void col_add(float* p, const vi& v) {
 }
 LPT_VINLINE void col_max(float* p, const vf& v) { store_vf(p, vmax(v, load_vf(p))); }
 
+enum UpdatePart : int { kAll = 0, kGram = 1, kStats0 = 2, kStats1 = 3 };
+
 // Accumulators of one strip: U sets of kW lanes per statistic, sized by M at compile time. The two counts of a delta
 // share one int32 lane (see kZeroOne), so that K = 5 keeps its 22 accumulators and its inputs in the 32 registers
 // (separate counts spilled 4 of them to the stack).
@@ -317,6 +320,9 @@ struct VAcc {
 
   // Set u from the loaded inputs w[0..K-1]: lpt/element.h's delta, delta_ref, abs_update, is_zero and is_near_zero,
   // lane-wise (thr0: the near-zero bound of a given delta, atol + rtol * 0).
+  // PART (see kAll): kAll every statistic; kGram the Gram entries; kStats0 / kStats1 the sums, maxima and counts of
+  // the first / second half of the deltas.
+  template <int PART = kAll>
   LPT_VINLINE void update(const vf* w, int u, float atol, float rtol, float thr0) {
 #if defined(__AVX512F__)
     const vf zero = {};
@@ -325,11 +331,12 @@ struct VAcc {
     vf d[M];
     for (int m = 0; m < M; ++m) d[m] = MODE == kConsecutive ? w[m + 1] - w[m] : MODE == kBase ? w[m + 1] - w[0] : w[m];
     int p = 0;
-    for (int x = 0; x < M; ++x)
+    for (int x = 0; x < M && (PART == kAll || PART == kGram); ++x)
       for (int y = x; y < M; ++y, ++p) g[p][u] += d[x] * d[y];
     vf thr_base = {};
     if (MODE == kBase && NZ == kNzRel) thr_base = vmul_rn(vf{} + rtol, vabs(w[0])) + atol;
-    for (int m = 0; m < M; ++m) {
+    constexpr int m0 = PART == kStats1 ? M / 2 : 0, m1 = PART == kGram ? 0 : PART == kStats0 ? M / 2 : M;
+    for (int m = m0; m < m1; ++m) {
       const vf a = vabs(d[m]);
       s[m][u] += a;
       mx[m][u] = vmax(a, mx[m][u]);
@@ -357,16 +364,16 @@ struct VAcc {
 
   // The strip at byte offset off of the K rows q (dtype DT, unit stride): kW*U elements, or with PAIR a pair of
   // vectors into the same single set (U == 1; see StaticKern::G0).
-  template <int DT, bool PAIR>
+  template <int DT, bool PAIR, int PART = kAll>
   LPT_VINLINE void load_update(const char* const* q, int64_t off, float atol, float rtol, float thr0) {
     vf a[K], b[K];
     if (U == 2 || PAIR) {
       for (int k = 0; k < K; ++k) load_pair<DT>(q[k] + off, 0, a[k], b[k]);
-      update(a, 0, atol, rtol, thr0);
-      update(b, U - 1, atol, rtol, thr0);
+      update<PART>(a, 0, atol, rtol, thr0);
+      update<PART>(b, U - 1, atol, rtol, thr0);
     } else {
       for (int k = 0; k < K; ++k) a[k] = load_vec_p<DT>(q[k] + off, 0);  // only axis 1 comes here
-      update(a, 0, atol, rtol, thr0);
+      update<PART>(a, 0, atol, rtol, thr0);
     }
   }
 
@@ -496,12 +503,16 @@ struct StaticKern {
   // pair costs one load and one operation per vector for 16-bit dtypes (load_pair) instead of a widening load
   // (a shuffle) and a shift. Axis 1 keeps lanes = columns.
   static constexpr int64_t G0 = 2 * kW;
+  // Axis 0 in three passes over each run of kFold strips (<= 4 KB an input with AVX2: in L1 for the second and
+  // third) where one pass's accumulators and inputs do not fit the registers: K = 5 with 16 registers (22
+  // accumulators; in one pass 40 of the loop's 159 instructions a 16-position step were spill loads and stores).
+  static constexpr bool kSplit = U == 1 && M >= 4 && kVRegs < 32;
   static_assert(G <= kMaxStrip && G0 <= kMaxStrip, "tails and gather buffers hold one strip");
   using Tot = VTot<M>;
 
   // n steps of one strip (a pair of vectors with PAIR) into acc, the pointers p[k] advancing by st bytes a step; with
   // PREFETCH, also prefetches pfo bytes ahead of every step.
-  template <int DT, bool PAIR, bool PREFETCH>
+  template <int DT, bool PAIR, bool PREFETCH, int PART = kAll>
   static LPT_VINLINE void run_rows(VAcc<M, MODE, NZ, U>& acc, const char* const* p, int64_t n, int64_t st,
                                    int64_t pfo, const Ctx& c) {
     constexpr int K = num_inputs(MODE, M);
@@ -511,7 +522,7 @@ struct StaticKern {
       if (PREFETCH)
         for (int k = 0; k < K; ++k)
           for (int l = 0; l < kLines; ++l) __builtin_prefetch(p[k] + off + pfo + 64 * l);
-      acc.template load_update<DT, PAIR>(p, off, atol, rtol, thr0);
+      acc.template load_update<DT, PAIR, PART>(p, off, atol, rtol, thr0);
     }
   }
 
@@ -519,8 +530,17 @@ struct StaticKern {
   static void strips(const StripArgs& a, const Ctx& c, Tot* vt, ColTotals* ct, int64_t col) {
     VAcc<M, MODE, NZ, U> acc;
     acc.clear();
-    if (a.prefetch) run_rows<DT, AXIS0, true>(acc, a.q, a.n, a.st, a.pfo, c);
-    else run_rows<DT, AXIS0, false>(acc, a.q, a.n, a.st, 0, c);
+    if (AXIS0 && kSplit) {
+      // the Gram entries while the strips come from memory, then the per-delta statistics half by half from L1
+      if (a.prefetch) run_rows<DT, true, true, kGram>(acc, a.q, a.n, a.st, a.pfo, c);
+      else run_rows<DT, true, false, kGram>(acc, a.q, a.n, a.st, 0, c);
+      run_rows<DT, true, false, kStats0>(acc, a.q, a.n, a.st, 0, c);
+      run_rows<DT, true, false, kStats1>(acc, a.q, a.n, a.st, 0, c);
+    } else if (a.prefetch) {
+      run_rows<DT, AXIS0, true>(acc, a.q, a.n, a.st, a.pfo, c);
+    } else {
+      run_rows<DT, AXIS0, false>(acc, a.q, a.n, a.st, 0, c);
+    }
     if (vt) acc.fold(*vt);
     else acc.template flush<DT>(*ct, col);
   }
@@ -641,7 +661,7 @@ void axis0(const Tensor2D* ws, int64_t cols, int64_t block, const int64_t* index
 // otherwise (listed units, mixed dtypes, other strides) the columns are gathered into fp32 buffers first: with
 // gcols (the fp32 in-place kernel), a row block's rows chunk by chunk of kChunk columns, each row of an input read
 // front to back (a few forward streams, which the hardware prefetchers follow), then run through gcols; without it
-// (K > 5), one strip of the block's rows at a time.
+// (K > 5, and Intel's AVX-512: see run), one strip of the block's rows at a time.
 template <class Kern>
 void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index, int64_t n_units, const Ctx& c,
            const GramOut& out, int threads, ColsFn cols, int64_t es, ColsFn gcols) {
