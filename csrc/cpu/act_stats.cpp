@@ -2,9 +2,10 @@
 //
 // Each thread owns a range of channels. For a block of row_block() (unmasked) tokens it walks its channels strip by
 // strip (kP pairs of fp32 vectors in registers per statistic: lpt/element.h's act_update lane-wise), running down the
-// block's rows, then adds the strip into per-thread fp32 channel sums, which are folded into fp64 every kFoldRows
-// tokens, so the fp32 rounding error is that of a few hundred terms whatever the token count. The block's row
-// streams are prefetched in software. At the end each thread adds its totals into `stats`.
+// block's rows, then adds the strip into per-thread fp32 channel sums (in the lane order of its loads), which are
+// folded into fp64 every kFoldRows tokens, so the fp32 rounding error is that of a few hundred terms whatever the
+// token count. The block's row streams are prefetched in software. At the end each thread adds its totals into
+// `stats`, in channel order.
 //
 // x with unit channel stride is read in place (load_pair<DT>); other strides go through an fp32 buffer per block.
 // Channels that do not fill a strip use the scalar act_update.
@@ -23,10 +24,10 @@ namespace {
 
 constexpr int kP = kVRegs >= 32 ? 2 : 1;  // pairs of vectors per strip: 4 statistics x 2kP accumulators in registers
 constexpr int64_t kG = 2 * kW * kP;       // channels per strip
-// Tokens accumulated in registers per strip. With AVX2's one pair a strip (16 channels, 32 bytes of bf16 a row), 16
-// tokens flushed too often: 32 took [8192, 9728] bf16 from 0.53 to 0.58-0.61 of the read ceiling on a Zen 3 (64:
-// 0.59, 8: 0.49). AVX-512 keeps 16.
-constexpr int64_t kRowBlock = kVRegs >= 32 ? 16 : 32;
+// Tokens accumulated in registers per strip: the block's rows are as many concurrent streams through memory. On a
+// Zen 3 (AVX2), [8192, 9728] bf16 ran at 0.59-0.63 of the read ceiling with 32 and at 0.59-0.90 (mostly ~0.7) with
+// 16, and a plain read in this order at 0.65 of a sequential one with 32, at 1.0 with 16.
+constexpr int64_t kRowBlock = 16;
 constexpr int64_t kFoldRows = 256;       // tokens accumulated in fp32 channel sums before folding into fp64
 constexpr int64_t kPrefetch = 512;       // bytes ahead in each row stream
 static_assert(kFoldRows % kRowBlock == 0, "channel sums fold at row block boundaries");
@@ -71,17 +72,16 @@ struct ActiveBits {
   uint32_t shift;
   int32_t below;
 };
+// The smallest |x| bit pattern that is active; above inf's when none is.
+inline uint32_t active_lo(float threshold) {
+  if (threshold != threshold) return 0xffffffffu;  // NaN: nothing is above it
+  if (threshold < 0.0f) return 0;                  // every non-NaN |x|
+  uint32_t t;
+  memcpy(&t, &threshold, 4);
+  return (t & 0x7fffffffu) + 1;  // -0 as +0; inf: inf + 1, an empty range
+}
 inline ActiveBits active_bits(float threshold) {
-  const uint32_t inf = 0x7f800000u;
-  uint32_t lo;
-  if (threshold != threshold) return {0, INT32_MIN};  // NaN: nothing is above it
-  if (threshold < 0.0f) {
-    lo = 0;  // every non-NaN |x|
-  } else {
-    uint32_t t;
-    memcpy(&t, &threshold, 4);
-    lo = (t & 0x7fffffffu) + 1;  // -0 as +0; inf: lo = inf + 1, an empty range
-  }
+  const uint32_t inf = 0x7f800000u, lo = active_lo(threshold);
   if (lo > inf) return {0, INT32_MIN};
   const uint32_t shift = 0x80000000u - lo;
   return {shift, (int32_t)(inf + 1 + shift)};
@@ -122,18 +122,56 @@ void strip(const BlockArgs& a, float threshold, ChanTotals& tot, int64_t j) {
 #if !defined(__AVX512F__)
   for (int u = 0; u < 2 * kP; ++u) ac[u] = __builtin_convertvector(ai[u], vf);
 #endif
-  for (int q = 0; q < kP; ++q) {
-    pair_order<DT>(as[2 * q], as[2 * q + 1]);
-    pair_order<DT>(sq[2 * q], sq[2 * q + 1]);
-    pair_order<DT>(ac[2 * q], ac[2 * q + 1]);
-    pair_order<DT>(mx[2 * q], mx[2 * q + 1]);
-  }
   for (int u = 0; u < 2 * kP; ++u) {
     float* t = tot.f32(j + u * kW, 0);
     add_to(t, as[u]);
     add_to(t + kW, sq[u]);
     add_to(t + 2 * kW, ac[u]);
     store_vf(t + 3 * kW, vmax(mx[u], load_vf(t + 3 * kW)));
+  }
+}
+
+// bf16 with 16 vector registers: the count and the maximum on |x|'s 16-bit patterns, 2kW channels in one register,
+// each 16-bit operation doing the work of two on fp32 lanes (this loop is bound by its vector operations: 11 a row
+// where strip<kBF16> takes 16). c = bits + 0x7f wraps NaN's patterns (above inf's) below every number's, so the signed
+// maximum of c skips NaN as act_update does, and c > below counts the active lanes: a bf16 |x| is above the threshold
+// iff its pattern is at least ceil(lo / 2^16) (its low 16 bits are zero), and at most inf's.
+typedef uint16_t vuh __attribute__((vector_size(4 * kW)));
+typedef int16_t vsh __attribute__((vector_size(4 * kW)));
+
+inline int16_t active_below_bf16(float threshold) {
+  const uint32_t lo = active_lo(threshold), lo16 = lo > 0x7f800000u ? 0x7f81u : (lo + 0xffffu) >> 16;
+  return lo16 > 0x7f80u ? INT16_MAX : (int16_t)(lo16 + 0x7e);
+}
+
+void strip_bf16(const BlockArgs& a, float threshold, ChanTotals& tot, int64_t j) {
+  static_assert(kVRegs >= 32 || kG == 2 * kW, "a strip is one register of 16-bit lanes");
+  const vsh below = vsh{} + active_below_bf16(threshold);
+  vf as[2] = {}, sq[2] = {};
+  vsh mx = {}, ac = {};  // kRowBlock rows: the counts fit 16 bits
+  for (int64_t i = 0; i < a.n; ++i) {
+    if (a.pf) __builtin_prefetch(a.pf[i] + a.pb);
+    vuh x;
+    memcpy(&x, a.rows[i] + a.cb, sizeof x);
+    const vuh b = x & 0x7fff;  // |x|
+    const vf lo = (vf)((vu)b << 16), hi = (vf)((vu)b & 0xffff0000u);  // bf16_to_f32: even, odd channels
+    as[0] += lo;
+    as[1] += hi;
+    sq[0] += lo * lo;
+    sq[1] += hi * hi;
+    const vsh c = (vsh)(b + 0x7f);
+    ac -= c > below;
+    mx = c > mx ? c : mx;
+  }
+  const vuh top = (vuh)(mx - 0x7f);  // max |x|'s pattern; a NaN's where no number was seen, which vmax drops
+  vf m[2] = {(vf)((vu)top << 16), (vf)((vu)top & 0xffff0000u)};
+  vf n[2] = {__builtin_convertvector((vi)((vu)ac & 0xffffu), vf), __builtin_convertvector((vi)((vu)ac >> 16), vf)};
+  for (int u = 0; u < 2; ++u) {
+    float* t = tot.f32(j + u * kW, 0);
+    add_to(t, as[u]);
+    add_to(t + kW, sq[u]);
+    add_to(t + 2 * kW, n[u]);
+    store_vf(t + 3 * kW, vmax(m[u], load_vf(t + 3 * kW)));
   }
 }
 
@@ -162,7 +200,7 @@ void act_stats(Tensor2D x, int64_t tokens, int64_t channels, const uint8_t* mask
   const bool direct = x.stride1 == 1;
   const int64_t es = direct ? dtype_size(x.dtype) : 4;
   StripFn fn = &strip<kF32>;
-  if (direct && x.dtype == kBF16) fn = &strip<kBF16>;
+  if (direct && x.dtype == kBF16) fn = kVRegs >= 32 ? &strip<kBF16> : &strip_bf16;
   if (direct && x.dtype == kF16) fn = &strip<kF16>;
   constexpr int64_t rb = kRowBlock, pfd = kPrefetch;
   threads = threads_for(counted * channels, threads);
@@ -212,19 +250,21 @@ void act_stats(Tensor2D x, int64_t tokens, int64_t channels, const uint8_t* mask
       }
       if (r1 % kFoldRows == 0 || r1 == counted) tot.fold();
     }
-    // Into stats, group by group of kW channels (no per-channel index arithmetic: with few tokens, e.g. a decode
-    // step's hook, this loop is most of the call).
-    for (int64_t c0 = lo; c0 < hi; c0 += kW) {
-      const int64_t n = std::min<int64_t>(kW, hi - c0);
-      const double* s = tot.f64(c0 - lo, 0);
-      const float* m = tot.f32(c0 - lo, 3);
+    // Into stats. The strips of a 16-bit x keep their totals in load_pair's lane order (a pair of groups holds the
+    // even channels of its 2kW, then the odd ones), put back in channel order here rather than once per block.
+    const bool paired = direct && x.dtype != kF32;
+    for (int64_t c0 = lo; c0 < hi; c0 += 2 * kW) {
+      const int64_t n = std::min<int64_t>(2 * kW, hi - c0);
+      const bool in_pairs = paired && c0 < full;
       for (int64_t l = 0; l < n; ++l) {
+        const int64_t slot = c0 - lo + (in_pairs ? (l & 1) * kW + l / 2 : l);
+        const double* s = tot.f64(slot, 0);
         double* col = stats + (c0 + l) * ss1;
         col[0] += (double)counted;
-        col[1 * ss0] += s[l];
-        col[2 * ss0] += s[kW + l];
-        if (counted) col[3 * ss0] = std::max(col[3 * ss0], (double)m[l]);
-        col[4 * ss0] += s[2 * kW + l];
+        col[1 * ss0] += s[0];
+        col[2 * ss0] += s[kW];
+        if (counted) col[3 * ss0] = std::max(col[3 * ss0], (double)*tot.f32(slot, 3));
+        col[4 * ss0] += s[2 * kW];
       }
     }
   }
