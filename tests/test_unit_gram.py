@@ -155,6 +155,20 @@ def test_columns_read_in_place_keep_their_lanes(backend, dtype, k):
         assert torch.equal(got.zeros.cpu(), ref.zeros.cpu()) and torch.equal(got.abs_max.cpu(), ref.abs_max.cpu())
 
 
+@pytest.mark.parametrize("k", [2, 3, 5])
+def test_long_rows_span_fold_periods(backend, k):
+    """Rows longer than the CPU kernel's fp32 run on every ISA (160 strips of up to 32 elements) plus a tail: each
+    run folds into fp64 once, no strip lost or added, on both the in-place (bf16) and buffered (mixed) paths."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(20 + k)
+    shape = (3, 300) if is_slow(name) else (3, 2 * 160 * 32 + 37)
+    for dtypes in ((torch.bfloat16,), (torch.float32, torch.bfloat16)):
+        ws = _inputs(k, shape, dtypes, device, gen, shared_rows=(1,))
+        got = _check(backend, ws, axis=0, mode="consecutive", atol=1e-3)
+        if len(dtypes) == 1:  # the shared row: every element of its first delta an exact zero, counted once
+            assert got.zeros[1, 0] == shape[1]
+
+
 def test_bf16_differences_are_exact(backend):
     """Widen then subtract: two bf16 values one ulp apart differ by exactly that ulp."""
     name, device = backend

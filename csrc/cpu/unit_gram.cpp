@@ -42,7 +42,9 @@ constexpr int kMaxM = 8;             // deltas (given mode, 8 inputs)
 constexpr int kMaxNG = kMaxM * (kMaxM + 1) / 2;
 constexpr int kStaticM = 4;          // register-resident accumulators up to this many deltas (K <= 5)
 constexpr int64_t kRun = 512;        // buffered axis 0: elements per input per step (a multiple of every strip)
-constexpr int64_t kFold = 128;       // axis 0: strips accumulated in fp32 before folding into fp64
+// axis 0: strips accumulated in fp32 before folding into fp64 (a strip's pair adds 2 terms to a lane). 160 takes a
+// 2560-element row (Qwen3-4B's hidden size) in one call with AVX2: K = 2's roof 17.4 -> 18.3 GB/s on a Zen 3 (128).
+constexpr int64_t kFold = 160;
 // axis 1: most rows accumulated in registers per strip (see row_block). 16 on the Xeon with AVX-512; with AVX2 on a
 // Zen 3, 8 (16 row streams at K = 2) took K = 2 from 0.56-0.64 of the read ceiling to 0.75-0.78 (4: 0.66).
 constexpr int64_t kRowBlock = kVRegs >= 32 ? 16 : 8;
@@ -503,7 +505,7 @@ struct StaticKern {
   // pair costs one load and one operation per vector for 16-bit dtypes (load_pair) instead of a widening load
   // (a shuffle) and a shift. Axis 1 keeps lanes = columns.
   static constexpr int64_t G0 = 2 * kW;
-  // Axis 0 in three passes over each run of kFold strips (<= 4 KB an input with AVX2: in L1 for the second and
+  // Axis 0 in three passes over each run of kFold strips (<= 5 KB an input with AVX2: in L1 for the second and
   // third) where one pass's accumulators and inputs do not fit the registers: K = 5 with 16 registers (22
   // accumulators; in one pass 40 of the loop's 159 instructions a 16-position step were spill loads and stores).
   static constexpr bool kSplit = U == 1 && M >= 4 && kVRegs < 32;
