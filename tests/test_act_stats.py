@@ -207,3 +207,21 @@ def test_active_count_at_its_edges(backend, threshold, dtype):
     ref = L.act_stats_(x, L.new_act_stats(c), threshold=threshold, backend="reference")
     assert torch.equal(got[4], ref[4]), "active counts"
     assert torch.equal(got[3], ref[3]), "max |x|"
+
+
+@pytest.mark.parametrize("threshold", [-1.0, 0.0, 1e-40, 0.3, 0.5, 3.3895e38])
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # inf and NaN inputs, on purpose
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+def test_every_bf16_pattern(backend, threshold):
+    """All 65536 bf16 bit patterns (NaNs with payloads and signs, subnormals, infinities), shuffled over 32 channels:
+    counts and maxima exactly as the reference (the CPU kernel works on the 16-bit patterns themselves)."""
+    name, device = backend
+    x = torch.arange(65536, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    if is_slow(name):  # Triton's interpreter widens bf16 subnormals to 0 (see test_active_count_at_its_edges)
+        x = x[(x.float().abs() >= torch.finfo(torch.float32).tiny) | (x == 0) | x.isnan()]
+        x = x[: x.numel() // 32 * 32]
+    x = x[torch.randperm(x.numel(), generator=torch.Generator().manual_seed(5))].view(-1, 32)
+    got = L.act_stats_(x.to(device), L.new_act_stats(32, device), threshold=threshold, backend=name).cpu()
+    ref = L.act_stats_(x, L.new_act_stats(32), threshold=threshold, backend="reference")
+    assert torch.equal(got[4], ref[4]), "active counts"
+    assert torch.equal(got[3], ref[3]), "max |x|"

@@ -1,6 +1,6 @@
 // act_stats_ on the CPU: in-place accumulation of per-channel activation statistics over the tokens of x [T, C].
 //
-// Each thread owns a range of channels. For a block of row_block() (unmasked) tokens it walks its channels strip by
+// Each thread owns a range of channels. For a block of kRowBlock (unmasked) tokens it walks its channels strip by
 // strip (kP pairs of fp32 vectors in registers per statistic: lpt/element.h's act_update lane-wise), running down the
 // block's rows, then adds the strip into per-thread fp32 channel sums (in the lane order of its loads), which are
 // folded into fp64 every kFoldRows tokens, so the fp32 rounding error is that of a few hundred terms whatever the

@@ -137,7 +137,12 @@ struct Totals {
   float mx[kMaxM];
   int64_t z[kMaxM];
   int64_t nz[kMaxM];
-  void clear() { std::memset(this, 0, sizeof *this); }
+  // Only the entries of M deltas, which are all that is read: a memset of the whole struct was a `rep stos` (~30
+  // cycles to start) twice a unit on axis 0, ~1/20 of a 2560-element row's time at K = 2.
+  void clear(int M) {
+    for (int p = 0; p < M * (M + 1) / 2; ++p) g[p] = 0.0;
+    for (int m = 0; m < M; ++m) s[m] = 0.0, mx[m] = 0.0f, z[m] = 0, nz[m] = 0;
+  }
   template <int W>
   void add_lane(const Lanes<W>& a, int l, int M) {
     for (int p = 0; p < M * (M + 1) / 2; ++p) g[p] += a.g[p][l];
@@ -184,7 +189,10 @@ struct VTot {
   static constexpr int NG = NM * (NM + 1) / 2;
   vd g[NG], s[NM], z[NM], nz[NM];
   vf mx[NM];
-  void clear() { std::memset(this, 0, sizeof *this); }
+  void clear() {
+    for (auto& v : g) v = vd{};
+    for (int m = 0; m < NM; ++m) s[m] = z[m] = nz[m] = vd{}, mx[m] = vf{};
+  }
   void reduce_into(Totals& t, int M) const {
     for (int p = 0; p < M * (M + 1) / 2; ++p) t.g[p] += hsum(g[p]);
     for (int m = 0; m < M; ++m) {
@@ -275,7 +283,7 @@ struct ColTotals {
     }
     for (int64_t u = u0; u < u1; ++u) {
       Totals t;
-      t.clear();
+      t.clear(M);
       for (int64_t col = u * block; col < (u + 1) * block; ++col) {
         for (int p = 0; p < NG; ++p) t.g[p] += *f64(col, p);
         for (int m = 0; m < M; ++m) {
@@ -616,7 +624,7 @@ void axis0(const Tensor2D* ws, int64_t cols, int64_t block, const int64_t* index
 #pragma omp for schedule(static)
     for (int64_t u = 0; u < n_units; ++u) {
       const int64_t unit = index ? index[u] : u;
-      tot.clear();
+      tot.clear(c.m);
       vt.clear();
       for (int64_t r = unit * block; r < (unit + 1) * block; ++r) {
         int64_t off[kMaxInputs];
