@@ -93,6 +93,36 @@ def test_outputs_fully_written(backend):
         assert torch.isfinite(t.double()).all()
 
 
+@pytest.mark.parametrize("k", [3, 5])
+def test_listed_columns_split_by_rows(backend, k):
+    """Listed columns of many rows on 2 threads: each thread gathers its rows into its own column totals, which are
+    added (sums, counts) and maxed (abs_max) into one before the units are stored. Whole vector strips and a scalar
+    tail of listed columns, ids unsorted and repeated, zero and near-zero deltas, every statistic exact or close."""
+    name, device = backend
+    if name != "cpu":
+        pytest.skip("the CPU backend's OpenMP threads (thousands of rows would take minutes under Triton's interpreter)")
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randn(3001, 300, generator=gen)
+    ws = [w]
+    for i in range(1, k):  # deltas: a third of the elements unchanged, some tiny, the rest of unit size
+        d = torch.randn(w.shape, generator=gen)
+        d[torch.rand(w.shape, generator=gen) < 0.33] = 0.0
+        d[torch.rand(w.shape, generator=gen) < 0.1] *= 1e-4
+        ws.append(ws[-1] + d)
+    ws = [x.to(torch.bfloat16).to(device) for x in ws]
+    index = torch.randperm(300, generator=gen)[:45].tolist() + [7, 7]
+    kw = {"index": index, "atol": 1e-3, "rtol": 0.01}
+    was = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = L.unit_gram(ws, axis=1, backend=name, **kw)
+    finally:
+        torch.set_num_threads(was)
+    ref = L.unit_gram(ws, axis=1, backend="reference", **kw)
+    assert got.zeros.sum() > 0 and (got.near_zeros > got.zeros).any()  # the counts are exercised
+    assert_gram_close(got, ref, ws[0].shape[0])
+
+
 def test_near_zero_tolerances_count_exactly(backend):
     name, device = backend
     w0 = torch.tensor([[1.0, 2.0, -4.0, 0.0], [1.0, 1.0, 1.0, 1.0]], device=device)

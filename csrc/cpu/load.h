@@ -408,10 +408,21 @@ LPT_VINLINE vf gather_vec(const void* base, const int32_t* pos) {
 // out[i] = t[off + pos[i]], i < n, element by element (int32 positions: no multiply per element). AMD cores take
 // longer for a gather instruction than for its loads one by one (Zen 3: ~14 cycles a vpgatherdd of 8, ~1 cycle an
 // element here), so there the gathers go this way.
+// Each listed element is prefetched kGatherAhead elements before it is loaded: the listed columns of a row are a
+// forward stream with gaps, which the hardware prefetchers followed poorly (masked_cosine on 10% of down_proj's
+// columns, ~3 elements a line: 1.15-1.25x as long without, on a Zen 3); only the lines read are fetched.
+constexpr int64_t kGatherAhead = 64;
 template <int DT>
 void load_pos_t(const void* p, int64_t off, const int32_t* pos, int64_t n, float* out) {
-#pragma GCC unroll 4
-  for (int64_t i = 0; i < n; ++i) out[i] = load_f32<DT>(p, off + pos[i]);
+  constexpr int64_t ES = DT == kF32 ? 4 : 2;
+  const char* base = (const char*)p + off * ES;
+  int64_t i = 0;
+  for (; i + kGatherAhead + 4 <= n; i += 4)
+    for (int j = 0; j < 4; ++j) {
+      __builtin_prefetch(base + pos[i + j + kGatherAhead] * ES);
+      out[i + j] = load_f32<DT>(p, off + pos[i + j]);
+    }
+  for (; i < n; ++i) out[i] = load_f32<DT>(p, off + pos[i]);
 }
 inline void load_pos(const Tensor2D& t, int64_t off, const int32_t* pos, int64_t n, float* out) {
   switch (t.dtype) {

@@ -261,6 +261,16 @@ struct ColTotals {
     }
   }
 
+  // Another part's folded totals added into these over the groups of kW columns [g0, g1): sums and counts (c64)
+  // added, maxima (c32) taken.
+  void merge(const ColTotals& o, int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g) {
+      for (int i = 0; i < NS * kW; ++i) c64[g * NS * kW + i] += o.c64[g * NS * kW + i];
+      for (int i = MX * kW; i < NS * kW; ++i)
+        c32[g * NS * kW + i] = std::max(c32[g * NS * kW + i], o.c32[g * NS * kW + i]);
+    }
+  }
+
   // The outputs of units [u0, u1) (all their columns folded).
   void store_units(int64_t u0, int64_t u1, int64_t block, const GramOut& out) const {
     if (block == 1) {  // one column a unit (MLP neurons): its totals are the unit's, no per-unit Totals to sum into
@@ -675,11 +685,11 @@ void axis0(const Tensor2D* ws, int64_t cols, int64_t block, const int64_t* index
 template <class Kern>
 void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index, int64_t n_units, const Ctx& c,
            const GramOut& out, int threads, ColsFn cols, int64_t es, ColsFn gcols) {
-  // Listed columns per gathered chunk: the block's chunk buffers (rows x K x kChunk fp32: 48 KB for K = 3, 80 KB for
-  // K = 5) stay in L2. Gathering one strip of all the block's rows at a time instead read 24 row streams (K = 3, 8
+  // Listed columns per gathered chunk: the block's chunk buffers (rows x K x kChunk fp32: 96 KB for K = 3, 160 KB
+  // for K = 5) stay in L2, and 10% of a 9728-column row is one chunk (512: two pieces a row, 1.2-1.3x as long). Gathering one strip of all the block's rows at a time instead read 24 row streams (K = 3, 8
   // rows) a few elements each, which no prefetcher followed: masked_cosine on 10% of down_proj's columns ran at 0.16
   // of its memory ceiling on a Zen 3 core.
-  constexpr int64_t kChunk = 512;
+  constexpr int64_t kChunk = 1024;
   constexpr int64_t G = Kern::G;
   const bool gather = cols == nullptr;
   const StripsFn<Kern> fn = &Kern::template strips<kF32, false>;
@@ -712,20 +722,15 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
     else
       load_gather_vec(ws[k], off, &col_pos[k * ncol + j], n, dst);
   };
-  ColTotals tot(c.m, ncol, !gather && es == 2 && G == kW);
-  std::vector<int64_t> ends(threads, 0);  // each thread's last column + 1
-#pragma omp parallel num_threads(threads)
-  {
-    int64_t lo, hi;
-    split_range(ncol, omp_get_num_threads(), omp_get_thread_num(), G, &lo, &hi);
-    ends[omp_get_thread_num()] = hi;
+  const int64_t rb = row_block(c.k);
+  // Rows [ra, rz) (row block boundaries) of columns [lo, hi) (lo a multiple of G) into tot.
+  auto rows_into = [&](ColTotals& tot, int64_t ra, int64_t rz, int64_t lo, int64_t hi) {
     const int64_t full = lo + (hi - lo) / G * G;
-    const int64_t rb = row_block(c.k);
     std::vector<float> storage(!gather ? 0 : gcols ? rb * c.k * kChunk : rb * kMaxInputs * G);
     const char* q[kMaxInputs];
     const int64_t st = gather ? kMaxInputs * G * 4 : ws[0].stride0 * es;  // direct: one row stride
-    for (int64_t r0 = 0; r0 < rows; r0 += rb) {
-      const int64_t r1 = std::min(rows, r0 + rb);
+    for (int64_t r0 = ra; r0 < rz; r0 += rb) {
+      const int64_t r1 = std::min(rz, r0 + rb);
       if (!gather) {
         for (int k = 0; k < c.k; ++k) q[k] = (const char*)ws[k].data + r0 * ws[k].stride0 * es;
         cols(ColArgs{q, st, r1 - r0, lo, full, rb * st}, c, tot);
@@ -758,8 +763,43 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
         }
         for (int64_t col = full; col < hi; ++col) tot.add_lane(lanes, (int)(col - full), col);
       }
-      if (r1 % kFoldRows == 0 || r1 == rows) tot.fold(lo, hi);
+      if ((r1 - ra) % kFoldRows == 0 || r1 == rz) tot.fold(lo, hi);
     }
+  };
+  const bool perm = !gather && es == 2 && G == kW;
+  if (gather && rows >= 4 * rb * threads) {
+    // Gathers split the rows: each thread reads its rows' listed columns front to back, consecutive rows one after
+    // the other (a few forward streams), into its own column totals, summed at the end. Split by columns, each
+    // thread read every row's half in 10 KB pieces: masked_cosine on 10% of down_proj's columns took 1.5x as long.
+    std::vector<ColTotals*> parts(threads, nullptr);
+#pragma omp parallel num_threads(threads)
+    {
+      const int nt = omp_get_num_threads(), t = omp_get_thread_num();
+      ColTotals mine(c.m, ncol, perm);
+      parts[t] = &mine;
+      int64_t ra, rz;
+      split_range(rows, nt, t, rb, &ra, &rz);
+      rows_into(mine, ra, rz, 0, ncol);
+#pragma omp barrier
+      int64_t g0, g1;  // this thread's groups of kW columns: the other parts' totals added into part 0's
+      split_range((ncol + kW - 1) / kW, nt, t, 1, &g0, &g1);
+      for (int p = 1; p < nt; ++p) parts[0]->merge(*parts[p], g0, g1);
+#pragma omp barrier
+      int64_t u0, u1;
+      split_range(n_units, nt, t, 1, &u0, &u1);
+      parts[0]->store_units(u0, u1, block, out);
+#pragma omp barrier  // (every part stays alive until part 0's units are stored)
+    }
+    return;
+  }
+  ColTotals tot(c.m, ncol, perm);
+  std::vector<int64_t> ends(threads, 0);  // each thread's last column + 1
+#pragma omp parallel num_threads(threads)
+  {
+    int64_t lo, hi;
+    split_range(ncol, omp_get_num_threads(), omp_get_thread_num(), G, &lo, &hi);
+    ends[omp_get_thread_num()] = hi;
+    rows_into(tot, 0, rows, lo, hi);
     // The units inside this thread's columns (the store is ~100 cycles a unit: 2% of a down_proj call, a sixth of
     // one over 256 rows); those that straddle two threads' columns after all have folded.
     tot.store_units((lo + block - 1) / block, hi / block, block, out);
