@@ -143,6 +143,9 @@ class Case:
     nbytes: int                        # minimum bytes per call
     ceiling: Optional[Callable] = None  # ceiling(set) on CPU: moves `nbytes` (by the same accounting) elsewhere
     ceiling_kind: str = "read"
+    # gather(set) on CPU, listed rows only: stream_read of the same scattered rows the op reads (its row list in
+    # order), printed under the table beside the contiguous ceiling that the ratio uses
+    gather: Optional[Callable] = None
     check: Optional[Callable] = None   # check(set) -> "ok" or a message: ours against the eager peer
     results: dict = field(default_factory=dict)
 
@@ -230,6 +233,11 @@ def build_cases(pools, backend: str, device: str, gen: torch.Generator, cpu_ceil
         else:
             ceil_bytes = [len(set((idx.cpu() * es // 64).tolist())) * 64 * line for idx in idxs]
 
+        def gather(s):  # the listed rows themselves, in the order the op reads them (a unit's rows in every input)
+            rows = s[3].tolist()
+            ptrs = [w.data_ptr() + r * line * es for r in rows for w in s[:3]]
+            C.stream_read(ptrs, [line * es] * len(ptrs), threads)
+
         def ceil_tensors(s):
             r = s[4]
             out = []
@@ -250,7 +258,7 @@ def build_cases(pools, backend: str, device: str, gen: torch.Generator, cpu_ceil
             "masked_cosine", label, sets,
             ours=lambda s: lpt_kernels.masked_cosine((s[0], s[1]), (s[1], s[2]), s[3], axis=axis, backend=backend),
             peer=peer, peer_args=lambda s: s[:4], nbytes=3 * per_tensor,
-            ceiling=read_ceiling(ceil_tensors), check=chk)
+            ceiling=read_ceiling(ceil_tensors), check=chk, gather=gather if cpu_ceilings and axis == 0 else None)
 
     cases.append(mc_case(0, [gate, up], "10% axis0 gate rows"))
     cases.append(mc_case(1, [down], "10% axis1 down cols"))
@@ -333,7 +341,7 @@ def time_cpu_case(case: Case, compiled, target_s: float, min_reps: int, max_reps
         fn(s)
         return time.perf_counter() - t0
 
-    variants = {"ours": case.ours, "ceiling": case.ceiling,
+    variants = {"ours": case.ours, "ceiling": case.ceiling, "gather": case.gather,
                 "eager": lambda s: case.peer(*case.peer_args(s)),
                 "compile": (lambda s: compiled(*case.peer_args(s))) if compiled else None}
     variants = {k: v for k, v in variants.items() if v is not None}
@@ -480,6 +488,8 @@ def cpu_section(args):
         row["ours_best_gbs"] = case.nbytes / best["ours"] / GB      # CSV only: the fastest call of each
         row["ceiling_best_gbs"] = case.nbytes / best["ceiling"] / GB
         row["x_eager"] = med["eager"] / med["ours"]
+        if "gather" in med:
+            row["gather_gbs"] = case.nbytes / med["gather"] / GB
         if "compile" in med:
             row["compile_gbs"] = case.nbytes / med["compile"] / GB
             row["x_compile"] = med["compile"] / med["ours"]
@@ -494,6 +504,10 @@ def cpu_section(args):
     print("ceiling: read = lpt_kernels._C_cpu.stream_read of as many bytes (same threads; for a column gather, of the "
           "64-byte lines it touches); copy = torch dst.copy_(src) of a contiguous block of the touched rows, counted "
           "3x like rollback_.")
+    for r in rows:
+        if "gather_gbs" in r:
+            print(f"{r['op']} {r['case']}: a read of the same scattered rows (stream_read over the listed rows, in "
+                  f"the op's order) ran at {r['gather_gbs']:.2f} GB/s; ours / that = {r['ours_gbs'] / r['gather_gbs']:.2f}")
     print(f"at the end: {load_note()}")
     for r in rows:
         if r["check"] != "ok":
@@ -704,7 +718,7 @@ def main(argv: Optional[Sequence[str]] = None):
         print("\nthis machine's row (benchmarks/README.md, machines measured):\n" + machine_row(rows, args.threads))
     if args.csv:
         keys = ["section", "backend", "op", "case", "bytes", "ours_ms", "us", "ours_gbs", "ceiling_gbs",
-                "ceiling_kind", "ratio", "ours_best_gbs", "ceiling_best_gbs", "eager_gbs", "compile_gbs", "x_eager",
+                "ceiling_kind", "ratio", "ours_best_gbs", "ceiling_best_gbs", "gather_gbs", "eager_gbs", "compile_gbs", "x_eager",
                 "x_compile", "frac", "peak_frac",
                 "copy_ceiling_gbs", "reps", "peer_reps", "check", "load", "threads", "isa"]
         from lpt_kernels.backends import cpu as cpu_backend

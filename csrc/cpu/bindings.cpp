@@ -1,6 +1,7 @@
 // pybind11 module lpt_kernels._C_cpu: takes raw pointers, shapes and strides from Python (no libtorch), picks the
 // best instruction-set variant of the kernels the running CPU supports, and checks the arguments it relies on so
 // that a bad call raises a Python exception instead of touching memory.
+#include <algorithm>
 #include <omp.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -156,33 +157,41 @@ int index_order(uintptr_t index, int64_t n, int64_t n_units) {
 }
 
 // The read ceiling of the benchmarks: sum every 64-bit word of the given buffers with the same threads the kernels
-// use. Each thread reads one contiguous range with four independent sums and prefetches 1 KiB ahead in software, as
-// the kernels do; it only has to keep up with memory.
+// use. The buffers are read as one stream, in order, split into one contiguous share a thread; each thread reads
+// with four independent sums and prefetches 1 KiB ahead of its position in that stream (into the next buffer near
+// the end of one: scattered rows, the gather ceiling of masked_cosine, are read like the kernel reads its listed
+// rows), as the kernels do; it only has to keep up with memory.
 uint64_t stream_read(const std::vector<uintptr_t>& ptrs, const std::vector<int64_t>& nbytes, int threads) {
   if (ptrs.size() != nbytes.size()) throw std::invalid_argument("stream_read: one byte count per buffer");
+  const int64_t nb = (int64_t)ptrs.size();
+  std::vector<int64_t> start(nb + 1, 0);  // first word of each buffer in the stream
+  for (int64_t b = 0; b < nb; ++b) start[b + 1] = start[b] + nbytes[b] / 8;
+  const int64_t n = start[nb];
+  constexpr int64_t kAhead = 128;  // words
   uint64_t total = 0;
   py::gil_scoped_release nogil;
-  for (size_t b = 0; b < ptrs.size(); ++b) {
-    const uint64_t* x = (const uint64_t*)ptrs[b];
-    const int64_t n = nbytes[b] / 8;
-    uint64_t acc = 0;
-#pragma omp parallel reduction(+ : acc) num_threads(threads < 1 ? 1 : threads)
-    {
-      const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
-      const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
-      uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
-      int64_t i = lo;
-      for (; i + 32 <= hi; i += 32) {
-        __builtin_prefetch(x + i + 128);
-        __builtin_prefetch(x + i + 136);
-        __builtin_prefetch(x + i + 144);
-        __builtin_prefetch(x + i + 152);
+#pragma omp parallel reduction(+ : total) num_threads(threads < 1 ? 1 : threads)
+  {
+    const int64_t nt = omp_get_num_threads(), t = omp_get_thread_num();
+    const int64_t lo = n * t / nt, hi = n * (t + 1) / nt;
+    int64_t b = std::upper_bound(start.begin(), start.end(), lo) - start.begin() - 1;
+    int64_t pb = b;  // prefetch cursor: buffer pb, kAhead words on in the stream
+    uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+    for (int64_t pos = lo; pos < hi; ++b) {
+      const uint64_t* x = (const uint64_t*)ptrs[b] - start[b];  // x[pos]: word pos of the stream
+      const int64_t end = std::min(hi, start[b + 1]);
+      int64_t i = pos;
+      for (; i + 32 <= end; i += 32) {
+        int64_t q = i + kAhead;
+        while (pb + 1 < nb && q >= start[pb + 1]) ++pb;
+        if (q < start[pb + 1])
+          for (int l = 0; l < 4; ++l) __builtin_prefetch((const uint64_t*)ptrs[pb] + (q - start[pb]) + 8 * l);
         for (int j = 0; j < 8; ++j) a0 += x[i + j], a1 += x[i + 8 + j], a2 += x[i + 16 + j], a3 += x[i + 24 + j];
       }
-      for (; i < hi; ++i) a0 += x[i];
-      acc += a0 + a1 + a2 + a3;
+      for (; i < end; ++i) a0 += x[i];
+      pos = end;
     }
-    total += acc;
+    total += a0 + a1 + a2 + a3;
   }
   return total;
 }
