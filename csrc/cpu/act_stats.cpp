@@ -7,7 +7,8 @@
 // token count. The block's row streams are prefetched in software. At the end each thread adds its totals into
 // `stats`, in channel order.
 //
-// x with unit channel stride is read in place (load_pair<DT>); other strides go through an fp32 buffer per block.
+// x with unit channel stride is read in place (bf16: strip_bf16, on 16-bit lanes; fp16 and fp32: load_pair<DT>); other
+// strides go through an fp32 buffer per block.
 // Channels that do not fill a strip use the scalar act_update.
 #include <omp.h>
 
@@ -28,9 +29,12 @@ constexpr int64_t kG = 2 * kW * kP;       // channels per strip
 // Zen 3 (AVX2), [8192, 9728] bf16 ran at 0.59-0.63 of the read ceiling with 32 and at 0.59-0.90 (mostly ~0.7) with
 // 16, and a plain read in this order at 0.65 of a sequential one with 32, at 1.0 with 16.
 constexpr int64_t kRowBlock = 16;
+// With AVX-512 on a Zen 4: 8 (0.59-0.61 -> 0.65-0.69 of the read ceiling in alternated runs; 4: 0.46, 32: 0.38).
+constexpr int64_t kRowBlockAmd = kVRegs >= 32 ? 8 : kRowBlock;
 constexpr int64_t kFoldRows = 256;       // tokens accumulated in fp32 channel sums before folding into fp64
 constexpr int64_t kPrefetch = 512;       // bytes ahead in each row stream
-static_assert(kFoldRows % kRowBlock == 0, "channel sums fold at row block boundaries");
+static_assert(kFoldRows % kRowBlock == 0 && kFoldRows % kRowBlockAmd == 0,
+              "channel sums fold at row block boundaries");
 constexpr int kStats = 4;                // abs sum, square sum, active count (folded), abs max (not)
 
 // Per-thread totals of channels [lo, lo + n), group by group of kW channels with all statistics of a group together:
@@ -131,11 +135,13 @@ void strip(const BlockArgs& a, float threshold, ChanTotals& tot, int64_t j) {
   }
 }
 
-// bf16 with 16 vector registers: the count and the maximum on |x|'s 16-bit patterns, 2kW channels in one register,
-// each 16-bit operation doing the work of two on fp32 lanes (this loop is bound by its vector operations: 11 a row
-// where strip<kBF16> takes 16). c = bits + 0x7f wraps NaN's patterns (above inf's) below every number's, so the signed
-// maximum of c skips NaN as act_update does, and c > below counts the active lanes: a bf16 |x| is above the threshold
-// iff its pattern is at least ceil(lo / 2^16) (its low 16 bits are zero), and at most inf's.
+// bf16: the count and the maximum on |x|'s 16-bit patterns, 2kW channels in one register, each 16-bit operation
+// doing the work of two on fp32 lanes: 11 vector operations a register of 2kW channels where strip<kBF16> takes 14
+// (16 with AVX2), and none of the count's and maximum's on the FP adder, which bounds strip<kBF16> on a Zen 4 (its
+// adds, maxima and masked adds: 7 of the 14, on the one pipe pair that takes them). c = bits + 0x7f wraps NaN's
+// patterns (above inf's) below every number's, so the signed maximum of c skips NaN as act_update does, and
+// c > below counts the active lanes: a bf16 |x| is above the threshold iff its pattern is at least ceil(lo / 2^16)
+// (its low 16 bits are zero), and at most inf's. The square is of |x| (the same product as x * x).
 typedef uint16_t vuh __attribute__((vector_size(4 * kW)));
 typedef int16_t vsh __attribute__((vector_size(4 * kW)));
 
@@ -144,35 +150,61 @@ inline int16_t active_below_bf16(float threshold) {
   return lo16 > 0x7f80u ? INT16_MAX : (int16_t)(lo16 + 0x7e);
 }
 
-void strip_bf16(const BlockArgs& a, float threshold, ChanTotals& tot, int64_t j) {
-  static_assert(kVRegs >= 32 || kG == 2 * kW, "a strip is one register of 16-bit lanes");
+// ac - (c > below) and max(c, mx), lane-wise on 16-bit lanes: with AVX-512 a compare into a mask register and a
+// masked subtraction (the vector-extension form would also move the mask into a vector).
+LPT_VINLINE void count_max16(vsh c, vsh below, vsh& ac, vsh& mx) {
+#if defined(__AVX512BW__)
+  const __m512i ci = (__m512i)c;
+  ac = (vsh)_mm512_mask_sub_epi16((__m512i)ac, _mm512_cmpgt_epi16_mask(ci, (__m512i)below), (__m512i)ac,
+                                  _mm512_set1_epi16(-1));
+  mx = (vsh)_mm512_max_epi16(ci, (__m512i)mx);
+#else
+  ac -= c > below;
+  mx = c > mx ? c : mx;
+#endif
+}
+
+// PF: prefetch (a loop of its own, so that the accumulators stay in registers from the clears to the stores).
+template <bool PF>
+LPT_VINLINE void strip_bf16_t(const BlockArgs& a, float threshold, ChanTotals& tot, int64_t j) {
+  constexpr int kLines = (kG * 2 + 63) / 64;
   const vsh below = vsh{} + active_below_bf16(threshold);
-  vf as[2] = {}, sq[2] = {};
-  vsh mx = {}, ac = {};  // kRowBlock rows: the counts fit 16 bits
+  vf as[2 * kP] = {}, sq[2 * kP] = {};
+  vsh mx[kP] = {}, ac[kP] = {};  // kRowBlock rows: the counts fit 16 bits
   for (int64_t i = 0; i < a.n; ++i) {
-    if (a.pf) __builtin_prefetch(a.pf[i] + a.pb);
-    vuh x;
-    memcpy(&x, a.rows[i] + a.cb, sizeof x);
-    const vuh b = x & 0x7fff;  // |x|
-    const vf lo = (vf)((vu)b << 16), hi = (vf)((vu)b & 0xffff0000u);  // bf16_to_f32: even, odd channels
-    as[0] += lo;
-    as[1] += hi;
-    sq[0] += lo * lo;
-    sq[1] += hi * hi;
-    const vsh c = (vsh)(b + 0x7f);
-    ac -= c > below;
-    mx = c > mx ? c : mx;
+    if (PF)
+      for (int l = 0; l < kLines; ++l) __builtin_prefetch(a.pf[i] + a.pb + 64 * l);
+    for (int q = 0; q < kP; ++q) {
+      vuh x;
+      memcpy(&x, a.rows[i] + a.cb + q * sizeof x, sizeof x);
+      const vuh b = x & 0x7fff;  // |x|
+      const vf lo = (vf)((vu)b << 16), hi = (vf)((vu)b & 0xffff0000u);  // bf16_to_f32: even, odd channels
+      as[2 * q] += lo;
+      as[2 * q + 1] += hi;
+      sq[2 * q] += lo * lo;
+      sq[2 * q + 1] += hi * hi;
+      count_max16((vsh)(b + 0x7f), below, ac[q], mx[q]);
+    }
   }
-  const vuh top = (vuh)(mx - 0x7f);  // max |x|'s pattern; a NaN's where no number was seen, which vmax drops
-  vf m[2] = {(vf)((vu)top << 16), (vf)((vu)top & 0xffff0000u)};
-  vf n[2] = {__builtin_convertvector((vi)((vu)ac & 0xffffu), vf), __builtin_convertvector((vi)((vu)ac >> 16), vf)};
-  for (int u = 0; u < 2; ++u) {
-    float* t = tot.f32(j + u * kW, 0);
-    add_to(t, as[u]);
-    add_to(t + kW, sq[u]);
-    add_to(t + 2 * kW, n[u]);
-    store_vf(t + 3 * kW, vmax(m[u], load_vf(t + 3 * kW)));
+  for (int q = 0; q < kP; ++q) {
+    const vuh top = (vuh)(mx[q] - 0x7f);  // max |x|'s pattern; a NaN's where no number was seen, which vmax drops
+    const vf m[2] = {(vf)((vu)top << 16), (vf)((vu)top & 0xffff0000u)};
+    const vf n[2] = {__builtin_convertvector((vi)((vu)ac[q] & 0xffffu), vf),
+                     __builtin_convertvector((vi)((vu)ac[q] >> 16), vf)};
+    for (int h = 0; h < 2; ++h) {
+      const int u = 2 * q + h;
+      float* t = tot.f32(j + u * kW, 0);
+      add_to(t, as[u]);
+      add_to(t + kW, sq[u]);
+      add_to(t + 2 * kW, n[h]);
+      store_vf(t + 3 * kW, vmax(m[h], load_vf(t + 3 * kW)));
+    }
   }
+}
+
+void strip_bf16(const BlockArgs& a, float threshold, ChanTotals& tot, int64_t j) {
+  if (a.pf) strip_bf16_t<true>(a, threshold, tot, j);
+  else strip_bf16_t<false>(a, threshold, tot, j);
 }
 
 using StripFn = void (*)(const BlockArgs&, float, ChanTotals&, int64_t);
@@ -200,9 +232,9 @@ void act_stats(Tensor2D x, int64_t tokens, int64_t channels, const uint8_t* mask
   const bool direct = x.stride1 == 1;
   const int64_t es = direct ? dtype_size(x.dtype) : 4;
   StripFn fn = &strip<kF32>;
-  if (direct && x.dtype == kBF16) fn = kVRegs >= 32 ? &strip<kBF16> : &strip_bf16;
+  if (direct && x.dtype == kBF16) fn = &strip_bf16;
   if (direct && x.dtype == kF16) fn = &strip<kF16>;
-  constexpr int64_t rb = kRowBlock, pfd = kPrefetch;
+  const int64_t rb = amd_core() ? kRowBlockAmd : kRowBlock, pfd = kPrefetch;
   threads = threads_for(counted * channels, threads);
 #pragma omp parallel num_threads(threads)
   {
@@ -211,9 +243,9 @@ void act_stats(Tensor2D x, int64_t tokens, int64_t channels, const uint8_t* mask
     const int64_t full = lo + (hi - lo) / kG * kG;
     ChanTotals tot(hi - lo);
     std::vector<float> buf(direct ? 0 : rb * kG);  // [block row][kG] fp32
-    const char* cur[rb];   // this block's rows
-    const char* next[rb];  // the next block's rows (the last row where there are fewer), for the prefetch
-    const char* bufp[rb];  // the rows of buf
+    const char* cur[kRowBlock];   // this block's rows
+    const char* next[kRowBlock];  // the next block's rows (the last row where there are fewer), for the prefetch
+    const char* bufp[kRowBlock];  // the rows of buf
     for (int64_t i = 0; i < rb; ++i) bufp[i] = (const char*)(buf.data() + i * kG);
     auto row = [&](int64_t i) { return (const char*)x.data + (rows ? rows[i] : i) * x.stride0 * es; };
     for (int64_t r0 = 0; r0 < counted; r0 += rb) {

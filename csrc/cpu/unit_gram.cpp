@@ -46,22 +46,25 @@ constexpr int64_t kRun = 512;        // buffered axis 0: elements per input per 
 // 2560-element row (Qwen3-4B's hidden size) in one call with AVX2: K = 2's roof 17.4 -> 18.3 GB/s on a Zen 3 (128).
 constexpr int64_t kFold = 160;
 // axis 1: most rows accumulated in registers per strip (see row_block). 16 on the Xeon with AVX-512; with AVX2 on a
-// Zen 3, 8 (16 row streams at K = 2) took K = 2 from 0.56-0.64 of the read ceiling to 0.75-0.78 (4: 0.66).
+// Zen 3, 8 (16 row streams at K = 2) took K = 2 from 0.56-0.64 of the read ceiling to 0.75-0.78 (4: 0.66); with
+// AVX-512 on a Zen 4, 4 (kRowBlockAmd): K = 2 0.37-0.44 -> 0.68-0.77 (8: 0.49, 2: 0.59), one thread 0.33 -> 0.85.
 constexpr int64_t kRowBlock = kVRegs >= 32 ? 16 : 8;
+constexpr int64_t kRowBlockAmd = kVRegs >= 32 ? 4 : 8;
 constexpr int kMaxStreams = 40;      // axis 1: most row streams (inputs x rows) of a register block
 constexpr int64_t kFoldRows = 256;   // axis 1: rows accumulated in fp32 column sums before folding into fp64
 constexpr int64_t kPrefetch = 512;   // axis 1: bytes ahead in each row stream
 // axis 0: bytes ahead in each input's row. The hardware prefetchers alone left K = 5 at ~10.5 GB/s on page-cache
 // mappings (4 KiB pages, 5 streams a thread); 1 KiB ahead made it 14.3 (512: 12.7, 2048: 13.3), anonymous memory too.
 constexpr int64_t kPrefetch0 = 1024;
-static_assert(kFoldRows % kRowBlock == 0, "column sums fold at row block boundaries");
+static_assert(kFoldRows % kRowBlock == 0 && kFoldRows % kRowBlockAmd == 0,
+              "column sums fold at row block boundaries");
 
 // Axis 1 rows per register block for k inputs. Fewer rows cost more flushes per element; more cost misses, since
 // the block's k * rows row streams are read side by side (measured on 2560 x 9728 bf16 on the Xeon: k = 2 best at
 // 16 rows, k = 5 at 8; k = 5 at 16 rows took 1.5x as long from memory, at 4 as long). A power of two dividing
 // kFoldRows.
 inline int64_t row_block(int k) {
-  int64_t rb = kRowBlock;
+  int64_t rb = amd_core() ? kRowBlockAmd : kRowBlock;
   while (rb > 2 && rb * k > kMaxStreams) rb /= 2;
   return rb;
 }
@@ -686,9 +689,10 @@ template <class Kern>
 void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index, int64_t n_units, const Ctx& c,
            const GramOut& out, int threads, ColsFn cols, int64_t es, ColsFn gcols) {
   // Listed columns per gathered chunk: the block's chunk buffers (rows x K x kChunk fp32: 96 KB for K = 3, 160 KB
-  // for K = 5) stay in L2, and 10% of a 9728-column row is one chunk (512: two pieces a row, 1.2-1.3x as long). Gathering one strip of all the block's rows at a time instead read 24 row streams (K = 3, 8
-  // rows) a few elements each, which no prefetcher followed: masked_cosine on 10% of down_proj's columns ran at 0.16
-  // of its memory ceiling on a Zen 3 core.
+  // for K = 5, at 8 rows) stay in L2, and 10% of a 9728-column row is one chunk (512: two pieces a row, 1.2-1.3x as
+  // long). Gathering one strip of all the block's rows at a time instead read 24 row streams (K = 3, 8 rows) a few
+  // elements each, which no prefetcher followed: masked_cosine on 10% of down_proj's columns ran at 0.16 of its
+  // memory ceiling on a Zen 3 core.
   constexpr int64_t kChunk = 1024;
   constexpr int64_t G = Kern::G;
   const bool gather = cols == nullptr;
