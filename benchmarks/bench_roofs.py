@@ -154,7 +154,7 @@ def build(gen) -> List[Roof]:
                                           THRESHOLD, 1),
                       lambda: lpt_kernels.act_stats_(xf[:1], torch.zeros(5, INTER, dtype=torch.float64),
                                                      threshold=THRESHOLD, backend="cpu"),
-                      asm=r"::strip<1>", elems=64, inputs=1))
+                      asm=r"::strip_bf16\(", elems=64, inputs=1))
     # rollback_: 64 rows of gate_proj-shaped bf16 (2560) from a separate source (3 x 0.33 MB touched, counted 3x).
     t = torch.randn(640, HIDDEN, generator=gen).to(torch.bfloat16)
     s = torch.randn(640, HIDDEN, generator=gen).to(torch.bfloat16)
@@ -248,13 +248,32 @@ def hot_loops(so: str, isa: str, pattern: str):
             vec = sum(vector_ops(mn, op) for mn, op in body)
             loads = sum(1 for mn, op in body if "PTR" in op and not mn.startswith("prefetch") and
                         "PTR" not in op.split(",")[0])
-            res.append((head.split("<", 1)[1][:90], len(body), vec, loads, Counter(mn for mn, _ in body)))
+            vops = Counter()
+            for mn, op in body:
+                vops[mn] += vector_ops(mn, op)
+            res.append((head.split("<", 1)[1][:90], len(body), vec, loads, Counter(mn for mn, _ in body), vops))
     return res
 
 
 # Vector ALU ports per core for the ISA's widest vectors on Intel cores since Ice Lake / Sapphire Rapids: 512-bit
 # operations issue on p0 (p0+p1 fused) and p5, 256/128-bit ones on p0, p1 and p5.
 PORTS = {"avx512": 2, "avx2": 3, "base": 3}
+
+# Zen 4's four 256-bit pipes as benchmarks/vector_pipes.c measured them on 512-bit operations (2026-12-02): two a
+# cycle in all; of those, one a cycle on the FMA pair (multiplies, FMAs and every compare into a mask register) and
+# one on the FP-add pair (adds, subtractions, maxima, minima and shifts); integer adds, logic and 16-bit maxima issue
+# on any pipe.
+ZEN4_FMA = ("vfmadd", "vfmsub", "vfnmadd", "vfnmsub", "vmulps", "vcmp", "vpcmp", "vptest")
+ZEN4_ADD = ("vaddps", "vsubps", "vmaxps", "vminps", "vpsll", "vpsrl", "vpsra")
+
+
+def zen4_cycles(vops: Counter):
+    """Cycles one loop iteration's 512-bit operations take on Zen 4's pipes (the largest of: all of them at two a
+    cycle, the FMA pair's at one, the FP-add pair's at one), with the three counts."""
+    fma = sum(v for k, v in vops.items() if k.startswith(ZEN4_FMA))
+    add = sum(v for k, v in vops.items() if k.startswith(ZEN4_ADD))
+    total = sum(vops.values())
+    return max(total / 2, fma, add), fma, add, total
 
 
 def print_asm(roofs: List[Roof], isa: str, rows=None, ghz: float = 0.0):
@@ -273,12 +292,12 @@ def print_asm(roofs: List[Roof], isa: str, rows=None, ghz: float = 0.0):
             print(f"  {r.name}: no loop found for {r.asm}")
             continue
         if r.pick == "fma_smallest":
-            fn, n, vec, loads, mn = min(loops, key=lambda x: x[1])
+            fn, n, vec, loads, mn, vops = min(loops, key=lambda x: x[1])
         else:
             # the innermost loop with the most fp32 vector arithmetic, the larger of equals (the others are the fp64
             # folds, the scalar tails and the copy of the loop without prefetches)
-            fn, n, vec, loads, mn = max(loops, key=lambda x: (sum(v for k, v in x[4].items() if k.endswith("ps")),
-                                                              x[1]))
+            fn, n, vec, loads, mn, vops = max(loops, key=lambda x: (sum(v for k, v in x[4].items()
+                                                                        if k.endswith("ps")), x[1]))
         elems = r.elems if isa == "avx512" else r.elems // 2 if isa == "avx2" else r.elems // 4
         nb = elems * r.inputs * 2
         top = " ".join(f"{k}:{v}" for k, v in mn.most_common(12))
@@ -290,6 +309,11 @@ def print_asm(roofs: List[Roof], isa: str, rows=None, ghz: float = 0.0):
             got = measured.get(r.name)
             print(f"    port bound at {ghz:.2f} GHz ({PORTS[isa]} vector ports): {bound:.1f} GB/s per core"
                   + (f"; roof 1T {got:.1f} = {got / bound:.2f} of it" if got else ""))
+            if isa == "avx512":
+                cyc, fma, add, total = zen4_cycles(vops)
+                zb = elems * (r.counted or 2 * r.inputs) / cyc * ghz
+                print(f"    Zen 4 pipes: {total} ops / 2, FMA pair {fma}, FP-add pair {add} -> {cyc:g} cycles: "
+                      f"{zb:.1f} GB/s per core" + (f"; roof 1T = {got / zb:.2f} of it" if got else ""))
 
 
 def main(argv=None):

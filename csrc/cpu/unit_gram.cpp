@@ -47,10 +47,11 @@ constexpr int64_t kRun = 512;        // buffered axis 0: elements per input per 
 // 2560-element row (Qwen3-4B's hidden size) in one call with AVX2: K = 2's roof 17.4 -> 18.3 GB/s on a Zen 3 (128).
 constexpr int64_t kFold = 160;
 // axis 1: most rows accumulated in registers per strip (see row_block). 16 on the Xeon with AVX-512; with AVX2 on a
-// Zen 3, 8 (16 row streams at K = 2) took K = 2 from 0.56-0.64 of the read ceiling to 0.75-0.78 (4: 0.66); with
-// AVX-512 on a Zen 4, 4 (kRowBlockAmd): K = 2 0.37-0.44 -> 0.68-0.77 (8: 0.49, 2: 0.59), one thread 0.33 -> 0.85.
+// Zen 3, 8 (16 row streams at K = 2) took K = 2 from 0.56-0.64 of the read ceiling to 0.75-0.78 (4: 0.66). With
+// AVX-512 on a Zen 4, K = 2 takes 4 (kRowBlockAmd2): 0.37-0.44 -> 0.68-0.77 (8: 0.49, 2: 0.59), one thread 0.33 ->
+// 0.85; K = 3 ran the same at 4, 8 and 16 rows (0.42-0.44), K = 5 at 8 rows 0.39, at 4 0.33 (its flushes).
 constexpr int64_t kRowBlock = kVRegs >= 32 ? 16 : 8;
-constexpr int64_t kRowBlockAmd = kVRegs >= 32 ? 4 : 8;
+constexpr int64_t kRowBlockAmd2 = kVRegs >= 32 ? 4 : 8;
 constexpr int kMaxStreams = 40;      // axis 1: most row streams (inputs x rows) of a register block
 constexpr int64_t kFoldRows = 256;   // axis 1: rows accumulated in fp32 column sums before folding into fp64
 constexpr int64_t kPrefetch = 512;   // axis 1: bytes ahead in each row stream
@@ -60,7 +61,7 @@ constexpr int64_t kPrefetch = 512;   // axis 1: bytes ahead in each row stream
 // 0.74 and 0.63; 2048: 0.72 at K = 2), in alternated runs.
 constexpr int64_t kPrefetch0 = 1024;
 constexpr int64_t kPrefetch0Amd = kVRegs >= 32 ? 512 : kPrefetch0;
-static_assert(kFoldRows % kRowBlock == 0 && kFoldRows % kRowBlockAmd == 0,
+static_assert(kFoldRows % kRowBlock == 0 && kFoldRows % kRowBlockAmd2 == 0,
               "column sums fold at row block boundaries");
 
 // Axis 1 rows per register block for k inputs. Fewer rows cost more flushes per element; more cost misses, since
@@ -68,7 +69,7 @@ static_assert(kFoldRows % kRowBlock == 0 && kFoldRows % kRowBlockAmd == 0,
 // 16 rows, k = 5 at 8; k = 5 at 16 rows took 1.5x as long from memory, at 4 as long). A power of two dividing
 // kFoldRows.
 inline int64_t row_block(int k) {
-  int64_t rb = amd_core() ? kRowBlockAmd : kRowBlock;
+  int64_t rb = k <= 2 && amd_core() ? kRowBlockAmd2 : kRowBlock;
   while (rb > 2 && rb * k > kMaxStreams) rb /= 2;
   return rb;
 }
