@@ -245,13 +245,13 @@ def hot_loops(so: str, isa: str, pattern: str):
                                                          for l2, h2 in loops)]
         for lo, hi in inner:
             body = [(mn, op) for a, mn, op in ins if lo <= a <= hi]
-            vec = sum(vector_ops(mn, op) for mn, op in body)
-            loads = sum(1 for mn, op in body if "PTR" in op and not mn.startswith("prefetch") and
-                        "PTR" not in op.split(",")[0])
-            vops = Counter()
+            vops = Counter()  # vector ALU operations by mnemonic
             for mn, op in body:
                 vops[mn] += vector_ops(mn, op)
-            res.append((head.split("<", 1)[1][:90], len(body), vec, loads, Counter(mn for mn, _ in body), vops))
+            loads = sum(1 for mn, op in body if "PTR" in op and not mn.startswith("prefetch") and
+                        "PTR" not in op.split(",")[0])
+            res.append((head.split("<", 1)[1][:90], len(body), sum(vops.values()), loads,
+                        Counter(mn for mn, _ in body), vops))
     return res
 
 
