@@ -28,20 +28,35 @@ def _cpu_isas():
     return order[: order.index(cpu._C.best_isa()) + 1]
 
 
+def _other_tuning():
+    """The vendor tuning the running CPU does not take (see backends.cpu.set_tuning)."""
+    import platform
+    vendor = ""
+    if platform.system() == "Linux":
+        with open("/proc/cpuinfo") as f:
+            vendor = next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
+    return "intel" if vendor == "AuthenticAMD" else "amd"
+
+
 def backend_params():
-    """(id, backend name, device, cpu ISA) for every backend the kernel tests run on; unavailable ones skip."""
-    params = [pytest.param(("reference", "cpu", None), id="reference")]
+    """(id, backend name, device, cpu ISA, cpu tuning) for every backend the kernel tests run on; unavailable ones
+    skip. The CPU backend runs at every ISA level the machine has, and at the best one also with the other vendor's
+    tuning (row blocks, prefetch distances, count paths chosen per vendor), so both are tested on any machine."""
+    params = [pytest.param(("reference", "cpu", None, None), id="reference")]
     isas = _cpu_isas()
     if isas:
-        params += [pytest.param(("cpu", "cpu", isa), id=f"cpu-{isa}") for isa in isas]
+        params += [pytest.param(("cpu", "cpu", isa, None), id=f"cpu-{isa}") for isa in isas]
+        other = _other_tuning()
+        params.append(pytest.param(("cpu", "cpu", isas[-1], other), id=f"cpu-{isas[-1]}-{other}"))
     else:
-        params.append(pytest.param(("cpu", "cpu", None), id="cpu",
+        params.append(pytest.param(("cpu", "cpu", None, None), id="cpu",
                                    marks=pytest.mark.skip(reason="CPU extension not built")))
     try:
         ops._load("triton")
-        params.append(pytest.param(("triton", "cuda" if torch.cuda.is_available() else "cpu", None), id="triton"))
+        params.append(pytest.param(("triton", "cuda" if torch.cuda.is_available() else "cpu", None, None),
+                                   id="triton"))
     except RuntimeError as e:
-        params.append(pytest.param(("triton", "cpu", None), id="triton", marks=pytest.mark.skip(reason=str(e))))
+        params.append(pytest.param(("triton", "cpu", None, None), id="triton", marks=pytest.mark.skip(reason=str(e))))
     cuda_ok = torch.cuda.is_available()
     try:
         ops._load("cuda")
@@ -49,21 +64,23 @@ def backend_params():
         cuda_ok, why = False, str(e)
     else:
         why = "no CUDA device on this machine"
-    params.append(pytest.param(("cuda", "cuda", None), id="cuda",
+    params.append(pytest.param(("cuda", "cuda", None, None), id="cuda",
                                marks=[] if cuda_ok else pytest.mark.skip(reason=why)))
     return params
 
 
 @pytest.fixture(params=backend_params())
 def backend(request):
-    """Yields (backend name, device); for the CPU backend, forces the instruction-set variant under test."""
-    name, device, isa = request.param
+    """Yields (backend name, device); for the CPU backend, forces the instruction-set variant and tuning under test."""
+    name, device, isa, tuning = request.param
     if isa is not None:
         from lpt_kernels.backends import cpu
         cpu.set_isa(isa)
+        cpu.set_tuning(tuning or "auto")
     yield name, torch.device(device)
     if isa is not None:
         cpu.set_isa("auto")
+        cpu.set_tuning("auto")
 
 
 def is_slow(name):

@@ -20,6 +20,8 @@
 namespace py = pybind11;
 using namespace lpt::cpu;
 
+int lpt::cpu::g_tuning = -1;
+
 namespace {
 
 enum class Isa { base, avx2, avx512 };
@@ -53,6 +55,13 @@ void set_isa(const std::string& name) {
     throw std::invalid_argument(std::string("ISA '") + name + "' is not supported by this CPU (best: " +
                                 isa_name(g_best) + ")");
   g_isa = want;
+}
+
+void set_tuning(const std::string& name) {
+  if (name == "auto") g_tuning = -1;
+  else if (name == "amd") g_tuning = 1;
+  else if (name == "intel") g_tuning = 0;
+  else throw std::invalid_argument("unknown tuning '" + name + "' (expected auto, amd or intel)");
 }
 
 // Choose the variant at run time.
@@ -205,6 +214,7 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("rollback", &rollback);
   m.def("set_isa", &set_isa, "Force an instruction-set variant: auto, base, avx2 or avx512.");
   m.def("isa", []() { return std::string(isa_name(g_isa)); }, "The instruction-set variant in use.");
+  m.def("set_tuning", &set_tuning, "Force the vendor-specific tuning: auto (the CPU's), amd or intel.");
   m.def("gram_cosines", &gram_cosines, "Per-unit and pooled cosines of deltas a, b from a Gram [n, m, m].");
   m.def("index_order", &index_order, "Unit ids: -1 out of range, 1 strictly increasing, 0 otherwise.");
   add_diff_helpers(m);

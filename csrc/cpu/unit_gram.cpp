@@ -49,9 +49,13 @@ constexpr int64_t kFold = 160;
 // axis 1: most rows accumulated in registers per strip (see row_block). 16 on the Xeon with AVX-512; with AVX2 on a
 // Zen 3, 8 (16 row streams at K = 2) took K = 2 from 0.56-0.64 of the read ceiling to 0.75-0.78 (4: 0.66). With
 // AVX-512 on a Zen 4, K = 2 takes 4 (kRowBlockAmd2): 0.37-0.44 -> 0.68-0.77 (8: 0.49, 2: 0.59), one thread 0.33 ->
-// 0.85; K = 3 ran the same at 4, 8 and 16 rows (0.42-0.44), K = 5 at 8 rows 0.39, at 4 0.33 (its flushes).
+// 0.85; K >= 3 takes 32 (kRowBlockAmd, 96-160 row streams, which the software prefetch keeps fed): its flush into
+// the L2-resident column sums (22 read-modify-writes of a line per strip at K = 5) then comes every 32 rows instead
+// of 8: K = 5 0.35-0.37 -> 0.50-0.54 (16: 0.47, 64: 0.51), K = 3 0.50 -> 0.54 (column tiles that keep the sums in
+// L1 lost more to 512-byte row pieces than they saved: K = 2 0.70 -> 0.41-0.50, K = 5 0.37 -> 0.35-0.42).
 constexpr int64_t kRowBlock = kVRegs >= 32 ? 16 : 8;
 constexpr int64_t kRowBlockAmd2 = kVRegs >= 32 ? 4 : 8;
+constexpr int64_t kRowBlockAmd = kVRegs >= 32 ? 32 : 8;
 constexpr int kMaxStreams = 40;      // axis 1: most row streams (inputs x rows) of a register block
 constexpr int64_t kFoldRows = 256;   // axis 1: rows accumulated in fp32 column sums before folding into fp64
 constexpr int64_t kPrefetch = 512;   // axis 1: bytes ahead in each row stream
@@ -61,14 +65,15 @@ constexpr int64_t kPrefetch = 512;   // axis 1: bytes ahead in each row stream
 // 0.74 and 0.63; 2048: 0.72 at K = 2), in alternated runs.
 constexpr int64_t kPrefetch0 = 1024;
 constexpr int64_t kPrefetch0Amd = kVRegs >= 32 ? 512 : kPrefetch0;
-static_assert(kFoldRows % kRowBlock == 0 && kFoldRows % kRowBlockAmd2 == 0,
+static_assert(kFoldRows % kRowBlock == 0 && kFoldRows % kRowBlockAmd2 == 0 && kFoldRows % kRowBlockAmd == 0,
               "column sums fold at row block boundaries");
 
-// Axis 1 rows per register block for k inputs. Fewer rows cost more flushes per element; more cost misses, since
-// the block's k * rows row streams are read side by side (measured on 2560 x 9728 bf16 on the Xeon: k = 2 best at
-// 16 rows, k = 5 at 8; k = 5 at 16 rows took 1.5x as long from memory, at 4 as long). A power of two dividing
-// kFoldRows.
-inline int64_t row_block(int k) {
+// Axis 1 rows per register block for k inputs (direct: read in place; else gathered into chunk buffers, which hold
+// the block's rows). Fewer rows cost more flushes per element; more cost misses on the Xeon, since the block's
+// k * rows row streams are read side by side (measured on 2560 x 9728 bf16 there: k = 2 best at 16 rows, k = 5 at
+// 8; k = 5 at 16 rows took 1.5x as long from memory, at 4 as long). A power of two dividing kFoldRows.
+inline int64_t row_block(int k, bool direct) {
+  if (direct && k >= 3 && amd_core()) return kRowBlockAmd;
   int64_t rb = k <= 2 && amd_core() ? kRowBlockAmd2 : kRowBlock;
   while (rb > 2 && rb * k > kMaxStreams) rb /= 2;
   return rb;
@@ -197,17 +202,18 @@ struct VTot {
   static constexpr int NG = NM * (NM + 1) / 2;
   vd g[NG], s[NM], z[NM], nz[NM];
   vf mx[NM];
+  int64_t zc[NM], nzc[NM];  // counts kept in scalar registers (VAcc's SC)
   void clear() {
     for (auto& v : g) v = vd{};
-    for (int m = 0; m < NM; ++m) s[m] = z[m] = nz[m] = vd{}, mx[m] = vf{};
+    for (int m = 0; m < NM; ++m) s[m] = z[m] = nz[m] = vd{}, mx[m] = vf{}, zc[m] = nzc[m] = 0;
   }
   void reduce_into(Totals& t, int M) const {
     for (int p = 0; p < M * (M + 1) / 2; ++p) t.g[p] += hsum(g[p]);
     for (int m = 0; m < M; ++m) {
       t.s[m] += hsum(s[m]);
       t.mx[m] = std::max(t.mx[m], hmax(mx[m]));
-      t.z[m] += (int64_t)hsum(z[m]);
-      t.nz[m] += (int64_t)hsum(nz[m]);
+      t.z[m] += (int64_t)hsum(z[m]) + zc[m];
+      t.nz[m] += (int64_t)hsum(nz[m]) + nzc[m];
     }
   }
 };
@@ -329,19 +335,25 @@ enum UpdatePart : int { kAll = 0, kGram = 1, kStats0 = 2, kStats1 = 3 };
 
 // Accumulators of one strip: U sets of kW lanes per statistic, sized by M at compile time. The two counts of a delta
 // share one int32 lane (see kZeroOne), so that K = 5 keeps its 22 accumulators and its inputs in the 32 registers
-// (separate counts spilled 4 of them to the stack).
-template <int M, int MODE, int NZ, int U>
+// (separate counts spilled 4 of them to the stack). With SC (axis 0, where a unit's counts are not per lane; AVX-512
+// on AMD), the counts are instead the popcounts of the compare masks, added in scalar registers: a mask's move to a
+// general register and the popcount leave the vector pipes, where the masked adds took 8 of K = 5's 47 operations a
+// vector (on a Zen 4, 6 adds + 6 FMAs + 6 compares + 6 masked adds issue in 14.4 cycles, with mask moves and
+// popcounts instead in 12.2: the FMA pipe pair's 12).
+template <int M, int MODE, int NZ, int U, bool SC = false>
 struct VAcc {
   static constexpr int NG = M * (M + 1) / 2;
   static constexpr int K = num_inputs(MODE, M);
   vf g[NG][U], s[M][U], mx[M][U];
   vi z[M][U];  // zeros * kZeroOne + near zeros
+  int64_t zc[M], nzc[M];  // with SC: zeros, near zeros
 
   LPT_VINLINE void clear() {
     for (int u = 0; u < U; ++u) {
       for (int p = 0; p < NG; ++p) g[p][u] = vf{};
       for (int m = 0; m < M; ++m) s[m][u] = mx[m][u] = vf{}, z[m][u] = vi{};
     }
+    for (int m = 0; m < M; ++m) zc[m] = nzc[m] = 0;
   }
   LPT_VINLINE vi zeros(int m, int u) const { return (vi)((vu)z[m][u] >> 16); }
   LPT_VINLINE vi near_zeros(int m, int u) const { return z[m][u] & (kZeroOne - 1); }
@@ -368,7 +380,17 @@ struct VAcc {
       const vf a = vabs(d[m]);
       s[m][u] += a;
       mx[m][u] = vmax(a, mx[m][u]);
-#if defined(__AVX512F__)  // compares into mask registers and masked adds
+#if defined(__AVX512F__)  // compares into mask registers and masked adds, or with SC popcounts
+      if (SC) {
+        zc[m] += __builtin_popcount(_mm512_cmp_ps_mask(d[m], zero, _CMP_EQ_OQ));
+        if (NZ == kNzAbs) {
+          nzc[m] += __builtin_popcount(_mm512_cmp_ps_mask(a, zero + thr0, _CMP_LE_OQ));
+        } else if (NZ == kNzRel) {
+          const vf thr = MODE == kBase ? thr_base : vmul_rn(vf{} + rtol, vabs(w[m])) + atol;
+          nzc[m] += __builtin_popcount(_mm512_cmp_ps_mask(a, thr, _CMP_LE_OQ));
+        }
+        continue;
+      }
       z[m][u] = d[m] == zero ? z[m][u] + zero_one : z[m][u];
       if (NZ == kNzAbs) {
         z[m][u] = a <= thr0 ? z[m][u] + one : z[m][u];
@@ -411,10 +433,12 @@ struct VAcc {
       for (int m = 0; m < M; ++m) {
         t.s[m] += widen(s[m][u]);
         t.mx[m] = vmax(mx[m][u], t.mx[m]);
+        if (SC) continue;
         t.z[m] += widen(zeros(m, u));
         t.nz[m] += widen(near_zeros(m, u));
       }
     }
+    for (int m = 0; m < M && SC; ++m) t.zc[m] += zc[m], t.nzc[m] += NZ == kNzZero ? zc[m] : nzc[m];
   }
 
   // Into the column totals at columns col .. col + kW*U (col a multiple of kW; lanes in element order first, see
@@ -540,8 +564,8 @@ struct StaticKern {
 
   // n steps of one strip (a pair of vectors with PAIR) into acc, the pointers p[k] advancing by st bytes a step; with
   // PREFETCH, also prefetches pfo bytes ahead of every step.
-  template <int DT, bool PAIR, bool PREFETCH, int PART = kAll>
-  static LPT_VINLINE void run_rows(VAcc<M, MODE, NZ, U>& acc, const char* const* p, int64_t n, int64_t st,
+  template <int DT, bool PAIR, bool PREFETCH, int PART = kAll, class Acc>
+  static LPT_VINLINE void run_rows(Acc& acc, const char* const* p, int64_t n, int64_t st,
                                    int64_t pfo, const Ctx& c) {
     constexpr int K = num_inputs(MODE, M);
     constexpr int kLines = ((PAIR ? G0 : G) * (DT == kF32 ? 4 : 2) + 63) / 64;
@@ -554,9 +578,9 @@ struct StaticKern {
     }
   }
 
-  template <int DT, bool AXIS0>
+  template <int DT, bool AXIS0, bool SC = false>
   static void strips(const StripArgs& a, const Ctx& c, Tot* vt, ColTotals* ct, int64_t col) {
-    VAcc<M, MODE, NZ, U> acc;
+    VAcc<M, MODE, NZ, U, SC> acc;
     acc.clear();
     if (AXIS0 && kSplit) {
       // the Gram entries while the strips come from memory, then the per-delta statistics half by half from L1
@@ -570,7 +594,7 @@ struct StaticKern {
       run_rows<DT, AXIS0, false>(acc, a.q, a.n, a.st, 0, c);
     }
     if (vt) acc.fold(*vt);
-    else acc.template flush<DT>(*ct, col);
+    else if (!SC) acc.template flush<DT>(*ct, col);
   }
 
   // Axis 1 in place: each strip of the block runs down its rows in registers and is added into the column totals,
@@ -732,7 +756,7 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
     else
       load_gather_vec(ws[k], off, &col_pos[k * ncol + j], n, dst);
   };
-  const int64_t rb = row_block(c.k);
+  const int64_t rb = row_block(c.k, !gather);
   // Rows [ra, rz) (row block boundaries) of columns [lo, hi) (lo a multiple of G) into tot.
   auto rows_into = [&](ColTotals& tot, int64_t ra, int64_t rz, int64_t lo, int64_t hi) {
     const int64_t full = lo + (hi - lo) / G * G;
@@ -820,6 +844,16 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
 
 // ---- dispatch -----------------------------------------------------------------------------------------------------
 
+// Axis 0 read in place: counts by popcount (VAcc's SC) on AMD's AVX-512, where a mask's move to a general register
+// is off the vector pipes (on Intel it shares port 0 with the FMAs).
+template <class Kern, int DT>
+StripsFn<Kern> axis0_fn() {
+#if defined(__AVX512F__)
+  if (amd_core()) return &Kern::template strips<DT, true, true>;
+#endif
+  return &Kern::template strips<DT, true>;
+}
+
 template <class Kern>
 void run(const Tensor2D* ws, int64_t rows, int64_t cols, int axis, int64_t block, const int64_t* index,
          int64_t n_units, const Ctx& c, const GramOut& out, int threads, bool direct) {
@@ -827,9 +861,9 @@ void run(const Tensor2D* ws, int64_t rows, int64_t cols, int axis, int64_t block
   ColsFn colfn = nullptr;        // axis 1
   if (direct) {  // one dtype, unit inner stride
     switch (ws[0].dtype) {
-      case kBF16: fn = &Kern::template strips<kBF16, true>, colfn = &Kern::template cols<kBF16>; break;
-      case kF16: fn = &Kern::template strips<kF16, true>, colfn = &Kern::template cols<kF16>; break;
-      default: fn = &Kern::template strips<kF32, true>, colfn = &Kern::template cols<kF32>; break;
+      case kBF16: fn = axis0_fn<Kern, kBF16>(), colfn = &Kern::template cols<kBF16>; break;
+      case kF16: fn = axis0_fn<Kern, kF16>(), colfn = &Kern::template cols<kF16>; break;
+      default: fn = axis0_fn<Kern, kF32>(), colfn = &Kern::template cols<kF32>; break;
     }
   }
   const int64_t es = dtype_size(ws[0].dtype);

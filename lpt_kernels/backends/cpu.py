@@ -49,6 +49,13 @@ def set_isa(name: str) -> None:
     _ext().set_isa(name)
 
 
+def set_tuning(name: str) -> None:
+    """Force the vendor-specific tuning ('auto': the running CPU's, 'amd', 'intel'): row blocks, prefetch distances,
+    gathers and count paths that were measured faster on one vendor's cores. Results are the same either way; tests
+    run both on any machine."""
+    _ext().set_tuning(name)
+
+
 def index_order(index, n_units) -> int:
     """One scan of contiguous int64 unit ids: -1 if one is out of [0, n_units), 1 if strictly increasing, else 0."""
     return _ext().index_order(index.data_ptr(), index.numel(), n_units)
