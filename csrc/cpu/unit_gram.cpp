@@ -58,7 +58,10 @@ constexpr int64_t kRowBlockAmd2 = kVRegs >= 32 ? 4 : 8;
 constexpr int64_t kRowBlockAmd = kVRegs >= 32 ? 32 : 8;
 constexpr int kMaxStreams = 40;      // axis 1: most row streams (inputs x rows) of a register block
 constexpr int64_t kFoldRows = 256;   // axis 1: rows accumulated in fp32 column sums before folding into fp64
-constexpr int64_t kPrefetch = 512;   // axis 1: bytes ahead in each row stream
+// axis 1: bytes ahead in each row stream; 128 in AMD's 32-row blocks (K = 5 0.53 -> 0.57 of the read ceiling in
+// alternated runs, 192 the same, 64 0.47: with 96-160 streams a step, a few steps ahead is already ~1 us ahead).
+constexpr int64_t kPrefetch = 512;
+constexpr int64_t kPrefetchAmd = 128;
 // axis 0: bytes ahead in each input's row. The hardware prefetchers alone left K = 5 at ~10.5 GB/s on page-cache
 // mappings (4 KiB pages, 5 streams a thread); 1 KiB ahead made it 14.3 (512: 12.7, 2048: 13.3), anonymous memory too.
 // With AVX-512 on a Zen 4, 512 (kPrefetch0Amd): K = 2 0.75 -> 0.83 of the read ceiling, K = 5 0.65 -> 0.67 (256:
@@ -541,6 +544,7 @@ struct ColArgs {
   int64_t col0, col1;
   int64_t wrap;          // bytes from the block's first row to the next block's (where the prefetch runs on)
   int64_t base = 0;      // the column q points at
+  int64_t pf = kPrefetch;  // bytes ahead in each row stream
 };
 using ColsFn = void (*)(const ColArgs&, const Ctx&, ColTotals&);
 
@@ -605,7 +609,7 @@ struct StaticKern {
     constexpr int K = num_inputs(MODE, M);
     constexpr int64_t es = DT == kF32 ? 4 : 2;
     for (int64_t col = a.col0; col < a.col1; col += G) {
-      const int64_t pc = col + kPrefetch / es;
+      const int64_t pc = col + a.pf / es;
       const int64_t pfo = pc < a.col1 ? (pc - col) * es : a.wrap + (a.col0 + pc - a.col1 - col) * es;
       const char* p[K];
       for (int k = 0; k < K; ++k) p[k] = a.q[k] + (col - a.base) * es;
@@ -767,7 +771,8 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
       const int64_t r1 = std::min(rz, r0 + rb);
       if (!gather) {
         for (int k = 0; k < c.k; ++k) q[k] = (const char*)ws[k].data + r0 * ws[k].stride0 * es;
-        cols(ColArgs{q, st, r1 - r0, lo, full, rb * st}, c, tot);
+        const int64_t pf = kVRegs >= 32 && rb == kRowBlockAmd ? kPrefetchAmd : kPrefetch;
+        cols(ColArgs{q, st, r1 - r0, lo, full, rb * st, 0, pf}, c, tot);
       } else if (gcols) {
         for (int64_t c0 = lo; c0 < full; c0 += kChunk) {  // [row][input][chunk]
           const int64_t w = std::min(full - c0, kChunk);
