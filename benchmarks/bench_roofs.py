@@ -97,6 +97,18 @@ def l2_bytes() -> int:
     return 2 * 2**20
 
 
+def _amd() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in f)
+    except OSError:
+        return False
+
+
+# The axis-0 loop the kernels run here: with counts by popcount (unit_gram.cpp's SC) on AMD's AVX-512.
+SC = "true" if _amd() else "false"
+
+
 def scaled(n: int, f: float, multiple: int = 1, least: int = 1) -> int:
     return max(least, int(n * f) // multiple * multiple)
 
@@ -112,7 +124,7 @@ def build(gen) -> List[Roof]:
         one = [w[:1] for w in ws]
         roofs.append(Roof(f"unit_gram K={k} axis0 rows", k * rows * HIDDEN * 2, gram_call(ws, 0),
                           lambda one=one: lpt_kernels.unit_gram(one, atol=ATOL, backend="cpu"),
-                          asm=rf"StaticKern<{k - 1}, 0, 1>::strips<1, true>", elems=32, inputs=k))
+                          asm=rf"StaticKern<{k - 1}, 0, 1>::strips<1, true, {SC}>", elems=32, inputs=k))
     # unit_gram axis 1: 256 rows (one fold period) x 1024 (K=2) or 384 (K=5) columns of down_proj-strided tensors (row
     # stride 9728), ~1 MB: 1024 columns at K=5 (2.6 MB) spill a 2 MB L2 and measured the L3 instead (7.6 vs 13 GB/s).
     for k, ncols in ((2, scaled(1024, f, 32, 32)), (5, scaled(384, f, 32, 32))):
@@ -135,7 +147,7 @@ def build(gen) -> List[Roof]:
     roofs.append(Roof("masked_cosine 10% rows", 3 * n_mc * HIDDEN * 2, gram_call(ws, 0, idx, atol=0.0),
                       lambda ws=ws: lpt_kernels.masked_cosine((ws[0], ws[1]), (ws[1], ws[2]), torch.tensor([0]),
                                                               backend="cpu"),
-                      asm=r"StaticKern<2, 0, 0>::strips<1, true>", elems=32, inputs=3))
+                      asm=rf"StaticKern<2, 0, 0>::strips<1, true, {SC}>", elems=32, inputs=3))
     # ... and 10% of the columns of 32 rows of down_proj (every 64-byte line of those rows is touched: 3.7 MB in L2/L3)
     n_mc = scaled(32, f, 8, 8)
     ws = chain(3, (n_mc, INTER), gen)
