@@ -347,6 +347,7 @@ template <int M, int MODE, int NZ, int U, bool SC = false>
 struct VAcc {
   static constexpr int NG = M * (M + 1) / 2;
   static constexpr int K = num_inputs(MODE, M);
+  static constexpr int kU = U;
   vf g[NG][U], s[M][U], mx[M][U];
   vi z[M][U];  // zeros * kZeroOne + near zeros
   int64_t zc[M], nzc[M];  // with SC: zeros, near zeros
@@ -572,7 +573,7 @@ struct StaticKern {
   static LPT_VINLINE void run_rows(Acc& acc, const char* const* p, int64_t n, int64_t st,
                                    int64_t pfo, const Ctx& c) {
     constexpr int K = num_inputs(MODE, M);
-    constexpr int kLines = ((PAIR ? G0 : G) * (DT == kF32 ? 4 : 2) + 63) / 64;
+    constexpr int kLines = ((PAIR ? G0 : kW * Acc::kU) * (DT == kF32 ? 4 : 2) + 63) / 64;
     const float atol = c.atol, rtol = c.rtol, thr0 = near_bound(0.0f, atol, rtol);
     for (int64_t j = 0, off = 0; j < n; ++j, off += st) {
       if (PREFETCH)
@@ -602,18 +603,19 @@ struct StaticKern {
   }
 
   // Axis 1 in place: each strip of the block runs down its rows in registers and is added into the column totals,
-  // all in one call (a call a strip cost K = 5 a third of its time in set-up and spills). Prefetches kPrefetch bytes
-  // ahead in every row, past col1 into the next block's rows from col0 on.
-  template <int DT>
+  // all in one call (a call a strip cost K = 5 a third of its time in set-up and spills). Prefetches a.pf bytes
+  // ahead in every row, past col1 into the next block's rows from col0 on. With ONE, strips of one vector (one set of
+  // accumulators) whatever U (see cols_fn).
+  template <int DT, bool ONE = false>
   static void cols(const ColArgs& a, const Ctx& c, ColTotals& ct) {
-    constexpr int K = num_inputs(MODE, M);
+    constexpr int K = num_inputs(MODE, M), UC = ONE ? 1 : U;
     constexpr int64_t es = DT == kF32 ? 4 : 2;
-    for (int64_t col = a.col0; col < a.col1; col += G) {
+    for (int64_t col = a.col0; col < a.col1; col += kW * UC) {
       const int64_t pc = col + a.pf / es;
       const int64_t pfo = pc < a.col1 ? (pc - col) * es : a.wrap + (a.col0 + pc - a.col1 - col) * es;
       const char* p[K];
       for (int k = 0; k < K; ++k) p[k] = a.q[k] + (col - a.base) * es;
-      VAcc<M, MODE, NZ, U> acc;
+      VAcc<M, MODE, NZ, UC> acc;
       acc.clear();
       run_rows<DT, false, true>(acc, p, a.n, a.st, pfo, c);
       acc.template flush<DT>(ct, col);
@@ -718,18 +720,19 @@ void axis0(const Tensor2D* ws, int64_t cols, int64_t block, const int64_t* index
 // otherwise (listed units, mixed dtypes, other strides) the columns are gathered into fp32 buffers first: with
 // gcols (the fp32 in-place kernel), a row block's rows chunk by chunk of kChunk columns, each row of an input read
 // front to back (a few forward streams, which the hardware prefetchers follow), then run through gcols; without it
-// (K > 5, and Intel's AVX-512: see run), one strip of the block's rows at a time.
+// (K > 5, and Intel's AVX-512: see run), one strip of the block's rows at a time. gw: the strip width (columns) of
+// cols and gcols.
 template <class Kern>
 void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index, int64_t n_units, const Ctx& c,
-           const GramOut& out, int threads, ColsFn cols, int64_t es, ColsFn gcols) {
+           const GramOut& out, int threads, ColsFn cols, int64_t es, ColsFn gcols, int64_t gw) {
   // Listed columns per gathered chunk: the block's chunk buffers (rows x K x kChunk fp32: 96 KB for K = 3, 160 KB
   // for K = 5, at 8 rows) stay in L2, and 10% of a 9728-column row is one chunk (512: two pieces a row, 1.2-1.3x as
   // long). Gathering one strip of all the block's rows at a time instead read 24 row streams (K = 3, 8 rows) a few
   // elements each, which no prefetcher followed: masked_cosine on 10% of down_proj's columns ran at 0.16 of its
   // memory ceiling on a Zen 3 core.
   constexpr int64_t kChunk = 1024;
-  constexpr int64_t G = Kern::G;
   const bool gather = cols == nullptr;
+  const int64_t G = gather && !gcols ? Kern::G : gw;
   const StripsFn<Kern> fn = &Kern::template strips<kF32, false>;
   if (gather) es = 4;
   const int64_t ncol = n_units * block;
@@ -859,6 +862,18 @@ StripsFn<Kern> axis0_fn() {
   return &Kern::template strips<DT, true>;
 }
 
+// Axis 1: strips of one vector on AMD's AVX-512 (one set of accumulators: down_proj columns K = 2 0.75-0.82 ->
+// 0.90, K = 3 0.39-0.49 -> 0.74-0.75 of the read ceiling on a Zen 4, in alternated processes; rows, where both
+// sets take the two vectors of one 64-byte line, ran the same), else the kernel's U sets (two vectors, a line).
+inline bool one_set() { return kVRegs >= 32 && amd_core(); }
+template <class Kern, int DT>
+ColsFn cols_fn() {
+#if defined(__AVX512F__)
+  if (one_set()) return &Kern::template cols<DT, true>;
+#endif
+  return &Kern::template cols<DT>;
+}
+
 template <class Kern>
 void run(const Tensor2D* ws, int64_t rows, int64_t cols, int axis, int64_t block, const int64_t* index,
          int64_t n_units, const Ctx& c, const GramOut& out, int threads, bool direct) {
@@ -866,9 +881,9 @@ void run(const Tensor2D* ws, int64_t rows, int64_t cols, int axis, int64_t block
   ColsFn colfn = nullptr;        // axis 1
   if (direct) {  // one dtype, unit inner stride
     switch (ws[0].dtype) {
-      case kBF16: fn = axis0_fn<Kern, kBF16>(), colfn = &Kern::template cols<kBF16>; break;
-      case kF16: fn = axis0_fn<Kern, kF16>(), colfn = &Kern::template cols<kF16>; break;
-      default: fn = axis0_fn<Kern, kF32>(), colfn = &Kern::template cols<kF32>; break;
+      case kBF16: fn = axis0_fn<Kern, kBF16>(), colfn = cols_fn<Kern, kBF16>(); break;
+      case kF16: fn = axis0_fn<Kern, kF16>(), colfn = cols_fn<Kern, kF16>(); break;
+      default: fn = axis0_fn<Kern, kF32>(), colfn = cols_fn<Kern, kF32>(); break;
     }
   }
   const int64_t es = dtype_size(ws[0].dtype);
@@ -879,7 +894,8 @@ void run(const Tensor2D* ws, int64_t rows, int64_t cols, int axis, int64_t block
     // Chunked gathers where the gather instruction does not pay or without AVX-512 (measured on a Zen 3); the
     // strip-by-strip gathers on Intel's AVX-512, where they were measured (0.75-0.90 of the read ceiling).
     axis1<Kern>(ws, rows, block, index, n_units, c, out, threads, index || !one_stride ? nullptr : colfn, es,
-                kVRegs >= 32 && gather_instructions_pay() ? nullptr : &Kern::template cols<kF32>);
+                kVRegs >= 32 && gather_instructions_pay() ? nullptr : cols_fn<Kern, kF32>(),
+                one_set() ? kW : Kern::G);
 }
 
 template <int MODE, int NZ>
@@ -932,7 +948,7 @@ void unit_gram(const Tensor2D* ws_in, int k, int64_t rows, int64_t cols, int axi
     if (axis == 0)
       axis0<DynKern>(ws, cols, block, index, n_units, c, out, threads, nullptr, 4);
     else
-      axis1<DynKern>(ws, rows, block, index, n_units, c, out, threads, nullptr, 4, nullptr);
+      axis1<DynKern>(ws, rows, block, index, n_units, c, out, threads, nullptr, 4, nullptr, DynKern::G);
   } else if (mode == kConsecutive) {
     run_mode<kConsecutive>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
   } else if (mode == kBase) {
