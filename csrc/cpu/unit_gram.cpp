@@ -8,11 +8,13 @@
 // - axis 0 (a unit is `block` rows): each thread streams whole rows of the K inputs side by side, strip after strip,
 //   with the accumulators in registers, and folds them into fp64 lanes every kFold strips, prefetching kPrefetch0
 //   (kPrefetch0Amd) bytes ahead in software. Listed (gathered) units prefetch the next unit's row while the last row
-//   of a unit is read.
+//   of a unit is read (into L2 on AMD, with a short prefetch within the row into L1).
 // - axis 1 (a unit is `block` columns): each thread owns a range of columns. For a block of row_block() rows it walks
 //   its columns strip by strip (all in one call), running down the block's rows with the accumulators in registers,
 //   then adds the strip into per-column 32-bit sums (L2-resident, laid out group by group, the two counts packed in
 //   one int32); those are folded into fp64 every kFoldRows rows. The block's row streams are prefetched in software.
+//   Listed columns are gathered into buffers, or on AMD, where they touch a third of a row's lines or more, computed
+//   as all columns in place (dense_columns).
 //
 // The near-zero test is specialised on the tolerances (NearZero): with atol = rtol = 0 it is the zero test and is not
 // computed twice; with rtol = 0 the bound is the constant atol; only rtol > 0 needs |w_ref| per element, and there the
