@@ -6,6 +6,7 @@
 // exact even for NaN payloads. Other strides go element by element.
 #include <omp.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "load.h"
@@ -19,11 +20,12 @@ constexpr int64_t kAhead = 4;    // single listed columns: rows prefetched ahead
 constexpr int64_t kChunk = 256;  // elements updated (and prefetched in the next row) at a time
 
 // Prefetch the bytes [b0, b1) of the row at p (the next row a thread will update: consecutive listed rows are
-// scattered, so the hardware prefetchers would start every row cold).
-inline void prefetch_bytes(const void* p, int64_t b0, int64_t b1, bool write) {
+// scattered, so the hardware prefetchers would start every row cold), for a write or a read, into L1 or (l2) L2.
+inline void prefetch_bytes(const void* p, int64_t b0, int64_t b1, bool write, bool l2 = false) {
   if (!p) return;
   for (int64_t b = b0 & ~int64_t(63); b < b1; b += 64) {
-    if (write) __builtin_prefetch((const char*)p + b, 1);
+    if (l2) __builtin_prefetch((const char*)p + b, 0, 2);
+    else if (write) __builtin_prefetch((const char*)p + b, 1);
     else __builtin_prefetch((const char*)p + b, 0);
   }
 }
@@ -40,16 +42,21 @@ inline void update_elem(void* t, int64_t ti, const void* s, int64_t si, float al
 }
 
 // n elements: t[i] = round(lerp(t[i], s[i], alpha)), unit strides, a chunk at a time; while a chunk is updated, the
-// same chunk of the next rows (nt, ns; may be null) is prefetched. Whole vectors load, lerp (one fused multiply-add)
-// and round (store_vec) in registers; the last elements of a run use the scalar functions.
+// same chunk of the next rows (nt, ns; may be null) is prefetched: with l2 (AMD cores) into L2, the next chunk of
+// this row's source into L1 (2% of gate_proj's rows on a Zen 4, in alternated runs: alpha = 1 0.44 -> 0.61 of the
+// copy ceiling, alpha = 0.5 0.39 -> 0.53; with the next target row prefetched for writing into L1 instead, 0.48 /
+// 0.48). Whole vectors load, lerp (one fused multiply-add) and round (store_vec) in registers; the last elements of a
+// run use the scalar functions.
 template <int TD, int SD>
-void update_run(void* t, const void* s, int64_t n, float alpha, const void* nt = nullptr, const void* ns = nullptr) {
+void update_run(void* t, const void* s, int64_t n, float alpha, const void* nt = nullptr, const void* ns = nullptr,
+                bool l2 = false) {
   constexpr int64_t TE = TD == kF32 ? 4 : 2, SE = SD == kF32 ? 4 : 2;
   const vf va = vf{} + alpha;
   for (int64_t c0 = 0; c0 < n; c0 += kChunk) {
     const int64_t m = n - c0 < kChunk ? n - c0 : kChunk;
-    prefetch_bytes(ns, c0 * SE, (c0 + m) * SE, false);
-    prefetch_bytes(nt, c0 * TE, (c0 + m) * TE, true);
+    prefetch_bytes(ns, c0 * SE, (c0 + m) * SE, false, l2);
+    prefetch_bytes(nt, c0 * TE, (c0 + m) * TE, true, l2);
+    if (l2 && c0 + m < n) prefetch_bytes(s, (c0 + m) * SE, std::min(n, c0 + m + kChunk) * SE, false);
     if (TD == SD && alpha == 1.0f) {
       std::memcpy((char*)t + c0 * TE, (const char*)s + c0 * SE, m * TE);
       continue;
@@ -84,6 +91,7 @@ void run(void* target, int64_t ts0, int64_t ts1, const Tensor2D& src, int64_t ro
     // Unit i is `block` whole rows: parallel over (unit, row) pairs.
     threads = threads_for(n_index * block * cols, threads);
     const int64_t nq = n_index * block;
+    const bool l2 = amd_core();
     auto target_row = [&](int64_t q) { return t + (index[q / block] * block + q % block) * ts0 * TE; };
     auto source_row = [&](int64_t q) { return s + (compact ? q : index[q / block] * block + q % block) * src.stride0 * SE; };
 #pragma omp parallel num_threads(threads)
@@ -94,7 +102,7 @@ void run(void* target, int64_t ts0, int64_t ts1, const Tensor2D& src, int64_t ro
         if (unit) {
           const bool next = q + 1 < q1;
           update_run<TD, SD>(target_row(q), source_row(q), cols, alpha, next ? target_row(q + 1) : nullptr,
-                             next ? source_row(q + 1) : nullptr);
+                             next ? source_row(q + 1) : nullptr, l2);
         } else {
           update_strided<TD, SD>(target_row(q), ts1, source_row(q), src.stride1, cols, alpha);
         }
