@@ -97,16 +97,8 @@ def l2_bytes() -> int:
     return 2 * 2**20
 
 
-def _amd() -> bool:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in f)
-    except OSError:
-        return False
-
-
 # The axis-0 loop the kernels run here: with counts by popcount (unit_gram.cpp's SC) on AMD's AVX-512.
-SC = "true" if _amd() else "false"
+SC = "true" if cpu_backend.tuning() == "amd" else "false"
 
 
 def scaled(n: int, f: float, multiple: int = 1, least: int = 1) -> int:

@@ -30,12 +30,8 @@ def _cpu_isas():
 
 def _other_tuning():
     """The vendor tuning the running CPU does not take (see backends.cpu.set_tuning)."""
-    import platform
-    vendor = ""
-    if platform.system() == "Linux":
-        with open("/proc/cpuinfo") as f:
-            vendor = next((line.split(":")[1].strip() for line in f if line.startswith("vendor_id")), "")
-    return "intel" if vendor == "AuthenticAMD" else "amd"
+    from lpt_kernels.backends import cpu
+    return "intel" if cpu.tuning() == "amd" else "amd"
 
 
 def backend_params():

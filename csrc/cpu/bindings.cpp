@@ -215,6 +215,7 @@ PYBIND11_MODULE(_C_cpu, m) {
   m.def("set_isa", &set_isa, "Force an instruction-set variant: auto, base, avx2 or avx512.");
   m.def("isa", []() { return std::string(isa_name(g_isa)); }, "The instruction-set variant in use.");
   m.def("set_tuning", &set_tuning, "Force the vendor-specific tuning: auto (the CPU's), amd or intel.");
+  m.def("tuning", []() { return std::string(amd_core() ? "amd" : "intel"); }, "The vendor tuning in effect.");
   m.def("gram_cosines", &gram_cosines, "Per-unit and pooled cosines of deltas a, b from a Gram [n, m, m].");
   m.def("index_order", &index_order, "Unit ids: -1 out of range, 1 strictly increasing, 0 otherwise.");
   add_diff_helpers(m);

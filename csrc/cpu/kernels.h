@@ -40,6 +40,17 @@ struct GramOut {
 // others'. Set by set_tuning, so that tests run both sides on any machine.
 extern int g_tuning;
 
+// Whether the kernels take AMD's tuning: set_tuning's choice, else whether the running CPU is AMD's.
+inline bool amd_core() {
+  if (g_tuning >= 0) return g_tuning == 1;
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool amd = __builtin_cpu_is("amd");
+  return amd;
+#else
+  return false;
+#endif
+}
+
 LPT_DECLARE_CPU_KERNELS(base)
 #if defined(__x86_64__)
 LPT_DECLARE_CPU_KERNELS(avx2)

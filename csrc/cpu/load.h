@@ -431,15 +431,6 @@ inline void load_pos(const Tensor2D& t, int64_t off, const int32_t* pos, int64_t
     default: load_pos_t<kF16>(t.data, off, pos, n, out); break;
   }
 }
-inline bool amd_core() {
-  if (g_tuning >= 0) return g_tuning == 1;
-#if defined(__x86_64__) || defined(__i386__)
-  static const bool amd = __builtin_cpu_is("amd");
-  return amd;
-#else
-  return false;
-#endif
-}
 inline bool gather_instructions_pay() { return !amd_core(); }
 
 // out[i] = t[off + pos[i]], i < n (a multiple of kW), by gather_vec; off + pos[i] must not be 0 (see gather_vec).

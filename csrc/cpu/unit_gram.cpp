@@ -907,19 +907,17 @@ bool dense_columns(const int64_t* index, int64_t n_units, int64_t block, int64_t
   return 3 * touched >= (int64_t)line.size();
 }
 
-template <class Kern>
-void run(const Tensor2D* ws, int64_t rows, int64_t cols, int axis, int64_t block, const int64_t* index,
-         int64_t n_units, const Ctx& c, const GramOut& out, int threads, bool direct);
-
-// Listed column units computed as all units in place (see dense_columns), then the listed ones copied out.
+// Listed column units computed as all units in place by cols (see dense_columns), then the listed ones copied out.
 template <class Kern>
 void dense_axis1(const Tensor2D* ws, int64_t rows, int64_t cols, int64_t block, const int64_t* index,
-                 int64_t n_units, const Ctx& c, const GramOut& out, int threads) {
+                 int64_t n_units, const Ctx& c, const GramOut& out, int threads, ColsFn colfn, int64_t es,
+                 int64_t gw) {
   const int64_t n_all = cols / block, m = c.m, mm = m * m;
   std::vector<float> gram(n_all * mm), abs_sum(n_all * m), abs_max(n_all * m);
   std::vector<int64_t> zeros(n_all * m), near_zeros(n_all * m);
-  run<Kern>(ws, rows, cols, 1, block, nullptr, n_all, c,
-            GramOut{gram.data(), abs_sum.data(), abs_max.data(), zeros.data(), near_zeros.data()}, threads, true);
+  axis1<Kern>(ws, rows, block, nullptr, n_all, c,
+              GramOut{gram.data(), abs_sum.data(), abs_max.data(), zeros.data(), near_zeros.data()}, threads, colfn,
+              es, nullptr, gw);
   for (int64_t u = 0; u < n_units; ++u) {
     const int64_t a = index[u];
     std::copy_n(&gram[a * mm], mm, out.gram + u * mm);
@@ -946,14 +944,13 @@ void run(const Tensor2D* ws, int64_t rows, int64_t cols, int axis, int64_t block
   if (axis == 0) return axis0<Kern>(ws, cols, block, index, n_units, c, out, threads, fn, es);
   bool one_stride = true;  // direct axis 1 walks the K inputs with one row stride
   for (int k = 0; k < c.k; ++k) one_stride = one_stride && ws[k].stride0 == ws[0].stride0;
-  if (axis == 1 && index && direct && one_stride && dense_columns(index, n_units, block, cols, es))
-    return dense_axis1<Kern>(ws, rows, cols, block, index, n_units, c, out, threads);
-  if (axis == 1)
-    // Chunked gathers where the gather instruction does not pay or without AVX-512 (measured on a Zen 3); the
-    // strip-by-strip gathers on Intel's AVX-512, where they were measured (0.75-0.90 of the read ceiling).
-    axis1<Kern>(ws, rows, block, index, n_units, c, out, threads, index || !one_stride ? nullptr : colfn, es,
-                kVRegs >= 32 && gather_instructions_pay() ? nullptr : cols_fn<Kern, kF32>(),
-                one_set() ? kW : Kern::G);
+  const int64_t gw = one_set() ? kW : Kern::G;  // strip width of cols_fn's kernels
+  if (index && direct && one_stride && dense_columns(index, n_units, block, cols, es))
+    return dense_axis1<Kern>(ws, rows, cols, block, index, n_units, c, out, threads, colfn, es, gw);
+  // Chunked gathers where the gather instruction does not pay or without AVX-512 (measured on a Zen 3); the
+  // strip-by-strip gathers on Intel's AVX-512, where they were measured (0.75-0.90 of the read ceiling).
+  axis1<Kern>(ws, rows, block, index, n_units, c, out, threads, index || !one_stride ? nullptr : colfn, es,
+              kVRegs >= 32 && gather_instructions_pay() ? nullptr : cols_fn<Kern, kF32>(), gw);
 }
 
 template <int MODE, int NZ>

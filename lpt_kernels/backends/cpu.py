@@ -56,6 +56,11 @@ def set_tuning(name: str) -> None:
     _ext().set_tuning(name)
 
 
+def tuning() -> str:
+    """The vendor-specific tuning in effect: 'amd' or 'intel' (the latter for every non-AMD CPU)."""
+    return _ext().tuning()
+
+
 def index_order(index, n_units) -> int:
     """One scan of contiguous int64 unit ids: -1 if one is out of [0, n_units), 1 if strictly increasing, else 0."""
     return _ext().index_order(index.data_ptr(), index.numel(), n_units)
