@@ -36,7 +36,7 @@ struct GramOut {
                 float alpha, bool compact, int threads);                                                          \
   }
 
-// Whose tuning the kernels take where vendors differ (load.h's amd_core): -1 the running CPU's, 1 AMD's, 0 the
+// Whose tuning the kernels take where vendors differ (amd_core below): -1 the running CPU's, 1 AMD's, 0 the
 // others'. Set by set_tuning, so that tests run both sides on any machine.
 extern int g_tuning;
 
