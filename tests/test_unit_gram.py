@@ -374,7 +374,7 @@ def _guarded(shape, dtype):
 def test_listed_columns_read_nothing_outside_the_tensor(backend, dtype, listed):
     """The listed-column gathers read the 32-bit word that ends with each 16-bit element: never before the first
     element (column 0 of row 0 is listed) or after the last (the last column of the last row). Sparse lists are
-    gathered; dense ones (a third of the lines or more) are read in place on AMD's tuning."""
+    gathered; dense ones (a third of the lines or more) are read in place with AMD's tuning on AVX-512."""
     name, device = backend
     if name != "cpu":
         pytest.skip("checks the C++ gathers of the cpu backend")

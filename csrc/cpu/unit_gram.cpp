@@ -891,11 +891,12 @@ ColsFn cols_fn() {
   return &Kern::template cols<DT>;
 }
 
-// Listed columns that touch at least a third of a row's 64-byte lines: read in place on AMD cores, whose gathers of
-// listed elements fell behind reading every column (down_proj, K = 3, on a Zen 4: 10% of the columns 7.7 ms
-// gathered vs 6.3 ms for all of them in place, 2% (48% of the lines) 7.5 vs 6.3, 1% (27%) 5.2 vs 7.1).
+// Listed columns that touch at least a third of a row's 64-byte lines: read in place on AMD's AVX-512, whose gathers
+// of listed elements fell behind reading every column (down_proj, K = 3, on a Zen 4: 10% of the columns 7.7 ms
+// gathered vs 6.3 ms for all of them in place, 2% (48% of the lines) 7.5 vs 6.3, 1% (27%) 5.2 vs 7.1). Not with
+// AVX2: on a Zen 3 the 10% case ran at 0.55 of the read ceiling in place against 0.80 gathered.
 bool dense_columns(const int64_t* index, int64_t n_units, int64_t block, int64_t cols, int64_t es) {
-  if (!amd_core()) return false;
+  if (kVRegs < 32 || !amd_core()) return false;
   std::vector<char> line((cols * es + 63) / 64, 0);
   int64_t touched = 0;
   for (int64_t u = 0; u < n_units; ++u)
