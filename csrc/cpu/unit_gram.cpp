@@ -54,16 +54,22 @@ constexpr int64_t kFold = 160;
 // 0.85; K >= 3 takes 32 (kRowBlockAmd, 96-160 row streams, which the software prefetch keeps fed): its flush into
 // the L2-resident column sums (22 read-modify-writes of a line per strip at K = 5) then comes every 32 rows instead
 // of 8: K = 5 0.35-0.37 -> 0.50-0.54 (16: 0.47, 64: 0.51), K = 3 0.50 -> 0.54 (column tiles that keep the sums in
-// L1 lost more to 512-byte row pieces than they saved: K = 2 0.70 -> 0.41-0.50, K = 5 0.37 -> 0.35-0.42).
+// L1 lost more to 512-byte row pieces than they saved: K = 2 0.70 -> 0.41-0.50, K = 5 0.37 -> 0.35-0.42). With AVX2
+// on a Zen 3, K = 5 takes 16 (kRowBlockAmd5; with kPrefetchAmd2: 0.32-0.34 -> 0.34-0.38), K = 3 and 4 stay at 8 (16:
+// 0.59 -> 0.50, 0.50 -> 0.47).
 constexpr int64_t kRowBlock = kVRegs >= 32 ? 16 : 8;
 constexpr int64_t kRowBlockAmd2 = kVRegs >= 32 ? 4 : 8;
 constexpr int64_t kRowBlockAmd = kVRegs >= 32 ? 32 : 8;
+constexpr int64_t kRowBlockAmd5 = kVRegs >= 32 ? 32 : 16;
 constexpr int kMaxStreams = 40;      // axis 1: most row streams (inputs x rows) of a register block
 constexpr int64_t kFoldRows = 256;   // axis 1: rows accumulated in fp32 column sums before folding into fp64
 // axis 1: bytes ahead in each row stream; 128 in AMD's 32-row blocks (K = 5 0.53 -> 0.57 of the read ceiling in
-// alternated runs, 192 the same, 64 0.47: with 96-160 streams a step, a few steps ahead is already ~1 us ahead).
+// alternated runs, 192 the same, 64 0.47: with 96-160 streams a step, a few steps ahead is already ~1 us ahead);
+// 256 with AVX2 on AMD (kPrefetchAmd2; on a Zen 3, down_proj columns K = 2 0.84 -> 0.86, K = 4 0.46 -> 0.50, K = 5
+// 0.30-0.32 -> 0.32-0.34, K = 3 0.59 both; 128: K = 2 0.57).
 constexpr int64_t kPrefetch = 512;
 constexpr int64_t kPrefetchAmd = 128;
+constexpr int64_t kPrefetchAmd2 = 256;
 // axis 0: bytes ahead in each input's row. The hardware prefetchers alone left K = 5 at ~10.5 GB/s on page-cache
 // mappings (4 KiB pages, 5 streams a thread); 1 KiB ahead made it 14.3 (512: 12.7, 2048: 13.3), anonymous memory too.
 // With AVX-512 on a Zen 4, 512 (kPrefetch0Amd): K = 2 0.75 -> 0.83 of the read ceiling, K = 5 0.65 -> 0.67 (256:
@@ -71,7 +77,8 @@ constexpr int64_t kPrefetchAmd = 128;
 constexpr int64_t kPrefetch0 = 1024;
 constexpr int64_t kPrefetch0Amd = kVRegs >= 32 ? 512 : kPrefetch0;
 constexpr int64_t kPrefetchListedAmd = 512;  // axis 0, listed rows on AMD: bytes ahead within the row (see axis0)
-static_assert(kFoldRows % kRowBlock == 0 && kFoldRows % kRowBlockAmd2 == 0 && kFoldRows % kRowBlockAmd == 0,
+static_assert(kFoldRows % kRowBlock == 0 && kFoldRows % kRowBlockAmd2 == 0 && kFoldRows % kRowBlockAmd == 0 &&
+                  kFoldRows % kRowBlockAmd5 == 0,
               "column sums fold at row block boundaries");
 
 // Axis 1 rows per register block for k inputs (direct: read in place; else gathered into chunk buffers, which hold
@@ -79,7 +86,7 @@ static_assert(kFoldRows % kRowBlock == 0 && kFoldRows % kRowBlockAmd2 == 0 && kF
 // k * rows row streams are read side by side (measured on 2560 x 9728 bf16 there: k = 2 best at 16 rows, k = 5 at
 // 8; k = 5 at 16 rows took 1.5x as long from memory, at 4 as long). A power of two dividing kFoldRows.
 inline int64_t row_block(int k, bool direct) {
-  if (direct && k >= 3 && amd_core()) return kRowBlockAmd;
+  if (direct && k >= 3 && amd_core()) return k >= 5 ? kRowBlockAmd5 : kRowBlockAmd;
   int64_t rb = k <= 2 && amd_core() ? kRowBlockAmd2 : kRowBlock;
   while (rb > 2 && rb * k > kMaxStreams) rb /= 2;
   return rb;
@@ -781,6 +788,9 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
       load_gather_vec(ws[k], off, &col_pos[k * ncol + j], n, dst);
   };
   const int64_t rb = row_block(c.k, !gather);
+  const int64_t pf_direct = !amd_core()  ? kPrefetch
+                            : kVRegs < 32 ? kPrefetchAmd2
+                            : rb == kRowBlockAmd ? kPrefetchAmd : kPrefetch;
   // Rows [ra, rz) (row block boundaries) of columns [lo, hi) (lo a multiple of G) into tot.
   auto rows_into = [&](ColTotals& tot, int64_t ra, int64_t rz, int64_t lo, int64_t hi) {
     const int64_t full = lo + (hi - lo) / G * G;
@@ -791,8 +801,7 @@ void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index
       const int64_t r1 = std::min(rz, r0 + rb);
       if (!gather) {
         for (int k = 0; k < c.k; ++k) q[k] = (const char*)ws[k].data + r0 * ws[k].stride0 * es;
-        const int64_t pf = kVRegs >= 32 && rb == kRowBlockAmd ? kPrefetchAmd : kPrefetch;
-        cols(ColArgs{q, st, r1 - r0, lo, full, rb * st, 0, pf}, c, tot);
+        cols(ColArgs{q, st, r1 - r0, lo, full, rb * st, 0, pf_direct}, c, tot);
       } else if (gcols) {
         for (int64_t c0 = lo; c0 < full; c0 += kChunk) {  // [row][input][chunk]
           const int64_t w = std::min(full - c0, kChunk);
