@@ -55,18 +55,18 @@ constexpr int64_t kFold = 160;
 // the L2-resident column sums (22 read-modify-writes of a line per strip at K = 5) then comes every 32 rows instead
 // of 8: K = 5 0.35-0.37 -> 0.50-0.54 (16: 0.47, 64: 0.51), K = 3 0.50 -> 0.54 (column tiles that keep the sums in
 // L1 lost more to 512-byte row pieces than they saved: K = 2 0.70 -> 0.41-0.50, K = 5 0.37 -> 0.35-0.42). With AVX2
-// on a Zen 3, K = 5 takes 16 (kRowBlockAmd5; with kPrefetchAmd2: 0.32-0.34 -> 0.34-0.38), K = 3 and 4 stay at 8 (16:
-// 0.59 -> 0.50, 0.50 -> 0.47).
+// on a Zen 3, K >= 3 takes 4 (alternated runs, 8 rows -> 4: down_proj K = 3 0.57 -> 0.83, K = 4 0.46 -> 0.67, K = 5
+// 0.38 both (16 the same, 2 0.39); o_proj-shaped [2560, 4096] K = 3 0.45 -> 0.55, K = 5 0.30 -> 0.32), K = 2 keeps 8
+// (4: 0.85 -> 0.81).
 constexpr int64_t kRowBlock = kVRegs >= 32 ? 16 : 8;
 constexpr int64_t kRowBlockAmd2 = kVRegs >= 32 ? 4 : 8;
-constexpr int64_t kRowBlockAmd = kVRegs >= 32 ? 32 : 8;
-constexpr int64_t kRowBlockAmd5 = kVRegs >= 32 ? 32 : 16;
+constexpr int64_t kRowBlockAmd = kVRegs >= 32 ? 32 : 4;
 constexpr int kMaxStreams = 40;      // axis 1: most row streams (inputs x rows) of a register block
 constexpr int64_t kFoldRows = 256;   // axis 1: rows accumulated in fp32 column sums before folding into fp64
 // axis 1: bytes ahead in each row stream; 128 in AMD's 32-row blocks (K = 5 0.53 -> 0.57 of the read ceiling in
 // alternated runs, 192 the same, 64 0.47: with 96-160 streams a step, a few steps ahead is already ~1 us ahead);
 // 256 with AVX2 on AMD (kPrefetchAmd2; on a Zen 3, down_proj columns K = 2 0.84 -> 0.86, K = 4 0.46 -> 0.50, K = 5
-// 0.30-0.32 -> 0.32-0.34, K = 3 0.59 both; 128: K = 2 0.57).
+// 0.30-0.32 -> 0.32-0.34 at 8 rows a block, K = 3 0.59 both, and 0.83 / 0.82 at 4 rows; 128: K = 2 0.57).
 constexpr int64_t kPrefetch = 512;
 constexpr int64_t kPrefetchAmd = 128;
 constexpr int64_t kPrefetchAmd2 = 256;
@@ -77,8 +77,7 @@ constexpr int64_t kPrefetchAmd2 = 256;
 constexpr int64_t kPrefetch0 = 1024;
 constexpr int64_t kPrefetch0Amd = kVRegs >= 32 ? 512 : kPrefetch0;
 constexpr int64_t kPrefetchListedAmd = 512;  // axis 0, listed rows on AMD: bytes ahead within the row (see axis0)
-static_assert(kFoldRows % kRowBlock == 0 && kFoldRows % kRowBlockAmd2 == 0 && kFoldRows % kRowBlockAmd == 0 &&
-                  kFoldRows % kRowBlockAmd5 == 0,
+static_assert(kFoldRows % kRowBlock == 0 && kFoldRows % kRowBlockAmd2 == 0 && kFoldRows % kRowBlockAmd == 0,
               "column sums fold at row block boundaries");
 
 // Axis 1 rows per register block for k inputs (direct: read in place; else gathered into chunk buffers, which hold
@@ -86,7 +85,7 @@ static_assert(kFoldRows % kRowBlock == 0 && kFoldRows % kRowBlockAmd2 == 0 && kF
 // k * rows row streams are read side by side (measured on 2560 x 9728 bf16 there: k = 2 best at 16 rows, k = 5 at
 // 8; k = 5 at 16 rows took 1.5x as long from memory, at 4 as long). A power of two dividing kFoldRows.
 inline int64_t row_block(int k, bool direct) {
-  if (direct && k >= 3 && amd_core()) return k >= 5 ? kRowBlockAmd5 : kRowBlockAmd;
+  if (direct && k >= 3 && amd_core()) return kRowBlockAmd;
   int64_t rb = k <= 2 && amd_core() ? kRowBlockAmd2 : kRowBlock;
   while (rb > 2 && rb * k > kMaxStreams) rb /= 2;
   return rb;
