@@ -209,6 +209,9 @@ def build_cases(pools, backend: str, device: str, gen: torch.Generator, cpu_ceil
     # K=5, axis 1: down_proj columns of 5 checkpoints (the columns of a 5-checkpoint `lpt diff`; not in issue 13's
     # table, shown in the machines table because it is the slowest of the CPU kernels)
     ug_case("K=5 axis1 down cols", [tuple(down[0:5]), tuple(down[4:9])], 1)
+    # K=6 (five deltas: past the register-resident kernels, see docs/kernels.md's cost by K), rows and columns.
+    ug_case("K=6 axis0 gate/up rows", [tuple(gate[0:6]), tuple(up[0:6]), tuple(gate[-6:]), tuple(up[-6:])], 0)
+    ug_case("K=6 axis1 down cols", [tuple(down[0:6]), tuple(down[3:9])], 1)
 
     # masked_cosine of u = (w0, w1) and v = (w1, w2) (a chain: 3 tensors read) over 10% of the units. Disjoint
     # triples x 10 disjoint index sets in rotation. Ceiling: the bytes the gather must bring in, read contiguously

@@ -132,6 +132,11 @@ def build(gen) -> List[Roof]:
     ws = [w[:1, :384].expand(2560, 384) for w in chain(5, (1, INTER), gen)]
     roofs.append(Roof("unit_gram K=5 axis1 cols, rows in L1", 5 * 2560 * 384 * 2, gram_call(ws, 1),
                       asm=r"StaticKern<4, 0, 1>::cols<1>", elems=16, inputs=5))
+    # K=6 (the runtime-sized kernel, passes over L1): rows and columns as K=5's.
+    ws = chain(6, (scaled(32, f), HIDDEN), gen)
+    roofs.append(Roof("unit_gram K=6 axis0 rows", 6 * ws[0].numel() * 2, gram_call(ws, 0), inputs=6))
+    ws = [w[:, : scaled(320, f, 32, 32)] for w in chain(6, (256, INTER), gen)]
+    roofs.append(Roof("unit_gram K=6 axis1 cols", 6 * ws[0].numel() * 2, gram_call(ws, 1), inputs=6))
     # masked_cosine of a chain of 3 (atol = 0): 10% of the rows of a [640, 2560] tensor (64 rows, ~1 MB) ...
     n_mc = scaled(64, f, 8, 8)
     ws = chain(3, (10 * n_mc, HIDDEN), gen)

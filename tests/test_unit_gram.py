@@ -30,7 +30,8 @@ def _check(backend, ws, **kw):
 
 @pytest.mark.parametrize("tol", [(1e-2, 1e-2), (0.0, 0.0), (1e-2, 0.0), (0.0, 1e-2)],
                          ids=["atol+rtol", "exact", "atol", "rtol"])  # the CPU kernels specialise on these
-@pytest.mark.parametrize("mode,k", [("consecutive", 2), ("consecutive", 5), ("base", 3), ("given", 1), ("given", 4)])
+@pytest.mark.parametrize("mode,k", [("consecutive", 2), ("consecutive", 5), ("base", 3), ("given", 1), ("given", 4),
+                                    ("consecutive", 6), ("base", 7), ("given", 5)])  # K > 5: the runtime-sized kernel
 @pytest.mark.parametrize("axis", [0, 1])
 def test_modes_and_axes(backend, mode, k, axis, tol):
     name, device = backend
@@ -48,11 +49,12 @@ def test_modes_and_axes(backend, mode, k, axis, tol):
 
 @pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float16,), (torch.bfloat16, torch.float32, torch.float16)])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "sliced"])
-def test_dtypes_and_strides(backend, dtypes, layout):
+@pytest.mark.parametrize("k", [3, 6])
+def test_dtypes_and_strides(backend, dtypes, layout, k):
     name, device = backend
     gen = torch.Generator().manual_seed(7)
     shape = (12, 10) if is_slow(name) else (40, 34)
-    ws = _inputs(3, shape, dtypes, device, gen, layout=layout, shared_rows=(1,))
+    ws = _inputs(k, shape, dtypes, device, gen, layout=layout, shared_rows=(1,))
     for axis in (0, 1):
         _check(backend, ws, axis=axis, mode="consecutive", atol=1e-3, rtol=1e-2)
 
@@ -82,6 +84,29 @@ def test_eight_inputs_and_empty_index(backend):
     assert empty.gram.shape == (0, 7, 7)
 
 
+@pytest.mark.parametrize("mode,k", [("consecutive", 6), ("base", 8), ("given", 7)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_runtime_sized_kernel_long_units(backend, mode, k, dtype):
+    """K > 5 runs each strip in rounds of passes over an L1 buffer of its deltas: rows long enough for several rounds
+    and several calls a unit (axis 0), and columns over more rows than one fp32 fold period (axis 1), on 2 threads."""
+    name, device = backend
+    gen = torch.Generator().manual_seed(100 + k)
+    rows, cols = (9, 70) if is_slow(name) else (7, 2600)
+    ws = _inputs(k, (rows, cols), (dtype,), device, gen, shared_rows=(1, 4))
+    for w in ws[1:]:  # a quarter of the elements equal to the base's (given: zero), so that every kind of delta has zeros
+        keep = (torch.rand(w.shape, generator=gen) < 0.25).to(device)
+        w[keep] = 0.0 if mode == "given" else ws[0][keep]
+    was = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = _check(backend, ws, axis=0, mode=mode, atol=1e-3, rtol=1e-2)
+        t = [w.t().contiguous() for w in ws]  # [cols, rows]: columns are units of `cols` rows
+        _check(backend, [w[: 40 if is_slow(name) else 600] for w in t], axis=1, mode=mode, atol=1e-3, rtol=0.0)
+    finally:
+        torch.set_num_threads(was)
+    assert got.zeros.sum() > 0
+
+
 def test_outputs_fully_written(backend):
     """Outputs come from fresh allocations: freed memory full of NaN must not leak into them."""
     name, device = backend
@@ -98,7 +123,7 @@ def test_listed_columns_split_by_rows(backend, k):
     """Listed columns of many rows on 2 threads: each thread gathers its rows into its own column totals, which are
     added (sums, counts) and maxed (abs_max) into one before the units are stored. Whole vector strips and a scalar
     tail of listed columns, ids unsorted and repeated, zero and near-zero deltas, every statistic exact or close.
-    K = 7 takes the runtime-sized kernel, whose gathers go strip by strip (as AVX-512 on Intel does)."""
+    K = 7 takes the runtime-sized kernel (passes over L1 buffers of its deltas)."""
     name, device = backend
     if name != "cpu":
         pytest.skip("the CPU backend's OpenMP threads (thousands of rows would take minutes under Triton's interpreter)")

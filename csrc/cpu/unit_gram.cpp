@@ -21,7 +21,8 @@
 // product rtol * |w_ref| is rounded before atol is added (vmul_rn: never an fma, the contract of every backend).
 //
 // Up to kStaticM deltas (K <= 5) the accumulators are sized at compile time and live in registers (StaticKern); more
-// deltas use runtime-sized accumulators in L1 (DynKern: the rare K > 5, kept generic to keep the build small). The
+// deltas (K = 6..8) go through passes over an L1 buffer of each strip's deltas, a few accumulators a pass (DynKern:
+// M and the mode known at run time, to keep the build small). The
 // hot loop (strips<DT>) is instantiated per dtype, the drivers around it are dtype-free. Inputs of one dtype with
 // unit inner stride (the common case) are read in place (load_pair / load_vec_p); mixed dtypes, other strides and
 // listed columns go through small fp32 buffers (load_run / load_gather). Inputs all contiguous along axis 0 instead
@@ -30,6 +31,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -61,6 +63,9 @@ constexpr int64_t kFold = 160;
 constexpr int64_t kRowBlock = kVRegs >= 32 ? 16 : 8;
 constexpr int64_t kRowBlockAmd2 = kVRegs >= 32 ? 4 : 8;
 constexpr int64_t kRowBlockAmd = kVRegs >= 32 ? 32 : 4;
+// K > 5 on AMD: DynKern's passes over a strip of rb rows end in an add of every statistic into the column sums; on a
+// Zen 3, K = 6 down_proj columns 0.24 (4 rows) -> 0.27 (8; 16 0.25, 32 0.24) of the read ceiling.
+constexpr int64_t kRowBlockDyn = 8;
 constexpr int kMaxStreams = 40;      // axis 1: most row streams (inputs x rows) of a register block
 constexpr int64_t kFoldRows = 256;   // axis 1: rows accumulated in fp32 column sums before folding into fp64
 // axis 1: bytes ahead in each row stream; 128 in AMD's 32-row blocks (K = 5 0.53 -> 0.57 of the read ceiling in
@@ -77,7 +82,12 @@ constexpr int64_t kPrefetchAmd2 = 256;
 constexpr int64_t kPrefetch0 = 1024;
 constexpr int64_t kPrefetch0Amd = kVRegs >= 32 ? 512 : kPrefetch0;
 constexpr int64_t kPrefetchListedAmd = 512;  // axis 0, listed rows on AMD: bytes ahead within the row (see axis0)
-static_assert(kFoldRows % kRowBlock == 0 && kFoldRows % kRowBlockAmd2 == 0 && kFoldRows % kRowBlockAmd == 0,
+// axis 0, K > 5 (DynKern, whose passes read one new input at a time): bytes ahead in each input as a pass reads it.
+// On a Zen 3, K = 6 rows 0.35 -> 0.43 of the read ceiling against a burst of prefetches at each call's start (1536,
+// 2560 and 4096 bytes ahead the same).
+constexpr int64_t kPrefetchDyn = 2048;
+static_assert(kFoldRows % kRowBlock == 0 && kFoldRows % kRowBlockAmd2 == 0 && kFoldRows % kRowBlockAmd == 0 &&
+                  kFoldRows % kRowBlockDyn == 0,
               "column sums fold at row block boundaries");
 
 // Axis 1 rows per register block for k inputs (direct: read in place; else gathered into chunk buffers, which hold
@@ -85,6 +95,7 @@ static_assert(kFoldRows % kRowBlock == 0 && kFoldRows % kRowBlockAmd2 == 0 && kF
 // k * rows row streams are read side by side (measured on 2560 x 9728 bf16 there: k = 2 best at 16 rows, k = 5 at
 // 8; k = 5 at 16 rows took 1.5x as long from memory, at 4 as long). A power of two dividing kFoldRows.
 inline int64_t row_block(int k, bool direct) {
+  if (k > 5 && amd_core()) return kRowBlockDyn;
   if (direct && k >= 3 && amd_core()) return kRowBlockAmd;
   int64_t rb = k <= 2 && amd_core() ? kRowBlockAmd2 : kRowBlock;
   while (rb > 2 && rb * k > kMaxStreams) rb /= 2;
@@ -477,61 +488,6 @@ struct VAcc {
   }
 };
 
-// The same with M and the mode known only at run time (K > 5): accumulators in L1, one set.
-struct VAccDyn {
-  int M, NG, mode;
-  vf g[kMaxNG], s[kMaxM], mx[kMaxM];
-  vi z[kMaxM], nz[kMaxM];
-
-  explicit VAccDyn(const Ctx& c) : M(c.m), NG(c.m * (c.m + 1) / 2), mode(c.mode) {
-    for (int p = 0; p < NG; ++p) g[p] = vf{};
-    for (int m = 0; m < M; ++m) s[m] = mx[m] = vf{}, z[m] = nz[m] = vi{};
-  }
-
-  void update(const vf* w, float atol, float rtol) {
-    const vf zero = {};
-    const vi one = vi{} + 1;
-    vf d[kMaxM];
-    for (int m = 0; m < M; ++m) d[m] = mode == kConsecutive ? w[m + 1] - w[m] : mode == kBase ? w[m + 1] - w[0] : w[m];
-    int p = 0;
-    for (int x = 0; x < M; ++x)
-      for (int y = x; y < M; ++y, ++p) g[p] += d[x] * d[y];
-    for (int m = 0; m < M; ++m) {
-      const vf a = vabs(d[m]);
-      s[m] += a;
-      mx[m] = vmax(a, mx[m]);
-      z[m] = d[m] == zero ? z[m] + one : z[m];
-      vf thr;
-      if (mode == kGiven) {
-        thr = zero + near_bound(0.0f, atol, rtol);  // the reference of a given delta is 0
-      } else {
-        thr = vmul_rn(zero + rtol, vabs(mode == kConsecutive ? w[m] : w[0])) + atol;
-      }
-      nz[m] = a <= thr ? nz[m] + one : nz[m];
-    }
-  }
-
-  void fold(VTot<kMaxM>& t) const {
-    for (int p = 0; p < NG; ++p) t.g[p] += widen(g[p]);
-    for (int m = 0; m < M; ++m) {
-      t.s[m] += widen(s[m]);
-      t.mx[m] = vmax(mx[m], t.mx[m]);
-      t.z[m] += widen(z[m]);
-      t.nz[m] += widen(nz[m]);
-    }
-  }
-
-  void flush(ColTotals& t, int64_t col) const {
-    float* c = t.f32(col, 0);
-    for (int p = 0; p < NG; ++p) col_add(c + p * kW, g[p]);
-    for (int m = 0; m < M; ++m) {
-      col_add(c + (NG + m) * kW, s[m]);
-      col_add(c + (NG + M + m) * kW, z[m] * kZeroOne + nz[m]);
-      col_max(c + (NG + 2 * M + m) * kW, mx[m]);
-    }
-  }
-};
-
 // ---- kernels: the hot loop of one accumulator kind ---------------------------------------------------------------
 //
 // strips<DT>: n steps over the K inputs, pointers q[k] advancing by st bytes a step, one strip (G elements of
@@ -640,24 +596,149 @@ struct StaticKern {
   }
 };
 
-// L1, any M; fp32 buffers only.
+// M > kStaticM (K > 5), M and the mode known at run time: too many accumulators for the registers at once, so a
+// strip's steps go through passes over L1, each with its few accumulators in registers: one pass a delta (its abs
+// sum, maximum and counts; the delta stored into a buffer), then the Gram entries from that buffer, one delta against
+// itself and those after it a pass. Each pass adds its accumulators into vt (axis 0) or the column totals (axis 1) as
+// it ends. On a Zen 3 (AVX2) from memory, K = 6 rows 0.18 -> 0.35-0.45 and columns 0.05 -> 0.2-0.25 of the read
+// ceiling against the earlier kernel (every accumulator in L1, updated every step).
+// The element math is StaticKern's, with kNzRel's bound for every mode but given (lpt/element.h).
 struct DynKern {
   static constexpr int64_t G = kW, G0 = kW;
+  static constexpr int64_t kSteps = 512 / kW;  // steps a round of passes: a delta's buffer is 2 KB, all 16 KB in L1
   using Tot = VTot<kMaxM>;
 
-  template <int DT, bool AXIS0>
-  static void strips(const StripArgs& a, const Ctx& c, Tot* vt, ColTotals* ct, int64_t col) {
-    static_assert(DT == kF32, "DynKern reads fp32 buffers");
-    VAccDyn acc(c);
-    const char* p[kMaxInputs];
-    for (int k = 0; k < c.k; ++k) p[k] = a.q[k];
-    for (int64_t j = 0; j < a.n; ++j) {
-      vf w[kMaxInputs];
-      for (int k = 0; k < c.k; ++k) w[k] = load_vec<kF32>(p[k], 0), p[k] += a.st;
-      acc.update(w, c.atol, c.rtol);
+  // Where a pass's accumulators go: a unit's fp64 lanes (axis 0) or the fp32 column totals of a strip (axis 1).
+  struct UnitSink {
+    Tot& t;
+    LPT_VINLINE void gram(int p, vf g) { t.g[p] += widen(g); }
+    LPT_VINLINE void stats(int m, int, vf s, vf mx, vi z, vi nz) {
+      t.s[m] += widen(s);
+      t.mx[m] = vmax(mx, t.mx[m]);
+      t.z[m] += widen(z);
+      t.nz[m] += widen(nz);
     }
-    if (vt) acc.fold(*vt);
-    else acc.flush(*ct, col);
+  };
+  struct ColSink {
+    float* p;  // the strip's column totals (ColTotals::f32)
+    LPT_VINLINE void gram(int i, vf g) { col_add(p + i * kW, g); }
+    LPT_VINLINE void stats(int m, int M, vf s, vf mx, vi z, vi nz) {
+      const int NG = M * (M + 1) / 2;
+      col_add(p + (NG + m) * kW, s);
+      col_add(p + (NG + M + m) * kW, z * kZeroOne + nz);
+      col_max(p + (NG + 2 * M + m) * kW, mx);
+    }
+  };
+
+  // Delta m over steps [0, n) into the sink and d: x the input, r its reference (REF: d = x - r; else d = x). The
+  // near-zero bound is rtol * |r| + atol with REL, else the constant near_bound(0, atol, rtol): the same bound
+  // whenever rtol = 0 and atol is finite (a non-finite r then makes d non-finite, never within a finite atol).
+  template <int DT, bool REF, bool REL, class Sink>
+  static LPT_VINLINE void delta_pass(const char* x, const char* r, int64_t st, int64_t n, int64_t pfd, float* d,
+                                     const Ctx& c, Sink& sink, int m) {
+    const vf zero = {}, rtol = zero + c.rtol, atol = zero + c.atol, thr0 = zero + near_bound(0.0f, c.atol, c.rtol);
+    vf s = {}, mx = {};
+    vi z = {}, nz = {};
+    for (int64_t j = 0; j < n; ++j) {
+      if (pfd) __builtin_prefetch(x + j * st + pfd);
+      vf dj = load_vec_p<DT>(x + j * st, 0), thr = thr0;
+      if (REF) {
+        const vf rj = load_vec_p<DT>(r + j * st, 0);
+        dj -= rj;
+        if (REL) thr = vmul_rn(rtol, vabs(rj)) + atol;
+      }
+      store_vf(d + j * kW, dj);
+      const vf a = vabs(dj);
+      s += a;
+      mx = vmax(a, mx);
+      z -= (vi)(dj == zero);  // a true lane is -1
+      nz -= (vi)(a <= thr);
+    }
+    sink.stats(m, c.m, s, mx, z, nz);
+  }
+
+  // Gram entries (x, x .. x + NY - 1) over steps [0, n) of the buffer d into the sink: one load of delta x and one
+  // fma a further delta, NY accumulators.
+  template <int NY, class Sink>
+  static LPT_VINLINE void gram_pass(const float* d, int64_t n, int x, int M, Sink& sink) {
+    const float* dx = d + x * kSteps * kW;
+    vf g[NY];
+    for (auto& v : g) v = vf{};
+    for (int64_t j = 0; j < n * kW; j += kW) {
+      const vf vx = load_vf(dx + j);
+      for (int y = 0; y < NY; ++y) g[y] += vx * load_vf(dx + y * kSteps * kW + j);
+    }
+    const int p = x * M - x * (x - 1) / 2;  // entry (x, x) in Totals' order
+    for (int y = 0; y < NY; ++y) sink.gram(p + y, g[y]);
+  }
+
+  template <int DT, bool REF, bool REL, class Sink>
+  static LPT_VINLINE void delta_passes(const char* const* q, int64_t st, int64_t n, int64_t pfd, float* d,
+                                       const Ctx& c, Sink& sink) {
+    for (int m = 0; m < c.m; ++m)
+      delta_pass<DT, REF, REL>(q[REF ? m + 1 : m], q[c.mode == kConsecutive ? m : 0], st, n, pfd,
+                               d + m * kSteps * kW, c, sink, m);
+  }
+
+  // Steps [0, n) of one strip (inputs at q[k] + j * st) into the sink, kSteps at a time; pfd != 0: each delta's
+  // input is prefetched pfd bytes ahead as it is read.
+  template <int DT, class Sink>
+  static void run_steps(const char* const* q_in, int64_t st, int64_t n, int64_t pfd, const Ctx& c, Sink& sink) {
+    alignas(64) float d[kMaxM * kSteps * kW];
+    const bool rel = (c.rtol != 0.0f || !std::isfinite(c.atol));
+    for (int64_t j0 = 0; j0 < n; j0 += kSteps) {
+      const int64_t nj = std::min(kSteps, n - j0);
+      const char* q[kMaxInputs];
+      for (int k = 0; k < c.k; ++k) q[k] = q_in[k] + j0 * st;
+      if (c.mode == kGiven) delta_passes<DT, false, false>(q, st, nj, pfd, d, c, sink);
+      else if (rel) delta_passes<DT, true, true>(q, st, nj, pfd, d, c, sink);
+      else delta_passes<DT, true, false>(q, st, nj, pfd, d, c, sink);
+      for (int x = 0; x < c.m; ++x) {
+        switch (c.m - x) {
+          case 1: gram_pass<1>(d, nj, x, c.m, sink); break;
+          case 2: gram_pass<2>(d, nj, x, c.m, sink); break;
+          case 3: gram_pass<3>(d, nj, x, c.m, sink); break;
+          case 4: gram_pass<4>(d, nj, x, c.m, sink); break;
+          case 5: gram_pass<5>(d, nj, x, c.m, sink); break;
+          case 6: gram_pass<6>(d, nj, x, c.m, sink); break;
+          case 7: gram_pass<7>(d, nj, x, c.m, sink); break;
+          default: gram_pass<8>(d, nj, x, c.m, sink); break;
+        }
+      }
+    }
+  }
+
+  // Axis 0 as StaticKern's (SC has no meaning here: counts in lanes). With a.prefetch, each input kPrefetchDyn
+  // bytes ahead as it is read, or with a.pf_next the next listed row's span into L2 first.
+  template <int DT, bool AXIS0, bool SC = false>
+  static void strips(const StripArgs& a, const Ctx& c, Tot* vt, ColTotals* ct, int64_t col) {
+    for (int k = 0; a.prefetch && a.pf_next && k < c.k; ++k)
+      for (int64_t o = 0; o < a.n * a.st; o += 64) __builtin_prefetch(a.q[k] + a.pf_next + o, 0, 2);
+    const int64_t pfd = a.prefetch && !a.pf_next ? kPrefetchDyn : 0;
+    if (vt) {
+      UnitSink sink{*vt};
+      run_steps<DT>(a.q, a.st, a.n, pfd, c, sink);
+    } else {
+      ColSink sink{ct->f32(col, 0)};
+      run_steps<DT>(a.q, a.st, a.n, pfd, c, sink);
+    }
+  }
+
+  // Axis 1 as StaticKern's, one vector a strip (ONE has no meaning here).
+  template <int DT, bool ONE = false>
+  static void cols(const ColArgs& a, const Ctx& c, ColTotals& ct) {
+    constexpr int64_t es = DT == kF32 ? 4 : 2;
+    for (int64_t col = a.col0; col < a.col1; col += kW) {
+      const int64_t pc = col + a.pf / es;
+      const int64_t pfo = pc < a.col1 ? (pc - col) * es : a.wrap + (a.col0 + pc - a.col1 - col) * es;
+      const char* p[kMaxInputs];
+      for (int k = 0; k < c.k; ++k) {
+        p[k] = a.q[k] + (col - a.base) * es;
+        for (int64_t j = 0; j < a.n; ++j) __builtin_prefetch(p[k] + j * a.st + pfo);
+      }
+      ColSink sink{ct.f32(col, 0)};
+      run_steps<DT>(p, a.st, a.n, 0, c, sink);
+    }
   }
 };
 
@@ -743,7 +824,7 @@ void axis0(const Tensor2D* ws, int64_t cols, int64_t block, const int64_t* index
 // otherwise (listed units, mixed dtypes, other strides) the columns are gathered into fp32 buffers first: with
 // gcols (the fp32 in-place kernel), a row block's rows chunk by chunk of kChunk columns, each row of an input read
 // front to back (a few forward streams, which the hardware prefetchers follow), then run through gcols; without it
-// (K > 5, and Intel's AVX-512: see run), one strip of the block's rows at a time. gw: the strip width (columns) of
+// (Intel's AVX-512: see run), one strip of the block's rows at a time. gw: the strip width (columns) of
 // cols and gcols.
 template <class Kern>
 void axis1(const Tensor2D* ws, int64_t rows, int64_t block, const int64_t* index, int64_t n_units, const Ctx& c,
@@ -1009,10 +1090,7 @@ void unit_gram(const Tensor2D* ws_in, int k, int64_t rows, int64_t cols, int axi
   // pay an OpenMP fork/join: on a busy machine that waits a scheduler slice, ~8 ms, for a ~70 us call).
   threads = threads_for(n_units * block * (axis == 0 ? cols : rows) * k, threads);
   if (c.m > kStaticM) {
-    if (axis == 0)
-      axis0<DynKern>(ws, cols, block, index, n_units, c, out, threads, nullptr, 4);
-    else
-      axis1<DynKern>(ws, rows, block, index, n_units, c, out, threads, nullptr, 4, nullptr, DynKern::G);
+    run<DynKern>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
   } else if (mode == kConsecutive) {
     run_mode<kConsecutive>(ws, rows, cols, axis, block, index, n_units, c, out, threads, direct);
   } else if (mode == kBase) {
