@@ -600,8 +600,8 @@ struct StaticKern {
 // strip's steps go through passes over L1, each with its few accumulators in registers: one pass a delta (its abs
 // sum, maximum and counts; the delta stored into a buffer), then the Gram entries from that buffer, one delta against
 // itself and those after it a pass. Each pass adds its accumulators into vt (axis 0) or the column totals (axis 1) as
-// it ends. On a Zen 3 (AVX2) from memory, K = 6 rows 0.18 -> 0.35-0.45 and columns 0.05 -> 0.2-0.25 of the read
-// ceiling against the earlier kernel (every accumulator in L1, updated every step).
+// it ends. On a Zen 3 (AVX2) from memory, K = 6 rows 0.14-0.18 -> 0.38-0.40 and columns 0.04-0.05 -> 0.22-0.25 of
+// the read ceiling against the earlier kernel (every accumulator in L1, updated every step; alternated processes).
 // The element math is StaticKern's, with kNzRel's bound for every mode but given (lpt/element.h).
 struct DynKern {
   static constexpr int64_t G = kW, G0 = kW;
